@@ -1,0 +1,208 @@
+"""The adapter contract every engine module implements, and the small shared pieces they use.
+
+An adapter turns one engine's API into four calls: `load`, `generate` (an async stream of
+`TokenDelta`s), `unload` and `stats`. It knows nothing of HTTP, auth or OpenAI ids. It imports its
+engine inside `load()` so that importing an adapter module stays cheap (the registry imports
+every module named in adapters.yaml at start-up to validate defaults).
+
+Must never: import torch/vllm/sglang/transformers at module level; import `service` or `registry`;
+write to `os.environ` (the registry's env scope owns that).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
+
+from attrs import field, frozen
+
+from schemas.errors import ParamsValidationError
+from schemas.generation import GenerationRequest, TokenDelta
+
+ParamsT = TypeVar("ParamsT")
+
+#: names of `SamplingOptions` fields an adapter may declare it honours
+SAMPLING_FIELDS = frozenset(
+    {
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "seed",
+        "stop",
+        "stop_token_ids",
+        "ignore_eos",
+        "min_tokens",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+        "n",
+        "logprobs",
+        "top_logprobs",
+    }
+)
+
+
+@frozen
+class Capabilities:
+    """What an adapter can honour; the service refuses (400) what is not listed."""
+
+    sampling: frozenset[str] = frozenset()
+    """`SamplingOptions` fields the engine applies (max_tokens is always honoured)."""
+    max_n: int = 1
+    """Largest `n` (choices per request)."""
+    max_top_logprobs: int = 0
+    """Largest `top_logprobs`; 0 means logprobs are not available."""
+    reasoning: bool = False
+    """Whether deltas may carry `reasoning` text (DeepSeek-style `reasoning_content`)."""
+    max_context: int | None = None
+    """Prompt + completion tokens the loaded model accepts, when known."""
+
+
+@frozen
+class AdapterContext:
+    """What the operator decided for this backend (adapters.yaml and settings)."""
+
+    name: str
+    trust_remote_code_allowed: bool = False
+    allowed_hosts: tuple[str, ...] = ()
+    model_roots: tuple[Path, ...] = ()
+    cache_dir: Path = Path(".cache")
+
+
+@frozen
+class LoadInfo:
+    """What the adapter reports about a finished load."""
+
+    import_s: float = 0.0
+    """Seconds spent importing the engine package."""
+    init_s: float = 0.0
+    """Seconds spent building the engine (weights, KV cache, processes)."""
+    warmup_s: float = 0.0
+    """Seconds spent on a first generation that primes caches."""
+    device: str = "cpu"
+    max_context: int | None = None
+    engine_pids: tuple[int, ...] = ()
+    """Processes the engine runs apart from ours (their memory is counted with ours)."""
+    details: dict[str, Any] = field(factory=dict)
+    """Resolved facts worth showing in status (dtype chosen, model source); never secrets."""
+
+
+@frozen
+class EngineStats:
+    """Engine-side figures for telemetry; `None` where the engine does not say."""
+
+    running: int | None = None
+    waiting: int | None = None
+    kv_cache_usage: float | None = None
+    """Fraction of the KV cache in use, 0..1."""
+    extra: dict[str, float] = field(factory=dict)
+
+
+@runtime_checkable
+class Adapter(Protocol[ParamsT]):
+    """One engine behind the uniform interface (see DESIGN.md, "Adapter contract")."""
+
+    params_type: ClassVar[type[Any]]
+
+    def __init__(self, context: AdapterContext) -> None: ...
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """What this adapter honours now (may depend on the loaded model)."""
+        ...
+
+    def check(self, model: str, params: ParamsT) -> None:
+        """Refuse a load that cannot work, without loading anything (dry run for validate)."""
+        ...
+
+    async def load(self, model: str, params: ParamsT) -> LoadInfo:
+        """Build the engine; on failure raise (the manager calls `unload()` to clean up)."""
+        ...
+
+    def generate(self, req: GenerationRequest) -> AsyncIterator[TokenDelta]:
+        """Stream deltas; on `aclose()`/cancellation stop the engine's work for this request."""
+        ...
+
+    async def unload(self) -> None:
+        """Abort what is in flight, free engine memory. Idempotent, safe after a failed load."""
+        ...
+
+    def stats(self) -> EngineStats:
+        """Engine-side figures (cheap; called on every telemetry sample)."""
+        ...
+
+
+# --- model references ---------------------------------------------------------------------------
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$")
+BUNDLED_PREFIX = "bundled:"
+
+
+@frozen
+class ModelRef:
+    """A model reference after validation: bundled name, local folder under a root, or hub id."""
+
+    kind: str  # "bundled" | "local" | "hub"
+    value: str
+
+
+def parse_model_ref(model: str, context: AdapterContext) -> ModelRef:
+    """Classify and check `model` against the operator's model roots; raise 422 when refused."""
+    if model.startswith(BUNDLED_PREFIX):
+        name = model.removeprefix(BUNDLED_PREFIX)
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", name):
+            raise ParamsValidationError("invalid bundled model name", param="$.model")
+        return ModelRef("bundled", name)
+    if model.startswith(("/", "./", "../", "~")):
+        path = Path(model).expanduser().resolve()
+        roots = [r.expanduser().resolve() for r in context.model_roots]
+        if not any(path.is_relative_to(r) for r in roots):
+            where = "IW_MODEL_ROOTS" if roots else "IW_MODEL_ROOTS (none configured)"
+            raise ParamsValidationError(
+                f"local model paths must lie under {where}", param="$.model", code="model_path"
+            )
+        if not path.is_dir():
+            raise ParamsValidationError("local model folder does not exist", param="$.model")
+        return ModelRef("local", str(path))
+    if _HUB_ID.fullmatch(model) and ".." not in model:
+        if Path(model).exists():
+            # engines would read a relative folder of that name first: refuse the ambiguity
+            raise ParamsValidationError(
+                "model id names a relative path; use ./ for a local folder", param="$.model"
+            )
+        return ModelRef("hub", model)
+    raise ParamsValidationError(
+        "model must be 'bundled:NAME', a path under the model roots, or a hub id 'org/name'",
+        param="$.model",
+    )
+
+
+def check_trust_remote_code(params: Any, context: AdapterContext) -> None:
+    """Refuse `trust_remote_code: true` unless adapters.yaml allows it for this backend."""
+    if getattr(params, "trust_remote_code", False) and not context.trust_remote_code_allowed:
+        raise ParamsValidationError(
+            f"trust_remote_code is not allowed for backend '{context.name}' "
+            "(set trust_remote_code_allowed in adapters.yaml)",
+            param="$.engine_params.trust_remote_code",
+        )
+
+
+class BaseAdapter:
+    """Shared defaults: model-ref and trust_remote_code checks; subclasses add the engine."""
+
+    params_type: ClassVar[type[Any]]
+
+    def __init__(self, context: AdapterContext) -> None:
+        self.context = context
+
+    def check(self, model: str, params: Any) -> None:
+        """Validate the model reference and registry-gated params."""
+        parse_model_ref(model, self.context)
+        check_trust_remote_code(params, self.context)
+
+    def stats(self) -> EngineStats:
+        """No engine-side figures by default."""
+        return EngineStats()

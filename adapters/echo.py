@@ -1,0 +1,162 @@
+"""The echo adapter: a deterministic dev and test backend, no model, no engine.
+
+It streams the last user message back token by token (a token is a run of non-space characters
+with its leading whitespace), so every path of the service can be exercised in milliseconds:
+streaming, usage, `max_tokens` (finish `length`), `stop` strings, `ignore_eos` (the message repeats
+until `max_tokens`, like a benchmark's fixed output length), cancellation, and the failure paths
+(`fail_on_load`, `fail_after_tokens`, a slow load). It is documented as such and never stands in
+for a real engine.
+
+Must never: pretend to sample: it accepts temperature/top_p/seed and is deterministic regardless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import AsyncIterator
+from typing import Any, ClassVar
+
+from attrs import field, frozen
+
+from adapters.base import BaseAdapter, Capabilities, LoadInfo
+from adapters.text import StopMatcher
+from schemas.errors import EngineError
+from schemas.generation import GenerationRequest, TokenDelta
+from schemas.validators import in_range
+
+_TOKEN = re.compile(r"\s*\S+")
+
+
+@frozen
+class EchoParams:
+    """Engine params of the echo backend."""
+
+    token_delay_ms: float = field(default=0.0, validator=in_range(0, 60_000))
+    """Sleep before each generated token, to simulate decode speed."""
+    first_token_delay_ms: float = field(
+        default=0.0, validator=in_range(0, 60_000)
+    )
+    """Extra sleep before the first token, to simulate prefill."""
+    load_delay_ms: float = field(default=0.0, validator=in_range(0, 600_000))
+    """Sleep during load, to exercise the `loading` state."""
+    fail_on_load: str | None = None
+    """When set, `load()` raises an engine error with this message."""
+    fail_after_tokens: int | None = field(
+        default=None, validator=in_range(0)
+    )
+    """When set, generation raises an engine error after this many tokens."""
+    max_n: int = field(default=4, validator=in_range(1, 16))
+    """Largest `n` accepted (every choice echoes the same text)."""
+    max_context: int = field(default=32_768, validator=in_range(16))
+    """Context length reported to clients."""
+
+
+class EchoAdapter(BaseAdapter):
+    """Echoes the last user message; see the module docstring."""
+
+    params_type: ClassVar[type[Any]] = EchoParams
+
+    def __init__(self, context: Any) -> None:
+        super().__init__(context)
+        self.params = EchoParams()
+        self._closing = asyncio.Event()
+        self.active: set[str] = set()
+        """Request ids being generated now (tests read it to prove cancellation)."""
+        self.finished: list[tuple[str, str]] = []
+        """(request id, how it ended) for every generation, in order: complete/cancelled/aborted."""
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """Echo honours stops, lengths and n; sampling params are accepted and have no effect."""
+        return Capabilities(
+            sampling=frozenset(
+                {"temperature", "top_p", "seed", "stop", "ignore_eos", "min_tokens", "n"}
+            ),
+            max_n=self.params.max_n,
+            max_context=self.params.max_context,
+        )
+
+    def check(self, model: str, params: Any) -> None:
+        """Any model name is fine: echo loads nothing."""
+
+    async def load(self, model: str, params: Any) -> LoadInfo:
+        """Pretend to load: wait `load_delay_ms`, fail if asked to."""
+        started = time.perf_counter()
+        self.params = params
+        self._closing = asyncio.Event()
+        if params.load_delay_ms:
+            await asyncio.sleep(params.load_delay_ms / 1000)
+        if params.fail_on_load is not None:
+            raise EngineError(params.fail_on_load)
+        return LoadInfo(
+            init_s=time.perf_counter() - started,
+            max_context=params.max_context,
+            details={"model": model},
+        )
+
+    async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenDelta]:
+        """Yield the last user message token by token, for each of `n` choices."""
+        user = next((m.content for m in reversed(req.messages) if m.role == "user"), "")
+        source = _TOKEN.findall(user)
+        prompt_tokens = sum(len(_TOKEN.findall(m.content)) + 1 for m in req.messages)
+        sampling = req.sampling
+        self.active.add(req.request_id)
+        outcome = "cancelled"
+        try:
+            for index in range(sampling.n):
+                async for delta in self._one_choice(source, index, prompt_tokens, req):
+                    yield delta
+            outcome = "aborted" if self._closing.is_set() else "complete"
+        finally:
+            self.active.discard(req.request_id)
+            self.finished.append((req.request_id, outcome))
+
+    async def _one_choice(
+        self, source: list[str], index: int, prompt_tokens: int, req: GenerationRequest
+    ) -> AsyncIterator[TokenDelta]:
+        sampling = req.sampling
+        stops = StopMatcher(sampling.stop)
+        delay = self.params.token_delay_ms / 1000
+        produced = 0
+        while True:
+            if produced >= sampling.max_tokens:
+                yield TokenDelta(stops.flush(), 0, index, "length", prompt_tokens)
+                return
+            exhausted = produced >= len(source)
+            if exhausted and not sampling.ignore_eos and produced >= sampling.min_tokens:
+                yield TokenDelta(stops.flush(), 0, index, "stop", prompt_tokens)
+                return
+            if not source:
+                source = ["."]  # ignore_eos/min_tokens on an empty message: repeat a dot
+            wait = delay + (self.params.first_token_delay_ms / 1000 if produced == 0 else 0)
+            if wait and await self._closed_within(wait):
+                yield TokenDelta(stops.flush(), 0, index, "abort", prompt_tokens)
+                return
+            if self._closing.is_set():
+                yield TokenDelta("", 0, index, "abort", prompt_tokens)
+                return
+            if self.params.fail_after_tokens is not None and produced >= (
+                self.params.fail_after_tokens
+            ):
+                raise EngineError(f"echo: failing after {produced} tokens as configured")
+            token = source[produced % len(source)]
+            produced += 1
+            text = stops.feed(token)
+            if stops.stopped:
+                yield TokenDelta(text, 1, index, "stop", prompt_tokens)
+                return
+            yield TokenDelta(text, 1, index, None, prompt_tokens if produced == 1 else None)
+
+    async def _closed_within(self, seconds: float) -> bool:
+        """Sleep `seconds` unless unload starts first; True when it did."""
+        try:
+            await asyncio.wait_for(self._closing.wait(), timeout=seconds)
+        except TimeoutError:
+            return False
+        return True
+
+    async def unload(self) -> None:
+        """End in-flight generations (they finish with `abort`)."""
+        self._closing.set()

@@ -1,0 +1,92 @@
+"""Checking and scoping the `env` a load request injects into the engine's environment.
+
+Engines read credentials (HF_TOKEN) and tuning knobs (VLLM_*) from the process environment, and
+vLLM/SGLang start worker processes that inherit it, so the values must be in `os.environ` while
+the engine is built and running. This module decides which keys may be set (the adapter's
+allowlist from adapters.yaml, minus an always-refused list of keys that change how code is loaded
+or where traffic goes) and puts the environment back exactly as it was at unload.
+
+Must never: log or return an env value; accept a key because a request says so.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+from collections.abc import Iterable, Mapping
+
+from schemas.errors import ParamsValidationError
+
+#: keys no adapters.yaml entry can allow: they load code or redirect traffic
+ALWAYS_REFUSED: tuple[str, ...] = (
+    "LD_*",
+    "PYTHON*",
+    "PATH",
+    "BASH_ENV",
+    "ENV",
+    "GLIBC_TUNABLES",
+    "*_PROXY",
+    "HF_ENDPOINT",
+    "NODE_OPTIONS",
+    "DYLD_*",
+    "IW_*",
+)
+
+_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+MAX_VALUE_BYTES = 32 * 1024
+
+
+def _matches(key: str, patterns: Iterable[str]) -> bool:
+    upper = key.upper()
+    return any(fnmatch.fnmatchcase(upper, p.upper()) for p in patterns)
+
+
+def check_env(env: Mapping[str, str], allow: Iterable[str], backend: str) -> None:
+    """Refuse any key that is malformed, always refused, or not on the backend's allowlist."""
+    allow = tuple(allow)
+    for key, value in env.items():
+        param = f"$.env.{key}" if _KEY.fullmatch(key) else "$.env"
+        if not _KEY.fullmatch(key):
+            raise ParamsValidationError("env keys must be letters, digits and _", param=param)
+        if _matches(key, ALWAYS_REFUSED):
+            raise ParamsValidationError(
+                f"env key {key} is never allowed", param=param, code="env_refused"
+            )
+        if not _matches(key, allow):
+            raise ParamsValidationError(
+                f"env key {key} is not allowed for backend '{backend}' (env_allow in adapters.yaml)",
+                param=param,
+                code="env_refused",
+            )
+        if "\x00" in value or len(value.encode()) > MAX_VALUE_BYTES:
+            raise ParamsValidationError("env value is not acceptable", param=param)
+
+
+class EnvScope:
+    """Sets keys in `os.environ` and restores the previous state on `restore()` (idempotent)."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._env = dict(env)
+        self._saved: dict[str, str | None] | None = None
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """Names of the keys this scope sets (names are not secret; values are)."""
+        return tuple(sorted(self._env))
+
+    def apply(self) -> None:
+        """Set the keys, remembering what was there."""
+        self._saved = {k: os.environ.get(k) for k in self._env}
+        os.environ.update(self._env)
+
+    def restore(self) -> None:
+        """Put back the previous values and remove keys that were not set before."""
+        if self._saved is None:
+            return
+        for key, old in self._saved.items():
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
+        self._saved = None

@@ -1,0 +1,493 @@
+"""ModelManager: the one-engine lifecycle state machine, in-flight tracking and env scope.
+
+    empty ──load──► loading ──ok──► ready ──unload──► unloading ──► empty
+                       └──error (half-built engine unloaded, env restored)──► empty + last_error
+
+One load or unload runs at a time; a second one gets 409 instead of queueing behind an engine
+start that can take minutes. Data-plane requests take an `InflightTicket` while they run; unload
+waits for them up to a drain timeout, then marks the rest aborted and unloads the adapter, which
+ends their streams (the service turns an aborted ticket into a terminal stream error).
+
+Like MLServer's registry, a model is *loading* before `load()` is called, and any exception makes
+the manager unload what was half-built before it reports, so the next load starts clean.
+
+Must never: let an exception's text out unmasked; import an engine; leave env keys set after
+the model that needed them is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import gc
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from attrs import define, frozen
+
+from adapters.base import Adapter, LoadInfo
+from registry.env import EnvScope, check_env
+from registry.memory import MemoryProbe, ProcessTreeProbe, release_host_memory
+from registry.registry import AdapterRegistry, RegisteredAdapter
+from registry.secrets import SecretStore
+from schemas.control import (
+    LoadPlanView,
+    LoadRequest,
+    LoadResponse,
+    LoadTimings,
+    MemoryChange,
+    ModelStatus,
+    UnloadResponse,
+)
+from schemas.converter import unstructure
+from schemas.errors import (
+    ConflictError,
+    EngineError,
+    ParamsValidationError,
+    ServiceUnavailableError,
+    WrapperError,
+)
+from schemas.telemetry import MemorySnapshot
+
+logger = logging.getLogger(__name__)
+
+#: Retry-After (seconds) suggested to data-plane clients while no model is ready
+RETRY_AFTER_S = 5
+
+
+class ModelState(enum.StrEnum):
+    """Lifecycle states (DESIGN.md)."""
+
+    EMPTY = "empty"
+    LOADING = "loading"
+    READY = "ready"
+    UNLOADING = "unloading"
+
+
+class LoadGuard(Protocol):
+    """Refuses a load that will not fit (the watchdog implements it)."""
+
+    def check_load(self, backend: str, params: Any) -> None:
+        """Raise `InsufficientMemoryError` when the load should not start."""
+        ...
+
+
+class LifecycleListener(Protocol):
+    """Told about finished loads and unloads (telemetry implements it)."""
+
+    def on_load(self, response: LoadResponse) -> None:
+        """A load succeeded."""
+        ...
+
+    def on_unload(self, response: UnloadResponse) -> None:
+        """An unload finished."""
+        ...
+
+
+@frozen
+class LoadPlan:
+    """A validated load request: everything `load()` needs, nothing loaded yet."""
+
+    backend: RegisteredAdapter
+    adapter: Any  # an Adapter instance, checked but not loaded
+    model: str
+    served_model_name: str
+    preset: str | None
+    params: Any
+    env: EnvScope
+
+    def view(self, secrets: SecretStore) -> LoadPlanView:
+        """What status and responses may show: params masked, env key names only."""
+        params = _mask_tree(unstructure(self.params), secrets)
+        return LoadPlanView(
+            backend=self.backend.name,
+            model=secrets.mask(self.model),
+            served_model_name=secrets.mask(self.served_model_name),
+            preset=self.preset,
+            engine_params=params,
+            env_keys=list(self.env.keys),
+        )
+
+
+@define
+class LoadedModel:
+    """The model being served."""
+
+    plan: LoadPlan
+    adapter: Any
+    info: LoadInfo
+    response: LoadResponse
+    baseline: MemorySnapshot
+    """Memory just before the load, for judging what unload gives back."""
+    loaded_at: float
+    """Unix time the load finished."""
+
+
+class InflightTicket:
+    """One data-plane request in flight; `aborted` is set when unload ends it."""
+
+    __slots__ = ("aborted", "request_id", "started_at")
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.started_at = time.perf_counter()
+        self.aborted = False
+
+
+def _mask_tree(value: Any, secrets: SecretStore) -> Any:
+    if isinstance(value, str):
+        return secrets.mask(value)
+    if isinstance(value, dict):
+        return {k: _mask_tree(v, secrets) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_mask_tree(v, secrets) for v in value]
+    return value
+
+
+def sanitize_exception(exc: BaseException, secrets: SecretStore, limit: int = 300) -> str:
+    """A short, secret-free description of an engine exception for clients and status."""
+    if isinstance(exc, WrapperError):
+        text = exc.message
+    else:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        text = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    text = secrets.mask(text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class ModelManager:
+    """Owns the adapter instance and its lifecycle; see the module docstring."""
+
+    def __init__(
+        self,
+        registry: AdapterRegistry,
+        secrets: SecretStore,
+        *,
+        probe: MemoryProbe | None = None,
+        guard: LoadGuard | None = None,
+        listener: LifecycleListener | None = None,
+        default_drain_timeout_s: float = 30.0,
+        abort_grace_s: float = 10.0,
+        settle_timeout_s: float = 10.0,
+        settle_tolerance_mib: float = 64.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.registry = registry
+        self.secrets = secrets
+        self.probe: MemoryProbe = probe or ProcessTreeProbe()
+        self.guard = guard
+        self.listener = listener
+        self.default_drain_timeout_s = default_drain_timeout_s
+        self.abort_grace_s = abort_grace_s
+        self.settle_timeout_s = settle_timeout_s
+        self.settle_tolerance_mib = settle_tolerance_mib
+        self._clock = clock
+        self._state = ModelState.EMPTY
+        self._state_since = clock()
+        self._busy = False
+        self._plan: LoadPlan | None = None
+        self.current: LoadedModel | None = None
+        self.last_error: str | None = None
+        self.last_unload: UnloadResponse | None = None
+        self._inflight: dict[int, InflightTicket] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # --- state ---------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> ModelState:
+        """Current lifecycle state."""
+        return self._state
+
+    def _set_state(self, state: ModelState) -> None:
+        self._state = state
+        self._state_since = self._clock()
+        logger.info("model state -> %s", state.value)
+
+    @property
+    def in_flight(self) -> int:
+        """Data-plane requests running now."""
+        return len(self._inflight)
+
+    def status(self) -> ModelStatus:
+        """Snapshot for `GET /v1/model/status`."""
+        engine: dict[str, Any] | None = None
+        if self.current is not None:
+            engine = unstructure(self.current.adapter.stats())
+        return ModelStatus(
+            state=self._state.value,
+            in_flight=self.in_flight,
+            plan=self._plan.view(self.secrets) if self._plan is not None else None,
+            load=self.current.response if self.current is not None else None,
+            last_error=self.last_error,
+            last_unload=self.last_unload,
+            state_since=self._state_since,
+            engine=engine,
+        )
+
+    # --- data plane ----------------------------------------------------------------------------
+
+    def ready_model(self) -> LoadedModel:
+        """The loaded model, or 503 with Retry-After while none is ready."""
+        if self._state is not ModelState.READY or self.current is None:
+            raise ServiceUnavailableError(
+                f"no model is ready (state: {self._state.value})",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
+        return self.current
+
+    def track(self, request_id: str) -> InflightTicket:
+        """Register a data-plane request; 503 unless a model is ready."""
+        self.ready_model()
+        ticket = InflightTicket(request_id)
+        self._inflight[id(ticket)] = ticket
+        self._idle.clear()
+        return ticket
+
+    def release(self, ticket: InflightTicket) -> None:
+        """The request is over (idempotent)."""
+        if self._inflight.pop(id(ticket), None) is not None and not self._inflight:
+            self._idle.set()
+
+    # --- control plane -------------------------------------------------------------------------
+
+    def plan(self, req: LoadRequest) -> LoadPlan:
+        """Validate a load request against the registry without loading anything."""
+        preset_name = req.preset
+        if (req.backend is None) == (req.preset is None):
+            raise ParamsValidationError("give exactly one of 'backend' or 'preset'", param="$")
+        if preset_name is not None:
+            preset = self.registry.preset(preset_name)
+            if req.backend is not None and req.backend != preset.backend:
+                raise ParamsValidationError("backend contradicts the preset", param="$.backend")
+            backend_name = preset.backend
+            model = req.model or preset.model
+            overrides = {**preset.engine_params, **req.engine_params}
+            served = req.served_model_name or preset.served_model_name or preset_name
+        else:
+            backend_name = req.backend or ""
+            if req.model is None:
+                raise ParamsValidationError("'model' is required with 'backend'", param="$.model")
+            model = req.model
+            overrides = dict(req.engine_params)
+            served = req.served_model_name or model
+        backend = self.registry.resolve(backend_name)
+        params = self.registry.build_params(backend_name, overrides)
+        check_env(req.env, backend.entry.env_allow, backend_name)
+        adapter = backend.adapter_cls(self.registry.context(backend_name))
+        adapter.check(model, params)
+        return LoadPlan(
+            backend=backend,
+            adapter=adapter,
+            model=model,
+            served_model_name=served,
+            preset=preset_name,
+            params=params,
+            env=EnvScope(req.env),
+        )
+
+    def _begin(self) -> None:
+        if self._busy:
+            raise ConflictError(
+                f"a {self._state.value} operation is in progress", code="lifecycle_busy"
+            )
+        self._busy = True
+
+    async def load(self, req: LoadRequest) -> LoadResponse:
+        """Load a model (see the module docstring for the state machine)."""
+        for value in req.env.values():
+            self.secrets.add(value)
+        self._begin()
+        try:
+            plan = self.plan(req)
+            if self._state is ModelState.READY:
+                if not req.replace:
+                    loaded = self.current.plan.served_model_name if self.current else "?"
+                    raise ConflictError(
+                        f"model '{loaded}' is loaded; unload it first or pass replace: true",
+                        code="model_already_loaded",
+                    )
+                await self._unload(req.drain_timeout_s)
+            if self.guard is not None:
+                self.guard.check_load(plan.backend.name, plan.params)
+            return await self._load(plan)
+        finally:
+            self._busy = False
+
+    async def _load(self, plan: LoadPlan) -> LoadResponse:
+        self._plan = plan
+        self.last_error = None
+        self._set_state(ModelState.LOADING)
+        baseline = await asyncio.to_thread(self.probe.snapshot)
+        started = time.perf_counter()
+        plan.env.apply()
+        adapter: Adapter[Any] = plan.adapter
+        try:
+            info = await adapter.load(plan.model, plan.params)
+        except BaseException as exc:
+            await self._abandon(plan, exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            message = sanitize_exception(exc, self.secrets)
+            if isinstance(exc, WrapperError) and exc.status_code < 500:  # noqa: PLR2004
+                raise type(exc)(message, param=exc.param, code=exc.code) from None
+            raise EngineError(f"engine failed to load: {message}") from None
+        total = time.perf_counter() - started
+        after = await asyncio.to_thread(self.probe.snapshot, info.engine_pids)
+        response = LoadResponse(
+            status="loaded",
+            plan=plan.view(self.secrets),
+            timings=LoadTimings(
+                round(info.import_s, 4),
+                round(info.init_s, 4),
+                round(info.warmup_s, 4),
+                round(total, 4),
+            ),
+            memory=_change(baseline, after),
+            device=info.device,
+            max_context=info.max_context,
+            details=_mask_tree(info.details, self.secrets),
+        )
+        self.current = LoadedModel(plan, adapter, info, response, baseline, self._clock())
+        self._set_state(ModelState.READY)
+        if self.listener is not None:
+            self.listener.on_load(response)
+        return response
+
+    async def _abandon(self, plan: LoadPlan, exc: BaseException) -> None:
+        """Clean up after a failed load: unload the half-built engine, restore env, go empty."""
+        logger.error("load of backend %s failed", plan.backend.name, exc_info=exc)
+        try:
+            await plan.adapter.unload()
+        except Exception:
+            logger.exception("cleanup after a failed load raised")
+        plan.env.restore()
+        self.last_error = sanitize_exception(exc, self.secrets)
+        self._plan = None
+        self.current = None
+        gc.collect()
+        release_host_memory()
+        self._set_state(ModelState.EMPTY)
+
+    async def unload(self, drain_timeout_s: float | None = None) -> UnloadResponse:
+        """Drain and unload; `status: empty` when nothing was loaded (idempotent)."""
+        self._begin()
+        try:
+            if self._state is ModelState.EMPTY:
+                return UnloadResponse(status="empty")
+            return await self._unload(drain_timeout_s)
+        finally:
+            self._busy = False
+
+    async def _unload(self, drain_timeout_s: float | None) -> UnloadResponse:
+        loaded = self.current
+        assert loaded is not None  # noqa: S101  (READY implies a loaded model)
+        timeout = self.default_drain_timeout_s if drain_timeout_s is None else drain_timeout_s
+        self._set_state(ModelState.UNLOADING)
+        started = time.perf_counter()
+        before_drain = self.in_flight
+        drained_all = await self._wait_idle(timeout)
+        aborted = 0
+        if not drained_all:
+            for ticket in self._inflight.values():
+                ticket.aborted = True
+            aborted = self.in_flight
+        drain_s = time.perf_counter() - started
+        before = await asyncio.to_thread(self.probe.snapshot, loaded.info.engine_pids)
+        unload_started = time.perf_counter()
+        try:
+            await loaded.adapter.unload()
+        except Exception as exc:
+            logger.exception("adapter unload raised")
+            self.last_error = "unload: " + sanitize_exception(exc, self.secrets)
+        # aborted streams end once the adapter stops them; give them a bounded moment to say so
+        await self._wait_idle(self.abort_grace_s)
+        loaded.plan.env.restore()
+        served, baseline = loaded.plan.served_model_name, loaded.baseline
+        # drop every reference to the adapter before collecting, or its engine survives the gc
+        self.current = None
+        self._plan = None
+        del loaded
+        gc.collect()
+        release_host_memory()
+        after, settled = await self._settle()
+        unload_s = time.perf_counter() - unload_started
+        response = UnloadResponse(
+            status="unloaded",
+            model=self.secrets.mask(served),
+            drained=before_drain - aborted,
+            aborted=aborted,
+            drain_s=round(drain_s, 4),
+            unload_s=round(unload_s, 4),
+            memory=_change(before, after),
+            memory_settled=settled,
+            memory_not_returned_mib=_above_baseline(baseline, after),
+        )
+        self.last_unload = response
+        self._set_state(ModelState.EMPTY)
+        if self.listener is not None:
+            self.listener.on_unload(response)
+        return response
+
+    async def _wait_idle(self, timeout: float) -> bool:
+        if not self._inflight:
+            return True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout=timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def _settle(self) -> tuple[MemorySnapshot, bool]:
+        """Poll memory until two readings agree within 2 MiB, or the settle timeout passes."""
+        deadline = time.perf_counter() + self.settle_timeout_s
+        previous = await asyncio.to_thread(self.probe.snapshot)
+        while time.perf_counter() < deadline:
+            await asyncio.sleep(0.2)
+            current = await asyncio.to_thread(self.probe.snapshot)
+            if abs(current.rss_mib - previous.rss_mib) < 2.0:  # noqa: PLR2004
+                return current, True
+            previous = current
+        return previous, False
+
+    async def shutdown(self, drain_timeout_s: float = 5.0) -> None:
+        """Unload on process exit (lifespan), never raising."""
+        if self._state is ModelState.READY:
+            try:
+                await self.unload(drain_timeout_s)
+            except Exception:
+                logger.exception("unload at shutdown failed")
+
+
+def _change(before: MemorySnapshot, after: MemorySnapshot) -> MemoryChange:
+    def delta(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None else round(b - a, 1)
+
+    return MemoryChange(
+        rss_before_mib=round(before.rss_mib, 1),
+        rss_after_mib=round(after.rss_mib, 1),
+        rss_delta_mib=round(after.rss_mib - before.rss_mib, 1),
+        device_before_mib=before.device_used_mib,
+        device_after_mib=after.device_used_mib,
+        device_delta_mib=delta(before.device_used_mib, after.device_used_mib),
+        method=after.method,
+    )
+
+
+def _above_baseline(baseline: MemorySnapshot, after: MemorySnapshot) -> float:
+    """What an unload did not give back: device memory on GPU, else host RSS, in MiB."""
+    if baseline.device_used_mib is not None and after.device_used_mib is not None:
+        return round(after.device_used_mib - baseline.device_used_mib, 1)
+    return round(after.rss_mib - baseline.rss_mib, 1)
+
+
+__all__: Sequence[str] = [
+    "InflightTicket",
+    "LoadPlan",
+    "LoadedModel",
+    "ModelManager",
+    "ModelState",
+]

@@ -1,0 +1,83 @@
+"""Host-memory helpers for the lifecycle manager: a process-tree RSS probe and heap trimming.
+
+The service injects a richer probe (NVML device memory, torch allocator) through the same
+`MemoryProbe` protocol; this default keeps the manager usable and measurable on its own.
+
+Must never: initialise CUDA or import torch (a probe may run while no engine is loaded).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from collections.abc import Sequence
+from typing import Protocol
+
+import psutil
+
+from schemas.telemetry import MemorySnapshot
+
+MIB = 1024 * 1024
+
+
+class MemoryProbe(Protocol):
+    """Takes a memory snapshot of our process tree (plus `pids`, the engine's processes)."""
+
+    def snapshot(self, pids: Sequence[int] = ()) -> MemorySnapshot:
+        """Measure now."""
+        ...
+
+
+def process_tree(pids: Sequence[int] = ()) -> list[psutil.Process]:
+    """This process, its descendants, and `pids` (and theirs), each once."""
+    seen: dict[int, psutil.Process] = {}
+    roots = [psutil.Process(os.getpid())]
+    for pid in pids:
+        try:
+            roots.append(psutil.Process(pid))
+        except psutil.Error:
+            continue
+    for root in roots:
+        try:
+            family = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            continue
+        for proc in family:
+            seen.setdefault(proc.pid, proc)
+    return list(seen.values())
+
+
+def tree_rss_mib(pids: Sequence[int] = ()) -> float:
+    """Resident set size of the process tree in MiB (processes that vanish are skipped)."""
+    total = 0
+    for proc in process_tree(pids):
+        try:
+            total += proc.memory_info().rss
+        except psutil.Error:
+            continue
+    return total / MIB
+
+
+class ProcessTreeProbe:
+    """RSS-only probe: the default on machines without NVML."""
+
+    def snapshot(self, pids: Sequence[int] = ()) -> MemorySnapshot:
+        """RSS of our tree."""
+        return MemorySnapshot(rss_mib=tree_rss_mib(pids))
+
+
+_libc_name = ctypes.util.find_library("c")
+_libc = ctypes.CDLL(_libc_name) if _libc_name else None
+
+
+def release_host_memory() -> None:
+    """Ask glibc to return freed heap pages to the OS.
+
+    After an engine is dropped, CPython and torch have freed the tensors, but glibc keeps the
+    pages in its arenas, so RSS stays high and an unload looks like a leak. `malloc_trim(0)`
+    gives them back; it is a no-op where there is no glibc.
+    """
+    trim = getattr(_libc, "malloc_trim", None) if _libc is not None else None
+    if trim is not None:
+        trim(0)

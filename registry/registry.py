@@ -1,0 +1,194 @@
+"""The adapter registry: backend name → adapter class, defaults, and what the operator allows.
+
+Built once at start-up from adapters.yaml plus the `inference_wrapper.adapters` entry-point group
+(adapters.yaml wins on a name clash). Every adapter module is imported here, at start-up, so that
+a typo in a module path or a default that does not fit the params schema stops the service with a
+clear message instead of failing the first load. Adapter modules are light by contract: engines
+are imported inside `load()`.
+
+Must never: import a module whose path came from a request; only adapters.yaml and installed
+entry points name modules.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from attrs import frozen
+
+from adapters.base import AdapterContext
+from registry.config import (
+    BACKEND_NAME,
+    AdapterEntry,
+    PresetEntry,
+    RegistryConfig,
+    RegistryError,
+    load_registry_file,
+)
+from schemas.converter import StructureError, structure, unstructure
+from schemas.errors import NotFoundError, ParamsValidationError
+from schemas.jsonschema import attrs_json_schema
+
+ENTRY_POINT_GROUP = "inference_wrapper.adapters"
+
+
+@frozen
+class RegisteredAdapter:
+    """A backend ready to instantiate: its class, its yaml entry and its structured defaults."""
+
+    name: str
+    entry: AdapterEntry
+    adapter_cls: type[Any]
+    source: str  # "adapters.yaml" | "entry-point"
+
+    @property
+    def params_type(self) -> type[Any]:
+        """The adapter's frozen attrs params class."""
+        return self.adapter_cls.params_type  # type: ignore[no-any-return]
+
+
+def import_adapter_class(path: str, *, where: str) -> type[Any]:
+    """Import `package.module:Class` and check it looks like an adapter."""
+    module_name, _, class_name = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise RegistryError(
+            f"{where}: cannot import module {module_name!r} ({type(exc).__name__}: {exc})"
+        ) from None
+    cls = getattr(module, class_name, None)
+    if not isinstance(cls, type):
+        raise RegistryError(f"{where}: module {module_name!r} has no class {class_name!r}")
+    params_type = getattr(cls, "params_type", None)
+    if params_type is None or not hasattr(params_type, "__attrs_attrs__"):
+        raise RegistryError(f"{where}: {path} has no attrs `params_type`")
+    for method in ("load", "generate", "unload", "check", "stats"):
+        if not callable(getattr(cls, method, None)):
+            raise RegistryError(f"{where}: {path} lacks `{method}()`")
+    return cls
+
+
+class AdapterRegistry:
+    """Resolves backend names and presets; structures engine params over yaml defaults."""
+
+    def __init__(
+        self,
+        config: RegistryConfig,
+        *,
+        model_roots: tuple[Path, ...] = (),
+        cache_dir: Path = Path(".cache"),
+        use_entry_points: bool = True,
+    ) -> None:
+        self.config = config
+        self.model_roots = model_roots
+        self.cache_dir = cache_dir
+        self._adapters: dict[str, RegisteredAdapter] = {}
+        if use_entry_points:
+            self._add_entry_points()
+        for name, entry in config.adapters.items():
+            cls = import_adapter_class(entry.module, where=f"adapters.{name}.module")
+            self._adapters[name] = RegisteredAdapter(name, entry, cls, "adapters.yaml")
+        for name, registered in self._adapters.items():
+            try:
+                structure(registered.entry.defaults, registered.params_type, path="")
+            except StructureError as exc:
+                first = exc.errors[0]
+                raise RegistryError(
+                    f"adapters.{name}.defaults.{first.path}: {first.message}"
+                ) from None
+        for alias, preset in config.models.items():
+            if preset.backend not in self._adapters:
+                raise RegistryError(f"models.{alias}.backend: unknown backend {preset.backend!r}")
+            try:
+                self.build_params(preset.backend, preset.engine_params)
+            except ParamsValidationError as exc:
+                raise RegistryError(f"models.{alias}.engine_params: {exc.message}") from None
+
+    def _add_entry_points(self) -> None:
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            if ep.name in self.config.adapters or not BACKEND_NAME.fullmatch(ep.name):
+                continue  # adapters.yaml wins on a clash
+            cls = import_adapter_class(ep.value, where=f"entry point {ep.name}")
+            entry = AdapterEntry(module=ep.value, description=f"entry point {ep.value}")
+            self._adapters[ep.name] = RegisteredAdapter(ep.name, entry, cls, "entry-point")
+
+    @classmethod
+    def from_file(cls, path: Path, **kwargs: Any) -> AdapterRegistry:
+        """Load adapters.yaml from disk and build the registry."""
+        return cls(load_registry_file(path), **kwargs)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Backend names, sorted."""
+        return tuple(sorted(self._adapters))
+
+    @property
+    def presets(self) -> Mapping[str, PresetEntry]:
+        """Named model presets from adapters.yaml."""
+        return self.config.models
+
+    def resolve(self, name: str) -> RegisteredAdapter:
+        """The backend called `name`, or 404."""
+        try:
+            return self._adapters[name]
+        except KeyError:
+            raise NotFoundError(
+                f"unknown backend {name!r}; known: {', '.join(self.names)}",
+                param="$.backend",
+                code="backend_not_found",
+            ) from None
+
+    def preset(self, alias: str) -> PresetEntry:
+        """The preset called `alias`, or 404."""
+        try:
+            return self.config.models[alias]
+        except KeyError:
+            raise NotFoundError(
+                f"unknown preset {alias!r}", param="$.preset", code="preset_not_found"
+            ) from None
+
+    def context(self, name: str) -> AdapterContext:
+        """What the operator decided for backend `name`, for its adapter instance."""
+        entry = self.resolve(name).entry
+        return AdapterContext(
+            name=name,
+            trust_remote_code_allowed=entry.trust_remote_code_allowed,
+            allowed_hosts=entry.allowed_hosts,
+            model_roots=self.model_roots,
+            cache_dir=self.cache_dir,
+        )
+
+    def build_params(self, name: str, overrides: Mapping[str, Any]) -> Any:
+        """Merge `overrides` over the yaml defaults and structure them; 422 naming the field."""
+        registered = self.resolve(name)
+        merged = {**registered.entry.defaults, **overrides}
+        try:
+            return structure(merged, registered.params_type, path="$.engine_params")
+        except StructureError as exc:
+            first = exc.errors[0]
+            raise ParamsValidationError(
+                f"{first.message} @ {first.path}", param=first.path
+            ) from None
+
+    def describe(self, name: str) -> dict[str, Any]:
+        """Registry entry for `GET /v1/adapters`: defaults and the params JSON Schema."""
+        registered = self.resolve(name)
+        entry = registered.entry
+        return {
+            "name": name,
+            "module": entry.module,
+            "source": registered.source,
+            "description": entry.description,
+            "defaults": unstructure(self.build_params(name, {})),
+            "env_allow": list(entry.env_allow),
+            "trust_remote_code_allowed": entry.trust_remote_code_allowed,
+            "allowed_hosts": list(entry.allowed_hosts),
+            "params_schema": attrs_json_schema(registered.params_type),
+        }
+
+
+__all__ = ["AdapterRegistry", "RegisteredAdapter", "RegistryError"]

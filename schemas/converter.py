@@ -1,0 +1,200 @@
+"""The one cattrs converter of the project, and the error walker that names the failing field.
+
+Strict by design: JSON `"5"` is not an int, `true` is not an int, `1.5` is not an int, unknown keys
+are refused. cattrs' stock hooks coerce (`int("5")`, `int(1.9) == 1`), which would let a typo load
+an engine with a silently different value. Every failure comes back as `FieldError`s that carry a
+path (`$.engine_params.max_model_len`, or `messages[0].role` for the data plane) and a message a
+user can act on; a validator's own message survives unchanged.
+
+Must never: import anything from `service`, `registry` or `adapters`.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import attrs
+import cattrs
+from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
+from cattrs.preconf.json import make_converter
+
+T = TypeVar("T")
+
+__all__ = ["FieldError", "StructureError", "converter", "structure", "unstructure"]
+
+
+@attrs.frozen
+class FieldError:
+    """One reason a value did not fit its schema."""
+
+    path: str
+    message: str
+
+
+class StructureError(ValueError):
+    """A payload did not fit its attrs class; `errors` says where and why, first error first."""
+
+    def __init__(self, errors: list[FieldError]) -> None:
+        self.errors = errors
+        super().__init__("; ".join(f"{e.message} @ {e.path}" for e in errors))
+
+
+def _type_name(tp: Any) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "a boolean"}
+    return names.get(tp, getattr(tp, "__name__", repr(tp)))
+
+
+def _strict_int(value: Any, _: type) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected an integer, got {_json_kind(value)}")
+    return value
+
+
+def _strict_float(value: Any, _: type) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"expected a number, got {_json_kind(value)}")
+    return float(value)
+
+
+def _strict_str(value: Any, _: type) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {_json_kind(value)}")
+    return value
+
+
+def _strict_bool(value: Any, _: type) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"expected a boolean, got {_json_kind(value)}")
+    return value
+
+
+def _json_kind(value: Any) -> str:
+    kinds: list[tuple[type | tuple[type, ...], str]] = [
+        (bool, "a boolean"),
+        (int, "an integer"),
+        (float, "a number"),
+        (str, "a string"),
+        ((list, tuple), "an array"),
+        (Mapping, "an object"),
+    ]
+    if value is None:
+        return "null"
+    for tp, name in kinds:
+        if isinstance(value, tp):
+            return name
+    return type(value).__name__
+
+
+def _is_literal(tp: Any) -> bool:
+    return get_origin(tp) is Literal
+
+
+def _structure_literal(value: Any, tp: Any) -> Any:
+    allowed = get_args(tp)
+    # `True == 1` in Python: compare types too so a JSON true never passes for a literal 1
+    for option in allowed:
+        if value == option and type(value) is type(option):
+            return option
+    raise ValueError("must be one of " + ", ".join(repr(a) for a in allowed))
+
+
+def _is_optional_primitive_union(tp: Any) -> bool:
+    """`X | None` where X is not an attrs class: cattrs handles those, but with its own message."""
+    if get_origin(tp) not in (typing.Union, types.UnionType):
+        return False
+    args = get_args(tp)
+    return len(args) == 2 and type(None) in args  # noqa: PLR2004
+
+
+def _make_optional_hook(conv: cattrs.Converter) -> Any:
+    def hook(value: Any, tp: Any) -> Any:
+        if value is None:
+            return None
+        (inner,) = [a for a in get_args(tp) if a is not type(None)]
+        return conv.structure(value, inner)
+
+    return hook
+
+
+def _build() -> cattrs.Converter:
+    conv = make_converter(forbid_extra_keys=True, detailed_validation=True)
+    conv.register_structure_hook(int, _strict_int)
+    conv.register_structure_hook(float, _strict_float)
+    conv.register_structure_hook(str, _strict_str)
+    conv.register_structure_hook(bool, _strict_bool)
+    conv.register_structure_hook(Any, lambda v, _: v)
+    conv.register_structure_hook_func(_is_literal, _structure_literal)
+    conv.register_structure_hook_func(_is_optional_primitive_union, _make_optional_hook(conv))
+    return conv
+
+
+converter: cattrs.Converter = _build()
+
+
+def _format(exc: BaseException) -> str:
+    if isinstance(exc, KeyError):
+        return "required field missing"
+    if isinstance(exc, ForbiddenExtraKeysError):
+        return "unknown field(s): " + ", ".join(sorted(exc.extra_fields))
+    if isinstance(exc, AttributeError) and str(exc).endswith("has no attribute 'items'"):
+        return "expected an object"
+    # our hooks and attrs validators raise ValueError/TypeError with a message meant for users
+    text = str(exc).strip()
+    return text or f"invalid value ({type(exc).__name__})"
+
+
+def _walk(exc: BaseException, path: str, out: list[FieldError]) -> None:
+    if isinstance(exc, ClassValidationError):
+        with_notes, without = exc.group_exceptions()
+        for sub, note in with_notes:
+            _walk(sub, _join(path, note.name), out)
+        for sub in without:
+            # validators run in __init__, after cattrs lost track of fields: ours name theirs
+            field = getattr(sub, "field", None)
+            out.append(FieldError(_join(path, field) if field else path or "$", _format(sub)))
+    elif isinstance(exc, IterableValidationError):
+        with_notes_i, without_i = exc.group_exceptions()
+        for sub, note_i in with_notes_i:
+            _walk(sub, f"{path}[{note_i.index!r}]", out)
+        out.extend(FieldError(path or "$", _format(sub)) for sub in without_i)
+    elif isinstance(exc, ExceptionGroup):
+        for sub in exc.exceptions:
+            _walk(sub, path, out)
+    else:
+        out.append(FieldError(path or "$", _format(exc)))
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def structure(data: Any, cls: type[T], *, path: str = "$") -> T:
+    """Structure `data` into `cls` or raise `StructureError` naming every failing field.
+
+    `path` is the root the field paths hang from: `"$.engine_params"` for the control plane,
+    `""` for OpenAI requests (whose `param` is a bare field name).
+    """
+    if attrs.has(cls) and not isinstance(data, Mapping):
+        raise StructureError([FieldError(path or "$", f"expected an object, got {_json_kind(data)}")])
+    try:
+        return converter.structure(data, cls)
+    except (ClassValidationError, IterableValidationError) as exc:
+        errors: list[FieldError] = []
+        _walk(exc, path, errors)
+        raise StructureError(errors) from None
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        # a hook on the root itself failed (e.g. the payload is not an object)
+        raise StructureError([FieldError(path or "$", _format(exc))]) from None
+
+
+def unstructure(obj: Any) -> Any:
+    """Turn attrs instances into JSON-ready builtins with the one converter."""
+    return converter.unstructure(obj)
+
+
+def type_name(tp: Any) -> str:
+    """A human name for a type, for messages."""
+    return _type_name(tp)

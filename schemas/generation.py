@@ -1,0 +1,96 @@
+"""What crosses the line between the service and an adapter: a generation request and its deltas.
+
+These are engine-neutral: the service turns an OpenAI request into a `GenerationRequest`, the
+adapter yields `TokenDelta`s, the service turns those into OpenAI chunks. Adapters never see HTTP
+and the service never sees an engine object.
+
+Must never: grow wire concerns (ids, `object` names, SSE) or engine types.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from attrs import field, frozen
+
+Role = Literal["system", "developer", "user", "assistant", "tool"]
+FinishReason = Literal["stop", "length", "abort", "error", "tool_calls", "content_filter"]
+
+
+@frozen
+class Message:
+    """One chat turn, content already flattened to text."""
+
+    role: Role
+    content: str
+    name: str | None = None
+
+
+@frozen
+class SamplingOptions:
+    """Sampling controls, OpenAI's plus vLLM's extensions. `None` means the engine's default."""
+
+    max_tokens: int
+    max_tokens_default: bool = False
+    """True when the client set no max_tokens: the adapter may lower `max_tokens` to fit the
+    context (prompt + max_tokens <= max context) instead of refusing the request."""
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    n: int = 1
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+
+@frozen
+class GenerationRequest:
+    """A chat generation the adapter must run; `request_id` is unique while it is in flight."""
+
+    request_id: str
+    messages: tuple[Message, ...]
+    sampling: SamplingOptions
+    model: str = ""
+
+
+@frozen
+class TokenLogprob:
+    """One sampled token's log-probability and its top alternatives."""
+
+    token: str
+    logprob: float
+    bytes: tuple[int, ...] | None = None
+    top: tuple[tuple[str, float], ...] = ()
+
+
+@frozen
+class TokenDelta:
+    """Text the engine produced since the previous delta of the same choice.
+
+    `token_count` is how many tokens this delta adds (engines may batch several into one delta).
+    `prompt_tokens` is set on at least one delta of the stream (engines know it early or late).
+    `finish_reason` is set on the last delta of a choice. Engine timestamps are
+    `time.monotonic()`/`time.perf_counter()` seconds (the same clock on Linux, also across
+    processes), where the engine reports them.
+    """
+
+    text: str
+    token_count: int = 1
+    index: int = 0
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int | None = None
+    reasoning: str = ""
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    engine_queued_at: float | None = None
+    engine_scheduled_at: float | None = None
+    engine_first_token_at: float | None = None
+    engine_last_token_at: float | None = None
+    stop_reason: str | int | None = field(default=None)

@@ -1,0 +1,210 @@
+"""OpenAI chat-completions wire classes: the request we accept and the responses we send.
+
+The request class lists every field OpenAI documents for `/v1/chat/completions` plus vLLM's
+sampling extensions that benchmark clients send (`ignore_eos`, `min_tokens`, `top_k`, ...). Fields
+we do not implement are still declared so that the service can refuse them by name (400 with
+`param`) instead of failing on an unknown key or ignoring them. Streaming chunks are not built from
+these classes: `service.sse` renders them from byte templates because they sit on the per-token
+path.
+
+Must never: import the service or an adapter.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import attrs
+from attrs import field, frozen
+
+from schemas.converter import converter
+from schemas.validators import in_range, min_items
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+@frozen
+class TextPart:
+    """A `{"type": "text", "text": ...}` content part."""
+
+    type: Literal["text"]
+    text: str
+
+
+MessageContent = str | tuple[TextPart, ...] | None
+
+
+def _structure_content(value: Any, _: Any) -> MessageContent:
+    if value is None or isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise TypeError("content must be a string, an array of content parts, or null")
+    parts = []
+    for part in value:
+        if not isinstance(part, dict) or part.get("type") != "text":
+            kind = part.get("type") if isinstance(part, dict) else None
+            raise ValueError(f"content part type {kind!r} is not supported (text only)")
+        text = part.get("text")
+        if not isinstance(text, str) or set(part) - {"type", "text"}:
+            raise ValueError("a text content part is {'type': 'text', 'text': <string>}")
+        parts.append(TextPart("text", text))
+    return tuple(parts)
+
+
+converter.register_structure_hook_func(lambda t: t == MessageContent, _structure_content)
+
+
+@frozen
+class ChatMessageIn:
+    """One message of the request's conversation."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: MessageContent = None
+    name: str | None = None
+    tool_calls: list[Any] | None = None
+    tool_call_id: str | None = None
+    refusal: str | None = None
+    reasoning_content: str | None = None
+
+    def text(self) -> str:
+        """Content flattened to text (parts joined)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+@frozen
+class StreamOptions:
+    """`stream_options`."""
+
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+    include_obfuscation: bool = False
+
+
+StopField = str | list[str] | None
+
+
+def _structure_stop(value: Any, _: Any) -> StopField:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(s, str) for s in value):
+        if len(value) > 16:  # noqa: PLR2004
+            raise ValueError("stop accepts at most 16 strings")
+        return value
+    raise TypeError("stop must be a string or an array of strings")
+
+
+converter.register_structure_hook_func(lambda t: t == StopField, _structure_stop)
+
+
+@frozen
+class ChatCompletionRequest:
+    """`POST /v1/chat/completions` body."""
+
+    model: str
+    messages: list[ChatMessageIn] = field(validator=min_items(1))
+    max_tokens: int | None = field(default=None, validator=in_range(1))
+    max_completion_tokens: int | None = field(default=None, validator=in_range(1))
+    temperature: float | None = field(default=None, validator=in_range(0, 2))
+    top_p: float | None = field(default=None, validator=in_range(0, 1))
+    n: int = field(default=1, validator=in_range(1, 128))
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: StopField = None
+    seed: int | None = None
+    presence_penalty: float | None = field(default=None, validator=in_range(-2, 2))
+    frequency_penalty: float | None = field(default=None, validator=in_range(-2, 2))
+    logprobs: bool = False
+    top_logprobs: int | None = field(default=None, validator=in_range(0, 20))
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    # declared so they can be refused by name when set
+    logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    reasoning_effort: str | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
+    # vLLM sampling extensions
+    top_k: int | None = None
+    min_p: float | None = field(default=None, validator=in_range(0, 1))
+    repetition_penalty: float | None = field(default=None, validator=in_range(0, 10))
+    ignore_eos: bool = False
+    min_tokens: int = field(default=0, validator=in_range(0))
+    stop_token_ids: list[int] | None = None
+
+
+CHAT_REQUEST_FIELDS = frozenset(a.name for a in attrs.fields(ChatCompletionRequest))
+
+
+@frozen
+class Usage:
+    """Token counts of one request."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+@frozen
+class AssistantMessage:
+    """The generated message of a non-streaming choice."""
+
+    role: Literal["assistant"]
+    content: str | None
+    reasoning_content: str | None = None
+
+
+@frozen
+class Choice:
+    """One choice of a non-streaming response."""
+
+    index: int
+    message: AssistantMessage
+    logprobs: dict[str, Any] | None
+    finish_reason: str | None
+
+
+@frozen
+class ChatCompletion:
+    """Non-streaming response; `metrics` is this wrapper's per-request telemetry."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    metrics: dict[str, Any] | None = None
+    system_fingerprint: str | None = None
+
+
+@frozen
+class ModelCard:
+    """One entry of `GET /v1/models`."""
+
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    root: str | None = None
+    max_model_len: int | None = None
+
+
+@frozen
+class ModelList:
+    """`GET /v1/models`."""
+
+    object: Literal["list"]
+    data: list[ModelCard]

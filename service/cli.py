@@ -1,0 +1,99 @@
+"""`inference-wrapper serve`: settings from IW_* and flags, logging, the app, uvicorn.
+
+Must never: print a key except the one admin key it generated itself, once, to the terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import secrets as pysecrets
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from attrs import evolve
+
+from registry.config import RegistryError
+from registry.secrets import SecretStore
+from service.logs import configure_logging
+from service.settings import Settings, SettingsError
+
+logger = logging.getLogger("inference_wrapper")
+
+#: environment variables whose values are treated as secrets from the start
+_SECRET_ENV = re.compile(r"(TOKEN|KEY|SECRET|PASSWORD|CREDENTIAL)", re.IGNORECASE)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="inference-wrapper", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the service")
+    serve.add_argument("--host", help="bind address (IW_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (IW_PORT, default 8000)")
+    serve.add_argument("--registry", type=Path, help="adapters.yaml (IW_REGISTRY)")
+    serve.add_argument("--preload", help="preset to load at start-up (IW_PRELOAD)")
+    serve.add_argument("--log-format", choices=["json", "text"], help="IW_LOG_FORMAT")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point."""
+    args = _parser().parse_args(argv)
+    try:
+        settings = Settings.from_env(
+            host=args.host,
+            port=args.port,
+            registry_path=args.registry,
+            preload=args.preload,
+            log_format=args.log_format,
+        )
+    except (SettingsError, TypeError, ValueError) as exc:
+        print(f"inference-wrapper: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
+    store = SecretStore()
+    for key, value in os.environ.items():
+        if _SECRET_ENV.search(key):
+            store.add(value)
+    configure_logging(store, fmt=settings.log_format, level=settings.log_level)
+    if not settings.admin_keys:
+        generated = pysecrets.token_urlsafe(24)
+        settings = evolve(settings, admin_keys=(generated,))
+        # the only place a key is ever shown: the operator needs it to call the control plane
+        print(  # noqa: T201
+            f"\nNo IW_ADMIN_KEY set: generated an admin key for this run:\n\n    {generated}\n\n"
+            "Send it as 'X-API-Key: <key>' to /v1/model/*. Set IW_ADMIN_KEY to choose your own.\n",
+            file=sys.stderr,
+            flush=True,
+        )
+    if not settings.api_keys:
+        logger.warning(
+            "IW_API_KEY is not set: the data plane (/v1/chat/completions, /v1/models) is OPEN "
+            "to anyone who can reach %s:%s",
+            settings.host,
+            settings.port,
+        )
+    from service.app import create_app  # noqa: PLC0415  (after logging is configured)
+
+    try:
+        app = create_app(settings, secrets=store)
+    except RegistryError as exc:
+        logger.error("cannot start: %s", exc)  # noqa: TRY400
+        return 2
+
+    import uvicorn  # noqa: PLC0415
+
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        timeout_graceful_shutdown=int(settings.drain_timeout_s),
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Control plane: load, unload, validate and status of the one model, plus the adapter registry.
+
+Thin handlers: parse the body into attrs classes (422 naming the field), call the ModelManager,
+render. Env values in a request body are registered as secrets before anything else looks at the
+body, so that no later error or log line can carry them.
+
+Must never: echo an env value; accept a module path from a request.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import msgspec
+from litestar import Controller, Request, Response, get, post
+
+from registry.manager import ModelManager
+from registry.registry import AdapterRegistry
+from registry.secrets import SecretStore
+from schemas.control import LoadRequest, UnloadRequest, ValidateResponse
+from schemas.converter import StructureError, structure
+from schemas.errors import InvalidRequestError, ParamsValidationError
+from service.auth import require_admin
+from service.errors import json_response
+
+T = TypeVar("T")
+
+
+async def parse_body(
+    request: Request[Any, Any, Any], cls: type[T], secrets: SecretStore, *, allow_empty: bool
+) -> T:
+    """Body → attrs instance; 400 for bad JSON, 422 naming the field for a bad shape."""
+    raw = await request.body()
+    if not raw.strip():
+        if allow_empty:
+            return cls()
+        raise InvalidRequestError("request body is required (JSON object)")
+    try:
+        payload = msgspec.json.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
+    env = payload.get("env") if isinstance(payload, dict) else None
+    if isinstance(env, dict):
+        for value in env.values():
+            if isinstance(value, str):
+                secrets.add(value)
+    try:
+        return structure(payload, cls, path="$")
+    except StructureError as exc:
+        first = exc.errors[0]
+        raise ParamsValidationError(f"{first.message} @ {first.path}", param=first.path) from None
+
+
+class ModelController(Controller):
+    """`/v1/model/*`: the lifecycle of the served model (admin key)."""
+
+    path = "/v1/model"
+    guards = [require_admin]  # noqa: RUF012
+    tags = ["control plane"]  # noqa: RUF012
+
+    @post("/load", operation_id="loadModel", name="model:load", status_code=200)
+    async def load(
+        self, request: Request[Any, Any, Any], manager: ModelManager, secrets: SecretStore
+    ) -> Response[bytes]:
+        """Load a model on a named backend (or preset); 409 while busy or when one is loaded.
+
+        Returns the effective params (secrets masked), the load time split and the memory the
+        load took. On engine failure the state is clean (`empty`) and `last_error` says why.
+        """
+        req = await parse_body(request, LoadRequest, secrets, allow_empty=False)
+        return json_response(await manager.load(req))
+
+    @post("/unload", operation_id="unloadModel", name="model:unload", status_code=200)
+    async def unload(
+        self, request: Request[Any, Any, Any], manager: ModelManager, secrets: SecretStore
+    ) -> Response[bytes]:
+        """Drain in-flight requests (then abort the rest), unload, report memory freed.
+
+        Idempotent: with nothing loaded it answers `status: empty`.
+        """
+        req = await parse_body(request, UnloadRequest, secrets, allow_empty=True)
+        return json_response(await manager.unload(req.drain_timeout_s))
+
+    @post("/validate", operation_id="validateLoad", name="model:validate", status_code=200)
+    async def validate(
+        self, request: Request[Any, Any, Any], manager: ModelManager, secrets: SecretStore
+    ) -> Response[bytes]:
+        """Dry run of a load: registry lookup, params over defaults, env and model path checks.
+
+        Nothing is imported or loaded; the answer shows what a load would use.
+        """
+        req = await parse_body(request, LoadRequest, secrets, allow_empty=False)
+        plan = manager.plan(req)
+        return json_response(ValidateResponse(valid=True, plan=plan.view(secrets)))
+
+    @get("/status", operation_id="modelStatus", name="model:status")
+    async def status(self, manager: ModelManager) -> Response[bytes]:
+        """State, model, backend, effective params (masked), load report, in-flight count."""
+        return json_response(manager.status())
+
+
+class AdapterController(Controller):
+    """`/v1/adapters`: what the registry offers (admin key)."""
+
+    path = "/v1/adapters"
+    guards = [require_admin]  # noqa: RUF012
+    tags = ["control plane"]  # noqa: RUF012
+
+    @get("/", operation_id="listAdapters", name="adapters:list")
+    async def list_adapters(self, registry: AdapterRegistry) -> Response[bytes]:
+        """Each backend with its defaults and the JSON Schema of its params; the presets."""
+        presets = {
+            alias: {"backend": p.backend, "model": p.model, "description": p.description}
+            for alias, p in registry.presets.items()
+        }
+        data = [registry.describe(name) for name in registry.names]
+        return json_response({"object": "list", "data": data, "presets": presets})

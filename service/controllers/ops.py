@@ -1,0 +1,79 @@
+"""Operations routes: liveness, readiness, Prometheus metrics, telemetry as JSON.
+
+`/health` and `/ready` answer without a key (orchestrators probe them); `/metrics` needs a key
+unless IW_METRICS_OPEN is set; `/v1/telemetry*` need a key.
+
+Must never: expose a secret through a metric label or a telemetry field.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Controller, Response, get
+from litestar.params import Parameter
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from registry.manager import ModelManager, ModelState
+from schemas.converter import unstructure
+from schemas.errors import ServiceUnavailableError
+from service.auth import require_metrics, require_ops
+from service.errors import json_response
+from service.telemetry import TelemetryManager
+
+
+class HealthController(Controller):
+    """Probes for the orchestrator."""
+
+    path = "/"
+    tags = ["ops"]  # noqa: RUF012
+
+    @get("/health", operation_id="health", name="ops:health")
+    async def health(self) -> Response[bytes]:
+        """The process is alive and serving HTTP."""
+        return json_response({"status": "ok"})
+
+    @get("/ready", operation_id="ready", name="ops:ready")
+    async def ready(self, manager: ModelManager) -> Response[bytes]:
+        """200 only when a model is ready to serve; 503 with the state otherwise."""
+        if manager.state is not ModelState.READY or manager.current is None:
+            raise ServiceUnavailableError(
+                f"not ready (state: {manager.state.value})", headers={"Retry-After": "5"}
+            )
+        return json_response({"status": "ready", "model": manager.current.plan.served_model_name})
+
+
+class MetricsController(Controller):
+    """Prometheus exposition."""
+
+    path = "/metrics"
+    guards = [require_metrics]  # noqa: RUF012
+    tags = ["ops"]  # noqa: RUF012
+
+    @get("/", operation_id="metrics", name="ops:metrics")
+    async def metrics(self, telemetry: TelemetryManager) -> Response[bytes]:
+        """Request histograms, counters and resource gauges in Prometheus text format."""
+        return Response(generate_latest(telemetry.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+class TelemetryController(Controller):
+    """Recent per-request records and their percentiles."""
+
+    path = "/v1/telemetry"
+    guards = [require_ops]  # noqa: RUF012
+    tags = ["ops"]  # noqa: RUF012
+
+    @get("/", operation_id="telemetry", name="ops:telemetry")
+    async def telemetry(
+        self,
+        telemetry: TelemetryManager,
+        limit: int = Parameter(default=50, ge=0, le=10_000),
+        window_s: float | None = Parameter(default=None, gt=0),
+    ) -> Response[bytes]:
+        """The last `limit` request records, p50/p90/p99 per metric per model over `window_s`."""
+        body: dict[str, Any] = {
+            "records": [unstructure(r) for r in telemetry.recent(limit)],
+            "summary": telemetry.summary(window_s),
+            "lifecycle": telemetry.lifecycle,
+        }
+        return json_response(body)

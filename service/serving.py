@@ -1,0 +1,483 @@
+"""Chat-completions serving: request checks, the generation run, OpenAI responses and streams.
+
+The controller stays thin (vLLM's entrypoints split it the same way): it hands the raw body here.
+`ChatServing.prepare` parses and checks the request against the loaded adapter's capabilities,
+refusing by name (400 + `param`) anything the adapter cannot honour. A `Run` then owns one
+request's resources (in-flight ticket, admission slot, timer) and releases them exactly once in
+`close()`, which every path reaches: normal end, error, client disconnect, unload.
+
+Must never: do per-token work beyond building one frame and one timestamp; let an engine's
+exception text out unmasked; keep a slot after the client is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import msgspec
+from litestar import Request
+
+from adapters.base import Capabilities
+from registry.manager import InflightTicket, LoadedModel, ModelManager, sanitize_exception
+from registry.secrets import SecretStore
+from schemas.converter import StructureError, structure
+from schemas.errors import (
+    EngineError,
+    ErrorDetail,
+    InvalidRequestError,
+    NotFoundError,
+    ServiceUnavailableError,
+    UnsupportedParameterError,
+    WrapperError,
+)
+from schemas.generation import GenerationRequest, Message, SamplingOptions, TokenDelta
+from schemas.openai import (
+    CHAT_REQUEST_FIELDS,
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionRequest,
+    Choice,
+    Usage,
+)
+from service.admission import Admission, Slot
+from service.context import RequestContext
+from service.settings import Settings
+from service.sse import DONE, ChunkEncoder, SSEStream, error_event
+from service.telemetry import RequestTimer, TelemetryManager, build_record
+
+logger = logging.getLogger(__name__)
+
+#: OpenAI parameters no adapter implements here; refused by name when set
+_REFUSED = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls",
+            "logit_bias", "audio", "prediction", "web_search_options", "reasoning_effort")  # fmt: skip
+#: request field → SamplingOptions field, for the capability check
+_SAMPLING_FIELDS = (
+    "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "ignore_eos",
+    "min_tokens", "presence_penalty", "frequency_penalty", "repetition_penalty",
+)  # fmt: skip
+
+
+def _unloaded_error() -> ServiceUnavailableError:
+    return ServiceUnavailableError(
+        "the model was unloaded while this request was in flight", code="model_unloaded"
+    )
+
+
+class ChatServing:
+    """Turns OpenAI chat requests into adapter generations and back."""
+
+    def __init__(
+        self,
+        manager: ModelManager,
+        admission: Admission,
+        telemetry: TelemetryManager,
+        settings: Settings,
+        secrets: SecretStore,
+    ) -> None:
+        self.manager = manager
+        self.admission = admission
+        self.telemetry = telemetry
+        self.settings = settings
+        self.secrets = secrets
+
+    # --- request checks ------------------------------------------------------------------------
+
+    def parse(self, body: bytes) -> ChatCompletionRequest:
+        """JSON → ChatCompletionRequest, or 400 naming the first bad field."""
+        try:
+            payload = msgspec.json.decode(body)
+        except msgspec.DecodeError as exc:
+            raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
+        if not isinstance(payload, dict):
+            raise InvalidRequestError("request body must be a JSON object")
+        unknown = sorted(k for k in payload if k not in CHAT_REQUEST_FIELDS)
+        if unknown:
+            raise InvalidRequestError(
+                f"Unrecognized request argument supplied: {unknown[0]}",
+                param=unknown[0],
+                code="unknown_parameter",
+            )
+        try:
+            return structure(payload, ChatCompletionRequest, path="")
+        except StructureError as exc:
+            first = exc.errors[0]
+            param = None if first.path == "$" else first.path
+            message = first.message if param is None else f"{param}: {first.message}"
+            raise InvalidRequestError(message, param=param) from None
+
+    def build(
+        self, req: ChatCompletionRequest, loaded: LoadedModel, request_id: str
+    ) -> GenerationRequest:
+        """Check the request against limits and the adapter; build the engine-neutral request."""
+        served = loaded.plan.served_model_name
+        if req.model not in (served, loaded.plan.model):
+            raise NotFoundError(
+                f"The model `{req.model}` does not exist; this server serves `{served}`",
+                param="model",
+                code="model_not_found",
+            )
+        caps: Capabilities = loaded.adapter.capabilities
+        for name in _REFUSED:
+            if getattr(req, name) not in (None, [], {}):
+                raise UnsupportedParameterError(f"{name} is not supported", param=name)
+        if req.response_format is not None and req.response_format.get("type") != "text":
+            raise UnsupportedParameterError(
+                "only response_format type 'text' is supported", param="response_format"
+            )
+        if req.modalities not in (None, ["text"]):
+            raise UnsupportedParameterError("only the text modality is supported", param="modalities")
+        if req.store:
+            raise UnsupportedParameterError("stored completions are not supported", param="store")
+        if req.service_tier not in (None, "auto", "default"):
+            raise UnsupportedParameterError("service_tier is not supported", param="service_tier")
+        if req.stream_options is not None:
+            if not req.stream:
+                raise InvalidRequestError(
+                    "stream_options is only allowed when stream is true", param="stream_options"
+                )
+            if req.stream_options.continuous_usage_stats:
+                raise UnsupportedParameterError(
+                    "continuous_usage_stats is not supported",
+                    param="stream_options.continuous_usage_stats",
+                )
+        for name in _SAMPLING_FIELDS:
+            value = getattr(req, name)
+            if value not in (None, False, 0, [], "") and name not in caps.sampling:
+                raise UnsupportedParameterError(
+                    f"{name} is not supported by backend '{loaded.plan.backend.name}'", param=name
+                )
+        if req.n > caps.max_n:
+            raise UnsupportedParameterError(
+                f"n must be at most {caps.max_n} for backend '{loaded.plan.backend.name}'",
+                param="n",
+            )
+        if req.logprobs and caps.max_top_logprobs == 0:
+            raise UnsupportedParameterError("logprobs are not available", param="logprobs")
+        if req.top_logprobs:
+            if not req.logprobs:
+                raise InvalidRequestError("top_logprobs requires logprobs: true", param="top_logprobs")
+            if req.top_logprobs > caps.max_top_logprobs:
+                raise UnsupportedParameterError(
+                    f"top_logprobs must be at most {caps.max_top_logprobs}", param="top_logprobs"
+                )
+        if len(req.messages) > self.settings.max_messages:
+            raise InvalidRequestError(
+                f"too many messages ({len(req.messages)} > {self.settings.max_messages})",
+                param="messages",
+            )
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        cap = self.settings.max_tokens_cap
+        if max_tokens is not None and max_tokens > cap:
+            param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+            raise InvalidRequestError(f"{param} must be at most {cap}", param=param)
+        default_max = max_tokens is None
+        if max_tokens is None:
+            max_tokens = min(cap, caps.max_context) if caps.max_context else cap
+        stop: tuple[str, ...] = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+        sampling = SamplingOptions(
+            max_tokens=max_tokens,
+            max_tokens_default=default_max,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=req.top_k,
+            min_p=req.min_p,
+            seed=req.seed,
+            stop=stop,
+            stop_token_ids=tuple(req.stop_token_ids or ()),
+            ignore_eos=req.ignore_eos,
+            min_tokens=req.min_tokens,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            repetition_penalty=req.repetition_penalty,
+            n=req.n,
+            logprobs=req.logprobs,
+            top_logprobs=req.top_logprobs,
+        )
+        messages = tuple(Message(m.role, m.text(), m.name) for m in req.messages)
+        return GenerationRequest(request_id, messages, sampling, served)
+
+    # --- entry points --------------------------------------------------------------------------
+
+    async def handle(self, request: Request[Any, Any, Any], ctx: RequestContext) -> Any:
+        """Serve one chat request: a JSON response or an SSE stream."""
+        req = self.parse(await request.body())
+        loaded = self.manager.ready_model()
+        gen = self.build(req, loaded, ctx.request_id)
+        ticket = self.manager.track(ctx.request_id)
+        try:
+            slot = self.admission.reserve()
+        except WrapperError:
+            self.manager.release(ticket)
+            raise
+        run = Run(self, req, gen, loaded, ticket, slot, ctx)
+        if req.stream:
+            frames = run.frames()
+            run.attach(frames)
+            return SSEStream(frames, on_close=run.close)
+        try:
+            return await run.complete(request)
+        finally:
+            await run.close()
+
+
+class Run:
+    """One chat request from admission to its telemetry record; `close()` is idempotent."""
+
+    def __init__(
+        self,
+        serving: ChatServing,
+        req: ChatCompletionRequest,
+        gen: GenerationRequest,
+        loaded: LoadedModel,
+        ticket: InflightTicket,
+        slot: Slot,
+        ctx: RequestContext,
+    ) -> None:
+        self.serving = serving
+        self.req = req
+        self.gen = gen
+        self.adapter = loaded.adapter
+        self.backend = loaded.plan.backend.name
+        self.model = loaded.plan.served_model_name
+        self.ticket = ticket
+        self.slot = slot
+        self.ctx = ctx
+        self.timer = RequestTimer(ctx.t0, ctx.handler_at or time.perf_counter())
+        self.completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        n = gen.sampling.n
+        self.finish: list[str | None] = [None] * n
+        self.completion_tokens = 0
+        self.prompt_tokens = 0
+        self.status = "cancelled"
+        self.first_delta: TokenDelta | None = None
+        self.last_delta: TokenDelta | None = None
+        self._frames: AsyncIterator[bytes] | None = None
+        self._closed = False
+        self.record_metrics: dict[str, Any] | None = None
+
+    def attach(self, frames: AsyncIterator[bytes]) -> None:
+        """Remember the stream so `close()` can finish it if the server abandons it."""
+        self._frames = frames
+
+    def _observe(self, delta: TokenDelta) -> None:
+        self.completion_tokens += delta.token_count
+        if delta.prompt_tokens is not None:
+            self.prompt_tokens = delta.prompt_tokens
+        if delta.finish_reason is not None:
+            self.finish[delta.index] = delta.finish_reason
+        if self.first_delta is None:
+            self.first_delta = delta
+        self.last_delta = delta
+
+    async def _start(self) -> AsyncIterator[TokenDelta]:
+        await self.slot.acquire()
+        self.timer.admitted_at = time.perf_counter()
+        return self.adapter.generate(self.gen)  # type: ignore[no-any-return]
+
+    def _check_end(self) -> None:
+        """After the adapter's stream ended: was it cut short by unload or by the engine?"""
+        if self.ticket.aborted or "abort" in self.finish:
+            raise _unloaded_error() if self.ticket.aborted else EngineError(
+                "the engine aborted the request", code="engine_abort"
+            )
+        if "error" in self.finish:
+            raise EngineError("the engine failed while generating")
+        if None in self.finish:
+            raise EngineError("the engine ended the stream without a finish reason")
+
+    def _detail(self, exc: BaseException) -> ErrorDetail:
+        mask = self.serving.secrets.mask
+        if isinstance(exc, WrapperError):
+            return ErrorDetail(mask(exc.message), exc.error_type, exc.param, exc.code)
+        logger.error("generation failed", exc_info=exc)
+        text = sanitize_exception(exc, self.serving.secrets)
+        return ErrorDetail(f"engine error: {text}", "server_error", None, "engine_error")
+
+    def _metrics(self) -> dict[str, Any]:
+        first, last = self.first_delta, self.last_delta
+        record = build_record(
+            self.timer,
+            request_id=self.ctx.request_id,
+            model=self.model,
+            backend=self.backend,
+            stream=self.req.stream,
+            status=self.status,
+            finish_reason=self.finish[-1] if self.finish else None,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            engine_queued_at=first.engine_queued_at if first else None,
+            engine_scheduled_at=first.engine_scheduled_at if first else None,
+            engine_first_token_at=first.engine_first_token_at if first else None,
+            engine_last_token_at=last.engine_last_token_at if last else None,
+        )
+        self.record_metrics = record.metrics()
+        self._record = record
+        return self.record_metrics
+
+    def _usage(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
+
+    # --- streaming -----------------------------------------------------------------------------
+
+    async def frames(self) -> AsyncIterator[bytes]:
+        """The SSE body: token frames, finish chunks, optional usage chunk, `[DONE]`."""
+        include_usage = bool(self.req.stream_options and self.req.stream_options.include_usage)
+        enc = ChunkEncoder(self.completion_id, self.created, self.model, include_usage)
+        n = self.gen.sampling.n
+        role_sent = [False] * n
+        frame = self.timer.frame
+        try:
+            agen = await self._start()
+            try:
+                async for delta in agen:
+                    self._observe(delta)
+                    text, reasoning = delta.text, delta.reasoning
+                    if text or reasoning or delta.logprobs:
+                        index = delta.index
+                        chunk = enc.delta(
+                            index,
+                            text if text or not reasoning else None,
+                            role=not role_sent[index],
+                            reasoning=reasoning or None,
+                            logprobs=_logprobs(delta) if delta.logprobs else None,
+                        )
+                        role_sent[index] = True
+                        frame()
+                        yield chunk
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await agen.aclose()  # type: ignore[attr-defined]
+            self._check_end()
+            self.status = "ok"
+            metrics = self._metrics()
+            for index in range(n):
+                yield enc.finish(
+                    index,
+                    self.finish[index] or "stop",
+                    role=not role_sent[index],
+                    metrics=metrics if index == n - 1 and not include_usage else None,
+                )
+            if include_usage:
+                yield enc.usage(self._usage(), metrics)
+        except Exception as exc:
+            self.status = "aborted" if self.ticket.aborted else "error"
+            yield error_event(self._detail(exc))
+        yield DONE
+
+    # --- non-streaming -------------------------------------------------------------------------
+
+    async def _collect(self) -> ChatCompletion:
+        n = self.gen.sampling.n
+        texts: list[list[str]] = [[] for _ in range(n)]
+        reasoning: list[list[str]] = [[] for _ in range(n)]
+        logprobs: list[list[dict[str, Any]]] = [[] for _ in range(n)]
+        frame = self.timer.frame
+        agen = await self._start()
+        try:
+            async for delta in agen:
+                self._observe(delta)
+                if delta.text or delta.reasoning:
+                    frame()
+                    texts[delta.index].append(delta.text)
+                    if delta.reasoning:
+                        reasoning[delta.index].append(delta.reasoning)
+                if delta.logprobs:
+                    logprobs[delta.index].extend(_logprobs(delta)["content"])
+        finally:
+            with anyio.CancelScope(shield=True):
+                await agen.aclose()  # type: ignore[attr-defined]
+        self._check_end()
+        self.status = "ok"
+        metrics = self._metrics()
+        choices = [
+            Choice(
+                index=i,
+                message=AssistantMessage(
+                    "assistant", "".join(texts[i]), "".join(reasoning[i]) or None
+                ),
+                logprobs={"content": logprobs[i]} if self.req.logprobs else None,
+                finish_reason=self.finish[i],
+            )
+            for i in range(n)
+        ]
+        usage = Usage(**self._usage())
+        return ChatCompletion(
+            self.completion_id, "chat.completion", self.created, self.model, choices, usage, metrics
+        )
+
+    async def complete(self, request: Request[Any, Any, Any]) -> ChatCompletion:
+        """Run to the end, unless the client goes away first (then stop the engine's work)."""
+        work = asyncio.ensure_future(self._collect())
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not work.done():
+                work.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await gone
+        if work.cancelled():
+            self.status = "cancelled"
+            raise InvalidRequestError("client disconnected", code="client_disconnected")
+        try:
+            return work.result()
+        except WrapperError:
+            self.status = "aborted" if self.ticket.aborted else "error"
+            raise
+        except Exception as exc:
+            self.status = "error"
+            detail = self._detail(exc)
+            raise EngineError(detail.message) from None
+
+    # --- the end -------------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Release ticket and slot, record telemetry. Runs once, whatever happened."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._frames is not None:
+            with contextlib.suppress(Exception):
+                await self._frames.aclose()  # type: ignore[attr-defined]
+        self.slot.release()
+        self.serving.manager.release(self.ticket)
+        if self.record_metrics is None:
+            self._metrics()
+        self.serving.telemetry.record(self._record, self.timer.gaps)
+
+
+async def _disconnected(request: Request[Any, Any, Any]) -> None:
+    """Return when the client closes the connection (the body has been read already)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _logprobs(delta: TokenDelta) -> dict[str, Any]:
+    return {
+        "content": [
+            {
+                "token": lp.token,
+                "logprob": lp.logprob,
+                "bytes": list(lp.bytes) if lp.bytes is not None else None,
+                "top_logprobs": [
+                    {"token": t, "logprob": p, "bytes": list(t.encode())} for t, p in lp.top
+                ],
+            }
+            for lp in delta.logprobs or ()
+        ]
+    }

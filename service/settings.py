@@ -1,0 +1,131 @@
+"""Service settings: one frozen attrs class, read from `IW_*` environment variables.
+
+Must never: log or render a key; `__repr__` hides them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from attrs import evolve, field, frozen
+
+from adapters.base import AdapterContext
+
+__all__ = ["Settings", "SettingsError", "default_cache_dir", "evolve"]
+
+
+class SettingsError(Exception):
+    """An `IW_*` variable has a value the service cannot use."""
+
+
+def default_cache_dir() -> Path:
+    """`IW_CACHE_DIR`, else `$XDG_CACHE_HOME/inference-wrapper`, else `~/.cache/...`."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(os.environ.get("IW_CACHE_DIR") or Path(base) / "inference-wrapper")
+
+
+def _split(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+@frozen
+class Settings:
+    """Everything an operator can set; defaults are safe for a laptop."""
+
+    host: str = "127.0.0.1"
+    """Interface to bind (`IW_HOST`)."""
+    port: int = 8000
+    """TCP port (`IW_PORT`)."""
+    admin_keys: tuple[str, ...] = field(default=(), repr=False)
+    """Keys for the control plane (`IW_ADMIN_KEY`, comma-separated)."""
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    """Keys for the data plane (`IW_API_KEY`, comma-separated); none = open data plane."""
+    registry_path: Path = Path("adapters.yaml")
+    """adapters.yaml location (`IW_REGISTRY`)."""
+    model_roots: tuple[Path, ...] = ()
+    """Folders local model paths must lie under (`IW_MODEL_ROOTS`, comma-separated)."""
+    cache_dir: Path = field(factory=default_cache_dir)
+    """Where bundled models are converted to (`IW_CACHE_DIR`)."""
+    log_format: Literal["json", "text"] = "json"
+    """`IW_LOG_FORMAT`: one JSON object per line, or plain text."""
+    log_level: str = "INFO"
+    """`IW_LOG_LEVEL`."""
+    max_body_bytes: int = 4 * 1024 * 1024
+    """Largest request body (`IW_MAX_BODY_BYTES`); larger gets 413."""
+    max_concurrency: int = 64
+    """Generations running at once (`IW_MAX_CONCURRENCY`); more wait in the queue."""
+    max_queue: int = 256
+    """Requests waiting for a slot (`IW_MAX_QUEUE`); beyond that, 429."""
+    max_tokens_cap: int = 32_768
+    """Largest `max_tokens` a request may ask for (`IW_MAX_TOKENS`)."""
+    max_messages: int = 1024
+    """Largest number of messages in one request (`IW_MAX_MESSAGES`)."""
+    drain_timeout_s: float = 30.0
+    """Default time unload gives in-flight requests (`IW_DRAIN_TIMEOUT_S`)."""
+    metrics_open: bool = False
+    """Serve `/metrics` without a key, for in-pod Prometheus scrapers (`IW_METRICS_OPEN`)."""
+    watchdog_interval_s: float = 1.0
+    """ResourceWatchdog sampling period (`IW_WATCHDOG_INTERVAL_S`)."""
+    telemetry_records: int = 1000
+    """Per-request records kept for `GET /v1/telemetry` (`IW_TELEMETRY_RECORDS`)."""
+    preload: str | None = None
+    """Preset loaded at start-up (`IW_PRELOAD`)."""
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read `IW_*` variables; `overrides` (CLI flags) win."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+
+        def number(name: str, kind: type[int] | type[float]) -> int | float | None:
+            raw = env.get(name)
+            if raw is None or raw == "":
+                return None
+            try:
+                value = kind(raw)
+            except ValueError:
+                raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+            if value <= 0:
+                raise SettingsError(f"{name} must be positive")
+            return value
+
+        if "IW_HOST" in env:
+            values["host"] = env["IW_HOST"]
+        for attr, name, kind in [
+            ("port", "IW_PORT", int),
+            ("max_body_bytes", "IW_MAX_BODY_BYTES", int),
+            ("max_concurrency", "IW_MAX_CONCURRENCY", int),
+            ("max_queue", "IW_MAX_QUEUE", int),
+            ("max_tokens_cap", "IW_MAX_TOKENS", int),
+            ("max_messages", "IW_MAX_MESSAGES", int),
+            ("telemetry_records", "IW_TELEMETRY_RECORDS", int),
+            ("drain_timeout_s", "IW_DRAIN_TIMEOUT_S", float),
+            ("watchdog_interval_s", "IW_WATCHDOG_INTERVAL_S", float),
+        ]:
+            parsed = number(name, kind)
+            if parsed is not None:
+                values[attr] = parsed
+        values["admin_keys"] = _split(env.get("IW_ADMIN_KEY", ""))
+        values["api_keys"] = _split(env.get("IW_API_KEY", ""))
+        if env.get("IW_REGISTRY"):
+            values["registry_path"] = Path(env["IW_REGISTRY"])
+        values["model_roots"] = tuple(Path(p) for p in _split(env.get("IW_MODEL_ROOTS", "")))
+        if env.get("IW_CACHE_DIR"):
+            values["cache_dir"] = Path(env["IW_CACHE_DIR"])
+        fmt = env.get("IW_LOG_FORMAT", "json").lower()
+        if fmt not in ("json", "text"):
+            raise SettingsError(f"IW_LOG_FORMAT must be json or text, got {fmt!r}")
+        values["log_format"] = fmt
+        values["log_level"] = env.get("IW_LOG_LEVEL", "INFO").upper()
+        values["metrics_open"] = env.get("IW_METRICS_OPEN", "").lower() in ("1", "true", "yes")
+        if env.get("IW_PRELOAD"):
+            values["preload"] = env["IW_PRELOAD"]
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def adapter_context_defaults(self) -> AdapterContext:
+        """Model roots and cache dir as adapters see them (name filled in by the registry)."""
+        return AdapterContext(name="", model_roots=self.model_roots, cache_dir=self.cache_dir)

@@ -1,0 +1,294 @@
+"""Per-request timing and the TelemetryManager that keeps, summarises and exports it.
+
+Definitions (DESIGN.md; they match `vllm bench serve` and AIPerf so that a client-side benchmark
+and these server-side numbers agree):
+- t0: the ASGI app received the request (service.context), before body parsing and auth.
+- TTFT: t0 → the first frame carrying at least one generated token is handed to the server.
+- E2E: t0 → the last token-bearing frame (not the finish/usage chunk, not `[DONE]`).
+- TPOT: (E2E − TTFT) / (completion_tokens − 1); null when completion_tokens <= 1.
+- ITL: gaps between token-bearing frames (mean, p50, max).
+- queue time: t0 → the engine starts the request (the engine's own scheduling time where it
+  reports one, else the moment our admission gave the request a slot).
+- generation time: first → last token-bearing frame (decode time).
+- tokens/s: completion_tokens / E2E.
+For non-streaming requests a "frame" is the moment a delta arrives from the adapter.
+
+The `RequestTimer` is the only telemetry on the per-token path: one `perf_counter()` and one list
+append per frame. Everything else happens once per request, after it ends.
+
+Must never: use a secret, a prompt or an output as a label or field.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import deque
+from collections.abc import Iterable
+from typing import Any
+
+from attrs import asdict, frozen
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+#: seconds; fine below 10 ms for small models on fast GPUs, up to minutes for long generations
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
+    0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0,
+    300.0, 600.0,
+)  # fmt: skip
+TOKEN_BUCKETS = (1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 131072)
+
+
+class RequestTimer:
+    """Timestamps of one request (perf_counter seconds)."""
+
+    __slots__ = ("admitted_at", "first_at", "frames", "gaps", "handler_at", "last_at", "t0")
+
+    def __init__(self, t0: float, handler_at: float) -> None:
+        self.t0 = t0
+        self.handler_at = handler_at
+        self.admitted_at: float | None = None
+        self.first_at: float | None = None
+        self.last_at: float | None = None
+        self.gaps: list[float] = []
+        self.frames = 0
+
+    def frame(self) -> None:
+        """A token-bearing frame is being handed to the server now."""
+        now = time.perf_counter()
+        last = self.last_at
+        if last is None:
+            self.first_at = now
+        else:
+            self.gaps.append(now - last)
+        self.last_at = now
+        self.frames += 1
+
+
+@frozen
+class RequestRecord:
+    """Everything measured about one finished request; `None` where not applicable."""
+
+    request_id: str
+    model: str
+    backend: str
+    stream: bool
+    status: str
+    """ok | error | cancelled (client went away) | aborted (unload ended it)."""
+    finish_reason: str | None
+    started_at: float
+    """Unix time of t0."""
+    prompt_tokens: int
+    completion_tokens: int
+    time_to_first_token_ms: float | None
+    e2e_ms: float | None
+    tpot_ms: float | None
+    mean_itl_ms: float | None
+    p50_itl_ms: float | None
+    max_itl_ms: float | None
+    queue_time_ms: float | None
+    handler_start_ms: float
+    generation_time_ms: float | None
+    tokens_per_second: float | None
+    engine_ttft_ms: float | None = None
+    engine_tpot_ms: float | None = None
+    vram_delta_mib: float | None = None
+    peak_vram_mib: float | None = None
+    rss_delta_mib: float | None = None
+    memory_method: str | None = None
+    gpu_util_mean: float | None = None
+    device_memory_max_mib: float | None = None
+    cpu_percent_mean: float | None = None
+    kv_cache_usage: float | None = None
+
+    def metrics(self) -> dict[str, Any]:
+        """The response's `metrics` object (numbers only; ids and labels live elsewhere)."""
+        out = asdict(self)
+        for key in ("request_id", "model", "backend", "stream", "status", "started_at"):
+            out.pop(key)
+        return out
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+def build_record(
+    timer: RequestTimer,
+    *,
+    request_id: str,
+    model: str,
+    backend: str,
+    stream: bool,
+    status: str,
+    finish_reason: str | None,
+    prompt_tokens: int,
+    completion_tokens: int,
+    engine_scheduled_at: float | None = None,
+    engine_first_token_at: float | None = None,
+    engine_last_token_at: float | None = None,
+    engine_queued_at: float | None = None,
+    extra: dict[str, Any] | None = None,
+) -> RequestRecord:
+    """Turn a finished request's timestamps into the metrics of DESIGN.md."""
+    t0 = timer.t0
+    ttft = None if timer.first_at is None else timer.first_at - t0
+    e2e = None if timer.last_at is None else timer.last_at - t0
+    tpot = None
+    if ttft is not None and e2e is not None and completion_tokens > 1:
+        tpot = (e2e - ttft) / (completion_tokens - 1)
+    gaps = timer.gaps
+    started = engine_scheduled_at if engine_scheduled_at is not None else timer.admitted_at
+    engine_ttft = engine_tpot = None
+    if engine_first_token_at is not None:
+        engine_start = engine_queued_at if engine_queued_at is not None else engine_scheduled_at
+        if engine_start is not None:
+            engine_ttft = engine_first_token_at - engine_start
+        if engine_last_token_at is not None and completion_tokens > 1:
+            engine_tpot = (engine_last_token_at - engine_first_token_at) / (completion_tokens - 1)
+    wall_now = time.time() - (time.perf_counter() - t0)
+    return RequestRecord(
+        request_id=request_id,
+        model=model,
+        backend=backend,
+        stream=stream,
+        status=status,
+        finish_reason=finish_reason,
+        started_at=round(wall_now, 6),
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        time_to_first_token_ms=_ms(ttft),
+        e2e_ms=_ms(e2e),
+        tpot_ms=_ms(tpot),
+        mean_itl_ms=_ms(statistics.fmean(gaps)) if gaps else None,
+        p50_itl_ms=_ms(statistics.median(gaps)) if gaps else None,
+        max_itl_ms=_ms(max(gaps)) if gaps else None,
+        queue_time_ms=_ms(None if started is None else max(0.0, started - t0)),
+        handler_start_ms=round((timer.handler_at - t0) * 1000, 3),
+        generation_time_ms=_ms(
+            None if timer.first_at is None or timer.last_at is None else timer.last_at - timer.first_at
+        ),
+        tokens_per_second=(
+            round(completion_tokens / e2e, 3) if e2e and completion_tokens else None
+        ),
+        engine_ttft_ms=_ms(engine_ttft),
+        engine_tpot_ms=_ms(engine_tpot),
+        **(extra or {}),
+    )
+
+
+SUMMARY_FIELDS = (
+    "time_to_first_token_ms",
+    "tpot_ms",
+    "mean_itl_ms",
+    "e2e_ms",
+    "queue_time_ms",
+    "tokens_per_second",
+    "engine_ttft_ms",
+    "engine_tpot_ms",
+)
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Linear-interpolated percentile of already sorted values (numpy's default method)."""
+    if len(sorted_values) == 1:
+        return sorted_values[0]
+    pos = (len(sorted_values) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+class TelemetryManager:
+    """Keeps the last N request records, summarises them, and feeds Prometheus."""
+
+    def __init__(self, registry: CollectorRegistry, *, max_records: int = 1000) -> None:
+        self.registry = registry
+        self._records: deque[RequestRecord] = deque(maxlen=max_records)
+        self._lifecycle: deque[dict[str, Any]] = deque(maxlen=100)
+        labels = ("model", "backend")
+        self.requests = Counter(
+            "iw_requests", "Finished chat requests.", (*labels, "status", "finish_reason"),
+            registry=registry,
+        )  # fmt: skip
+        self.prompt_tokens = Counter(
+            "iw_prompt_tokens", "Prompt tokens processed.", labels, registry=registry
+        )
+        self.generation_tokens = Counter(
+            "iw_generation_tokens", "Tokens generated.", labels, registry=registry
+        )
+        self.in_flight = Gauge(
+            "iw_requests_in_flight", "Data-plane requests running now.", registry=registry
+        )
+
+        def hist(name: str, doc: str) -> Histogram:
+            return Histogram(name, doc, labels, buckets=LATENCY_BUCKETS, registry=registry)
+
+        self.ttft = hist("iw_time_to_first_token_seconds", "Time to first token (from t0).")
+        self.tpot = hist("iw_time_per_output_token_seconds", "Mean time per output token after the first.")  # noqa: E501
+        self.itl = hist("iw_inter_token_latency_seconds", "Gaps between token-bearing frames.")
+        self.e2e = hist("iw_e2e_request_latency_seconds", "t0 to the last token-bearing frame.")
+        self.queue = hist("iw_request_queue_time_seconds", "t0 to the engine starting the request.")
+        self.engine_ttft = hist("iw_engine_time_to_first_token_seconds", "Engine-reported TTFT.")
+        self.completion_hist = Histogram(
+            "iw_request_generation_tokens", "Completion tokens per request.", labels,
+            buckets=TOKEN_BUCKETS, registry=registry,
+        )  # fmt: skip
+
+    def record(self, rec: RequestRecord, itl_gaps: Iterable[float] = ()) -> None:
+        """Store a finished request and update the Prometheus series."""
+        self._records.append(rec)
+        labels = (rec.model, rec.backend)
+        self.requests.labels(*labels, rec.status, rec.finish_reason or "none").inc()
+        self.prompt_tokens.labels(*labels).inc(rec.prompt_tokens)
+        self.generation_tokens.labels(*labels).inc(rec.completion_tokens)
+        self.completion_hist.labels(*labels).observe(rec.completion_tokens)
+        for hist, value in (
+            (self.ttft, rec.time_to_first_token_ms),
+            (self.tpot, rec.tpot_ms),
+            (self.e2e, rec.e2e_ms),
+            (self.queue, rec.queue_time_ms),
+            (self.engine_ttft, rec.engine_ttft_ms),
+        ):
+            if value is not None:
+                hist.labels(*labels).observe(value / 1000)
+        itl = self.itl.labels(*labels)
+        for gap in itl_gaps:
+            itl.observe(gap)
+
+    def record_lifecycle(self, event: dict[str, Any]) -> None:
+        """Remember a load/unload report for `GET /v1/telemetry`."""
+        self._lifecycle.append(event)
+
+    def recent(self, limit: int = 50) -> list[RequestRecord]:
+        """The last `limit` records, newest last."""
+        records = list(self._records)
+        return records[-limit:] if limit else []
+
+    def summary(self, window_s: float | None = None) -> dict[str, Any]:
+        """p50/p90/p99 (and mean, count) per metric, per model, over the window."""
+        cutoff = time.time() - window_s if window_s else None
+        by_model: dict[str, list[RequestRecord]] = {}
+        for rec in self._records:
+            if cutoff is None or rec.started_at >= cutoff:
+                by_model.setdefault(rec.model, []).append(rec)
+        out: dict[str, Any] = {}
+        for model, recs in by_model.items():
+            stats: dict[str, Any] = {"requests": len(recs)}
+            for name in SUMMARY_FIELDS:
+                values = sorted(v for r in recs if (v := getattr(r, name)) is not None)
+                if values:
+                    stats[name] = {
+                        "count": len(values),
+                        "mean": round(statistics.fmean(values), 3),
+                        "p50": round(percentile(values, 0.5), 3),
+                        "p90": round(percentile(values, 0.9), 3),
+                        "p99": round(percentile(values, 0.99), 3),
+                    }
+            out[model] = stats
+        return out
+
+    @property
+    def lifecycle(self) -> list[dict[str, Any]]:
+        """Recent load/unload reports."""
+        return list(self._lifecycle)
