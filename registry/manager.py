@@ -176,7 +176,7 @@ class ModelManager:
     ) -> None:
         self.registry = registry
         self.secrets = secrets
-        self.probe: MemoryProbe = probe or ProcessTreeProbe()
+        self.probe: MemoryProbe = ProcessTreeProbe() if probe is None else probe
         self.guard = guard
         self.listener = listener
         self.default_drain_timeout_s = default_drain_timeout_s

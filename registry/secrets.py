@@ -41,7 +41,9 @@ class SecretStore:
     def __contains__(self, value: object) -> bool:
         return value in self._values
 
-    def __len__(self) -> int:
+    @property
+    def count(self) -> int:
+        """How many secrets are registered (no `__len__`: an empty store must stay truthy)."""
         return len(self._values)
 
     @staticmethod

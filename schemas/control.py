@@ -29,9 +29,7 @@ class LoadRequest:
     """Adapter params, merged over the adapters.yaml defaults (and the preset's params)."""
     env: dict[str, str] = field(factory=dict)
     """Environment for the engine (e.g. HF_TOKEN); keys from the backend's allowlist; secret."""
-    served_model_name: str | None = field(
-        default=None, validator=max_length(256)
-    )
+    served_model_name: str | None = field(default=None, validator=max_length(256))
     """Name clients send as `model`; defaults to the preset alias or the model reference."""
     replace: bool = False
     """Drain and unload a loaded model first instead of answering 409."""

@@ -178,7 +178,9 @@ def structure(data: Any, cls: type[T], *, path: str = "$") -> T:
     `""` for OpenAI requests (whose `param` is a bare field name).
     """
     if attrs.has(cls) and not isinstance(data, Mapping):
-        raise StructureError([FieldError(path or "$", f"expected an object, got {_json_kind(data)}")])
+        raise StructureError(
+            [FieldError(path or "$", f"expected an object, got {_json_kind(data)}")]
+        )
     try:
         return converter.structure(data, cls)
     except (ClassValidationError, IterableValidationError) as exc:

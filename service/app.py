@@ -163,7 +163,8 @@ def create_app(
 ) -> Litestar:
     """Build the application. Registry problems raise `RegistryError` before anything binds."""
     settings = settings or Settings.from_env()
-    secrets = secrets or SecretStore()
+    if secrets is None:
+        secrets = SecretStore()
     for key in (*settings.admin_keys, *settings.api_keys):
         secrets.add(key)
     if registry is None:

@@ -35,9 +35,7 @@ class KeyRing:
         cls, admin: tuple[str, ...], api: tuple[str, ...], *, metrics_open: bool = False
     ) -> KeyRing:
         """Build from the settings' string keys."""
-        return cls(
-            tuple(k.encode() for k in admin), tuple(k.encode() for k in api), metrics_open
-        )
+        return cls(tuple(k.encode() for k in admin), tuple(k.encode() for k in api), metrics_open)
 
     @property
     def data_plane_open(self) -> bool:

@@ -75,7 +75,9 @@ def handle_wrapper_error(request: Request[Any, Any, Any], exc: WrapperError) -> 
 def handle_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
     """Litestar's own exceptions (routing, method, body size) in our envelope."""
     status = exc.status_code
-    error_type, code = _HTTP_TYPES.get(status, ("server_error" if status >= 500 else "invalid_request_error", None))  # noqa: PLR2004, E501
+    error_type, code = _HTTP_TYPES.get(
+        status, ("server_error" if status >= 500 else "invalid_request_error", None)
+    )  # noqa: PLR2004, E501
     message = {
         404: f"no route for {request.method} {request.url.path}",
         405: f"method {request.method} is not allowed on {request.url.path}",

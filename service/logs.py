@@ -15,6 +15,7 @@ import contextvars
 import datetime as dt
 import logging
 import sys
+from typing import IO
 
 import msgspec
 
@@ -24,7 +25,13 @@ request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "request_id", default=None
 )
 
-_STD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "request_id"}
+# uvicorn adds an ANSI-coloured copy of its message; the plain one is enough
+_STD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {
+    "message",
+    "asctime",
+    "request_id",
+    "color_message",
+}
 
 
 class RequestIdFilter(logging.Filter):
@@ -70,7 +77,9 @@ class TextFormatter(logging.Formatter):
         """Render with the request id prefixed when there is one."""
         line = super().format(record)
         rid = getattr(record, "request_id", None)
-        return line.replace(record.getMessage(), f"[{rid}] {record.getMessage()}", 1) if rid else line
+        return (
+            line.replace(record.getMessage(), f"[{rid}] {record.getMessage()}", 1) if rid else line
+        )
 
 
 class MaskingFormatter(logging.Formatter):
@@ -89,10 +98,12 @@ class MaskingFormatter(logging.Formatter):
 LOGGERS = ("", "uvicorn", "uvicorn.error", "uvicorn.access", "litestar", "vllm", "transformers")
 
 
-def configure_logging(secrets: SecretStore, *, fmt: str = "json", level: str = "INFO") -> None:
+def configure_logging(
+    secrets: SecretStore, *, fmt: str = "json", level: str = "INFO", stream: IO[str] | None = None
+) -> None:
     """Route root and library loggers to one masked stderr handler."""
     inner: logging.Formatter = JsonFormatter() if fmt == "json" else TextFormatter()
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(MaskingFormatter(inner, secrets))
     handler.addFilter(RequestIdFilter())
     root = logging.getLogger()

@@ -132,7 +132,9 @@ class ChatServing:
                 "only response_format type 'text' is supported", param="response_format"
             )
         if req.modalities not in (None, ["text"]):
-            raise UnsupportedParameterError("only the text modality is supported", param="modalities")
+            raise UnsupportedParameterError(
+                "only the text modality is supported", param="modalities"
+            )
         if req.store:
             raise UnsupportedParameterError("stored completions are not supported", param="store")
         if req.service_tier not in (None, "auto", "default"):
@@ -162,7 +164,9 @@ class ChatServing:
             raise UnsupportedParameterError("logprobs are not available", param="logprobs")
         if req.top_logprobs:
             if not req.logprobs:
-                raise InvalidRequestError("top_logprobs requires logprobs: true", param="top_logprobs")
+                raise InvalidRequestError(
+                    "top_logprobs requires logprobs: true", param="top_logprobs"
+                )
             if req.top_logprobs > caps.max_top_logprobs:
                 raise UnsupportedParameterError(
                     f"top_logprobs must be at most {caps.max_top_logprobs}", param="top_logprobs"
@@ -285,8 +289,10 @@ class Run:
     def _check_end(self) -> None:
         """After the adapter's stream ended: was it cut short by unload or by the engine?"""
         if self.ticket.aborted or "abort" in self.finish:
-            raise _unloaded_error() if self.ticket.aborted else EngineError(
-                "the engine aborted the request", code="engine_abort"
+            raise (
+                _unloaded_error()
+                if self.ticket.aborted
+                else EngineError("the engine aborted the request", code="engine_abort")
             )
         if "error" in self.finish:
             raise EngineError("the engine failed while generating")

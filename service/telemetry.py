@@ -166,7 +166,9 @@ def build_record(
         queue_time_ms=_ms(None if started is None else max(0.0, started - t0)),
         handler_start_ms=round((timer.handler_at - t0) * 1000, 3),
         generation_time_ms=_ms(
-            None if timer.first_at is None or timer.last_at is None else timer.last_at - timer.first_at
+            None
+            if timer.first_at is None or timer.last_at is None
+            else timer.last_at - timer.first_at
         ),
         tokens_per_second=(
             round(completion_tokens / e2e, 3) if e2e and completion_tokens else None
@@ -225,7 +227,9 @@ class TelemetryManager:
             return Histogram(name, doc, labels, buckets=LATENCY_BUCKETS, registry=registry)
 
         self.ttft = hist("iw_time_to_first_token_seconds", "Time to first token (from t0).")
-        self.tpot = hist("iw_time_per_output_token_seconds", "Mean time per output token after the first.")  # noqa: E501
+        self.tpot = hist(
+            "iw_time_per_output_token_seconds", "Mean time per output token after the first."
+        )  # noqa: E501
         self.itl = hist("iw_inter_token_latency_seconds", "Gaps between token-bearing frames.")
         self.e2e = hist("iw_e2e_request_latency_seconds", "t0 to the last token-bearing frame.")
         self.queue = hist("iw_request_queue_time_seconds", "t0 to the engine starting the request.")

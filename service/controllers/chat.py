@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from litestar import Controller, Request, Response, get, post
+from litestar.di import NamedDependency
 
 from registry.manager import ModelManager, ModelState
 from schemas.openai import ModelCard, ModelList
@@ -32,7 +33,7 @@ class ChatController(Controller):
         status_code=200,
     )
     async def chat_completions(
-        self, request: Request[Any, Any, Any], serving: ChatServing
+        self, request: Request[Any, Any, Any], serving: NamedDependency[ChatServing]
     ) -> Any:
         """Create a chat completion, streamed as SSE when `stream: true`.
 
@@ -47,7 +48,7 @@ class ChatController(Controller):
         return json_response(result)
 
     @get("/models", operation_id="listModels", name="models:list")
-    async def list_models(self, manager: ModelManager) -> Response[bytes]:
+    async def list_models(self, manager: NamedDependency[ModelManager]) -> Response[bytes]:
         """The served model, when one is ready (an empty list otherwise)."""
         cards = []
         current = manager.current

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import msgspec
 from litestar import Controller, Request, Response, get, post
+from litestar.di import NamedDependency
 
 from registry.manager import ModelManager
 from registry.registry import AdapterRegistry
@@ -60,7 +61,10 @@ class ModelController(Controller):
 
     @post("/load", operation_id="loadModel", name="model:load", status_code=200)
     async def load(
-        self, request: Request[Any, Any, Any], manager: ModelManager, secrets: SecretStore
+        self,
+        request: Request[Any, Any, Any],
+        manager: NamedDependency[ModelManager],
+        secrets: NamedDependency[SecretStore],
     ) -> Response[bytes]:
         """Load a model on a named backend (or preset); 409 while busy or when one is loaded.
 
@@ -72,7 +76,10 @@ class ModelController(Controller):
 
     @post("/unload", operation_id="unloadModel", name="model:unload", status_code=200)
     async def unload(
-        self, request: Request[Any, Any, Any], manager: ModelManager, secrets: SecretStore
+        self,
+        request: Request[Any, Any, Any],
+        manager: NamedDependency[ModelManager],
+        secrets: NamedDependency[SecretStore],
     ) -> Response[bytes]:
         """Drain in-flight requests (then abort the rest), unload, report memory freed.
 
@@ -83,7 +90,10 @@ class ModelController(Controller):
 
     @post("/validate", operation_id="validateLoad", name="model:validate", status_code=200)
     async def validate(
-        self, request: Request[Any, Any, Any], manager: ModelManager, secrets: SecretStore
+        self,
+        request: Request[Any, Any, Any],
+        manager: NamedDependency[ModelManager],
+        secrets: NamedDependency[SecretStore],
     ) -> Response[bytes]:
         """Dry run of a load: registry lookup, params over defaults, env and model path checks.
 
@@ -94,7 +104,7 @@ class ModelController(Controller):
         return json_response(ValidateResponse(valid=True, plan=plan.view(secrets)))
 
     @get("/status", operation_id="modelStatus", name="model:status")
-    async def status(self, manager: ModelManager) -> Response[bytes]:
+    async def status(self, manager: NamedDependency[ModelManager]) -> Response[bytes]:
         """State, model, backend, effective params (masked), load report, in-flight count."""
         return json_response(manager.status())
 
@@ -107,7 +117,7 @@ class AdapterController(Controller):
     tags = ["control plane"]  # noqa: RUF012
 
     @get("/", operation_id="listAdapters", name="adapters:list")
-    async def list_adapters(self, registry: AdapterRegistry) -> Response[bytes]:
+    async def list_adapters(self, registry: NamedDependency[AdapterRegistry]) -> Response[bytes]:
         """Each backend with its defaults and the JSON Schema of its params; the presets."""
         presets = {
             alias: {"backend": p.backend, "model": p.model, "description": p.description}

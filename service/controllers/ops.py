@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from litestar import Controller, Response, get
+from litestar.di import NamedDependency
 from litestar.params import Parameter
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -34,7 +35,7 @@ class HealthController(Controller):
         return json_response({"status": "ok"})
 
     @get("/ready", operation_id="ready", name="ops:ready")
-    async def ready(self, manager: ModelManager) -> Response[bytes]:
+    async def ready(self, manager: NamedDependency[ModelManager]) -> Response[bytes]:
         """200 only when a model is ready to serve; 503 with the state otherwise."""
         if manager.state is not ModelState.READY or manager.current is None:
             raise ServiceUnavailableError(
@@ -51,7 +52,7 @@ class MetricsController(Controller):
     tags = ["ops"]  # noqa: RUF012
 
     @get("/", operation_id="metrics", name="ops:metrics")
-    async def metrics(self, telemetry: TelemetryManager) -> Response[bytes]:
+    async def metrics(self, telemetry: NamedDependency[TelemetryManager]) -> Response[bytes]:
         """Request histograms, counters and resource gauges in Prometheus text format."""
         return Response(generate_latest(telemetry.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -66,7 +67,7 @@ class TelemetryController(Controller):
     @get("/", operation_id="telemetry", name="ops:telemetry")
     async def telemetry(
         self,
-        telemetry: TelemetryManager,
+        telemetry: NamedDependency[TelemetryManager],
         limit: int = Parameter(default=50, ge=0, le=10_000),
         window_s: float | None = Parameter(default=None, gt=0),
     ) -> Response[bytes]:
