@@ -91,6 +91,16 @@ class LoadInfo:
 
 
 @frozen
+class MemoryEstimate:
+    """What a load is expected to need, MiB; `None` where the adapter cannot say."""
+
+    host_mib: float | None = None
+    device_mib: float | None = None
+    basis: str = ""
+    """How the figure was reached (e.g. "weights on disk x2 for float32 + 200 MiB")."""
+
+
+@frozen
 class EngineStats:
     """Engine-side figures for telemetry; `None` where the engine does not say."""
 
@@ -132,6 +142,10 @@ class Adapter(Protocol[ParamsT]):
 
     def stats(self) -> EngineStats:
         """Engine-side figures (cheap; called on every telemetry sample)."""
+        ...
+
+    def estimate_memory(self, model: str, params: ParamsT) -> MemoryEstimate | None:
+        """Memory the load will need, for the watchdog's admission check (None: unknown)."""
         ...
 
 
@@ -206,3 +220,7 @@ class BaseAdapter:
     def stats(self) -> EngineStats:
         """No engine-side figures by default."""
         return EngineStats()
+
+    def estimate_memory(self, model: str, params: Any) -> MemoryEstimate | None:
+        """Unknown by default: the load is not refused on memory grounds."""
+        return None

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 from attrs import field, frozen
 
-from adapters.base import BaseAdapter, Capabilities, LoadInfo
+from adapters.base import BaseAdapter, Capabilities, LoadInfo, MemoryEstimate
 from adapters.text import StopMatcher
 from schemas.errors import EngineError
 from schemas.generation import GenerationRequest, TokenDelta
@@ -35,22 +35,20 @@ class EchoParams:
 
     token_delay_ms: float = field(default=0.0, validator=in_range(0, 60_000))
     """Sleep before each generated token, to simulate decode speed."""
-    first_token_delay_ms: float = field(
-        default=0.0, validator=in_range(0, 60_000)
-    )
+    first_token_delay_ms: float = field(default=0.0, validator=in_range(0, 60_000))
     """Extra sleep before the first token, to simulate prefill."""
     load_delay_ms: float = field(default=0.0, validator=in_range(0, 600_000))
     """Sleep during load, to exercise the `loading` state."""
     fail_on_load: str | None = None
     """When set, `load()` raises an engine error with this message."""
-    fail_after_tokens: int | None = field(
-        default=None, validator=in_range(0)
-    )
+    fail_after_tokens: int | None = field(default=None, validator=in_range(0))
     """When set, generation raises an engine error after this many tokens."""
     max_n: int = field(default=4, validator=in_range(1, 16))
     """Largest `n` accepted (every choice echoes the same text)."""
     max_context: int = field(default=32_768, validator=in_range(16))
     """Context length reported to clients."""
+    claims_memory_mib: float | None = field(default=None, validator=in_range(0))
+    """Host memory the load claims to need, to exercise the watchdog's admission check."""
 
 
 class EchoAdapter(BaseAdapter):
@@ -80,6 +78,12 @@ class EchoAdapter(BaseAdapter):
 
     def check(self, model: str, params: Any) -> None:
         """Any model name is fine: echo loads nothing."""
+
+    def estimate_memory(self, model: str, params: Any) -> MemoryEstimate | None:
+        """Only what `claims_memory_mib` says (echo itself needs nothing)."""
+        if params.claims_memory_mib is None:
+            return None
+        return MemoryEstimate(host_mib=params.claims_memory_mib, basis="claims_memory_mib param")
 
     async def load(self, model: str, params: Any) -> LoadInfo:
         """Pretend to load: wait `load_delay_ms`, fail if asked to."""

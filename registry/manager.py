@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 from attrs import define, frozen
 
-from adapters.base import Adapter, LoadInfo
+from adapters.base import Adapter, LoadInfo, MemoryEstimate
 from registry.env import EnvScope, check_env
 from registry.memory import MemoryProbe, ProcessTreeProbe, release_host_memory
 from registry.registry import AdapterRegistry, RegisteredAdapter
@@ -69,7 +69,7 @@ class ModelState(enum.StrEnum):
 class LoadGuard(Protocol):
     """Refuses a load that will not fit (the watchdog implements it)."""
 
-    def check_load(self, backend: str, params: Any) -> None:
+    def check_load(self, estimate: MemoryEstimate | None) -> None:
         """Raise `InsufficientMemoryError` when the load should not start."""
         ...
 
@@ -312,7 +312,7 @@ class ModelManager:
                     )
                 await self._unload(req.drain_timeout_s)
             if self.guard is not None:
-                self.guard.check_load(plan.backend.name, plan.params)
+                self.guard.check_load(plan.adapter.estimate_memory(plan.model, plan.params))
             return await self._load(plan)
         finally:
             self._busy = False
@@ -415,6 +415,7 @@ class ModelManager:
         release_host_memory()
         after, settled = await self._settle()
         unload_s = time.perf_counter() - unload_started
+        not_returned = _above_baseline(baseline, after)
         response = UnloadResponse(
             status="unloaded",
             model=self.secrets.mask(served),
@@ -424,8 +425,15 @@ class ModelManager:
             unload_s=round(unload_s, 4),
             memory=_change(before, after),
             memory_settled=settled,
-            memory_not_returned_mib=_above_baseline(baseline, after),
+            memory_not_returned_mib=not_returned,
+            memory_returned=not_returned <= self.settle_tolerance_mib,
         )
+        if not_returned > self.settle_tolerance_mib:
+            logger.warning(
+                "unload left %.0f MiB above the pre-load baseline (tolerance %.0f MiB)",
+                not_returned,
+                self.settle_tolerance_mib,
+            )
         self.last_unload = response
         self._set_state(ModelState.EMPTY)
         if self.listener is not None:

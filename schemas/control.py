@@ -118,6 +118,8 @@ class UnloadResponse:
     """Whether memory came back to the pre-load baseline (within tolerance) before the timeout."""
     memory_not_returned_mib: float | None = None
     """RSS (or device memory, on GPU) above the pre-load baseline after settling."""
+    memory_returned: bool | None = None
+    """False when `memory_not_returned_mib` exceeds the tolerance: a leak to look at."""
 
 
 @frozen

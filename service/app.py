@@ -35,13 +35,16 @@ from service.controllers.control import AdapterController, ModelController
 from service.controllers.ops import (
     HealthController,
     MetricsController,
+    ResourcesController,
     TelemetryController,
 )
 from service.errors import EXCEPTION_HANDLERS
+from service.gpu import Nvml
 from service.logs import mask_all_handlers
 from service.serving import ChatServing
 from service.settings import Settings
-from service.telemetry import TelemetryManager
+from service.telemetry import RequestMemoryMeter, TelemetryManager
+from service.watchdog import PressureConfig, ResourceWatchdog, ServiceMemoryProbe
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +90,12 @@ def provide_registry(state: State) -> AdapterRegistry:
     return registry
 
 
+def provide_watchdog(state: State) -> ResourceWatchdog:
+    """The resource watchdog singleton."""
+    watchdog: ResourceWatchdog = state.watchdog
+    return watchdog
+
+
 def provide_secrets(state: State) -> SecretStore:
     """The process's secret store."""
     secrets: SecretStore = state.secrets
@@ -114,18 +123,41 @@ async def services_lifespan(app: Litestar) -> AsyncIterator[None]:
     """Create the singletons, preload a preset if asked, and tear down in reverse order."""
     state = app.state
     settings: Settings = state.settings
-    telemetry = TelemetryManager(CollectorRegistry(), max_records=settings.telemetry_records)
+    metrics_registry = CollectorRegistry()
+    telemetry = TelemetryManager(metrics_registry, max_records=settings.telemetry_records)
+    nvml = Nvml()
+    probe = ServiceMemoryProbe(nvml)
+    manager: ModelManager
+
+    def engine_pids() -> tuple[int, ...]:
+        current = manager.current
+        return current.info.engine_pids if current is not None else ()
+
+    watchdog = ResourceWatchdog(
+        nvml,
+        metrics_registry,
+        interval_s=settings.watchdog_interval_s,
+        pressure=PressureConfig(min_available_mib=settings.min_available_mib),
+        engine_pids=engine_pids,
+    )
     manager = ModelManager(
         state.registry,
         state.secrets,
+        probe=probe,
+        guard=watchdog,
         listener=_TelemetryListener(telemetry, state.secrets),
         default_drain_timeout_s=settings.drain_timeout_s,
     )
     admission = Admission(settings.max_concurrency, settings.max_queue)
+    telemetry.bind_gauges(manager, admission)
     state.telemetry = telemetry
+    state.watchdog = watchdog
     state.manager = manager
     state.admission = admission
-    state.serving = ChatServing(manager, admission, telemetry, settings, state.secrets)
+    state.serving = ChatServing(
+        manager, admission, telemetry, settings, state.secrets, RequestMemoryMeter(probe, watchdog)
+    )
+    await watchdog.start()
     preload: asyncio.Task[None] | None = None
     if settings.preload:
         preload = asyncio.create_task(_preload(manager, settings.preload))
@@ -137,6 +169,7 @@ async def services_lifespan(app: Litestar) -> AsyncIterator[None]:
             with contextlib.suppress(asyncio.CancelledError):
                 await preload
         await manager.shutdown()
+        await watchdog.stop()
 
 
 async def _preload(manager: ModelManager, preset: str) -> None:
@@ -189,6 +222,7 @@ def create_app(
             HealthController,
             MetricsController,
             TelemetryController,
+            ResourcesController,
         ],
         dependencies={
             "manager": Provide(provide_manager, sync_to_thread=False),
@@ -196,6 +230,7 @@ def create_app(
             "telemetry": Provide(provide_telemetry, sync_to_thread=False),
             "registry": Provide(provide_registry, sync_to_thread=False),
             "secrets": Provide(provide_secrets, sync_to_thread=False),
+            "watchdog": Provide(provide_watchdog, sync_to_thread=False),
         },
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=[services_lifespan],

@@ -50,7 +50,13 @@ from service.admission import Admission, Slot
 from service.context import RequestContext
 from service.settings import Settings
 from service.sse import DONE, ChunkEncoder, SSEStream, error_event
-from service.telemetry import RequestTimer, TelemetryManager, build_record
+from service.telemetry import (
+    MemoryMark,
+    RequestMemoryMeter,
+    RequestTimer,
+    TelemetryManager,
+    build_record,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +86,9 @@ class ChatServing:
         telemetry: TelemetryManager,
         settings: Settings,
         secrets: SecretStore,
+        meter: RequestMemoryMeter | None = None,
     ) -> None:
+        self.meter = meter
         self.manager = manager
         self.admission = admission
         self.telemetry = telemetry
@@ -248,6 +256,8 @@ class Run:
         self.req = req
         self.gen = gen
         self.adapter = loaded.adapter
+        self.engine_pids = loaded.info.engine_pids
+        self.mem_mark: MemoryMark | None = None
         self.backend = loaded.plan.backend.name
         self.model = loaded.plan.served_model_name
         self.ticket = ticket
@@ -284,6 +294,10 @@ class Run:
     async def _start(self) -> AsyncIterator[TokenDelta]:
         await self.slot.acquire()
         self.timer.admitted_at = time.perf_counter()
+        meter = self.serving.meter
+        if meter is not None:
+            alone = self.serving.admission.running == 1
+            self.mem_mark = meter.start(self.engine_pids, alone)
         return self.adapter.generate(self.gen)  # type: ignore[no-any-return]
 
     def _check_end(self) -> None:
@@ -307,6 +321,16 @@ class Run:
         text = sanitize_exception(exc, self.serving.secrets)
         return ErrorDetail(f"engine error: {text}", "server_error", None, "engine_error")
 
+    def _memory(self) -> dict[str, Any]:
+        meter, mark = self.serving.meter, self.mem_mark
+        if meter is None or mark is None:
+            return {}
+        try:
+            kv = self.adapter.stats().kv_cache_usage
+        except Exception:
+            kv = None
+        return meter.finish(mark, self.engine_pids, kv)
+
     def _metrics(self) -> dict[str, Any]:
         first, last = self.first_delta, self.last_delta
         record = build_record(
@@ -323,6 +347,7 @@ class Run:
             engine_scheduled_at=first.engine_scheduled_at if first else None,
             engine_first_token_at=first.engine_first_token_at if first else None,
             engine_last_token_at=last.engine_last_token_at if last else None,
+            extra=self._memory(),
         )
         self.record_metrics = record.metrics()
         self._record = record

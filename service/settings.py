@@ -69,6 +69,8 @@ class Settings:
     """Serve `/metrics` without a key, for in-pod Prometheus scrapers (`IW_METRICS_OPEN`)."""
     watchdog_interval_s: float = 1.0
     """ResourceWatchdog sampling period (`IW_WATCHDOG_INTERVAL_S`)."""
+    min_available_mib: float = 512.0
+    """Available host RAM below this, sustained, makes /ready 503 (`IW_MIN_AVAILABLE_MIB`)."""
     telemetry_records: int = 1000
     """Per-request records kept for `GET /v1/telemetry` (`IW_TELEMETRY_RECORDS`)."""
     preload: str | None = None
@@ -104,6 +106,7 @@ class Settings:
             ("telemetry_records", "IW_TELEMETRY_RECORDS", int),
             ("drain_timeout_s", "IW_DRAIN_TIMEOUT_S", float),
             ("watchdog_interval_s", "IW_WATCHDOG_INTERVAL_S", float),
+            ("min_available_mib", "IW_MIN_AVAILABLE_MIB", float),
         ]:
             parsed = number(name, kind)
             if parsed is not None:

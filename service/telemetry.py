@@ -24,11 +24,14 @@ from __future__ import annotations
 import statistics
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from attrs import asdict, frozen
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from schemas.telemetry import MemorySnapshot
+from service.gpu import torch_allocator, torch_reset_peak
 
 #: seconds; fine below 10 ms for small models on fast GPUs, up to minutes for long generations
 LATENCY_BUCKETS = (
@@ -234,6 +237,26 @@ class TelemetryManager:
         self.e2e = hist("iw_e2e_request_latency_seconds", "t0 to the last token-bearing frame.")
         self.queue = hist("iw_request_queue_time_seconds", "t0 to the engine starting the request.")
         self.engine_ttft = hist("iw_engine_time_to_first_token_seconds", "Engine-reported TTFT.")
+        self.load_seconds = Gauge(
+            "iw_model_load_seconds", "Last load's time by phase.", ("phase",), registry=registry
+        )
+        self.load_rss_delta = Gauge(
+            "iw_model_load_rss_delta_bytes", "RSS the last load added.", registry=registry
+        )
+        self.load_device_delta = Gauge(
+            "iw_model_load_device_memory_delta_bytes", "Device memory the last load added.",
+            registry=registry,
+        )  # fmt: skip
+        self.unload_not_returned = Gauge(
+            "iw_unload_memory_not_returned_bytes",
+            "Memory above the pre-load baseline after the last unload settled.",
+            registry=registry,
+        )
+        self.unload_returned = Gauge(
+            "iw_unload_memory_returned",
+            "1 if the last unload returned memory to the pre-load baseline (within tolerance).",
+            registry=registry,
+        )
         self.completion_hist = Histogram(
             "iw_request_generation_tokens", "Completion tokens per request.", labels,
             buckets=TOKEN_BUCKETS, registry=registry,
@@ -260,9 +283,38 @@ class TelemetryManager:
         for gap in itl_gaps:
             itl.observe(gap)
 
+    def bind_gauges(self, manager: Any, admission: Any) -> None:
+        """Gauges read at scrape time from the manager and admission control."""
+        self.in_flight.set_function(lambda: manager.in_flight)
+        running = Gauge(
+            "iw_requests_running", "Generations holding a slot.", registry=self.registry
+        )
+        running.set_function(lambda: admission.running)
+        queued = Gauge("iw_requests_queued", "Requests waiting for a slot.", registry=self.registry)
+        queued.set_function(lambda: admission.queued)
+        state = Gauge(
+            "iw_model_state",
+            "1 for the current lifecycle state.",
+            ("state",),
+            registry=self.registry,
+        )
+        for name in ("empty", "loading", "ready", "unloading"):
+            state.labels(name).set_function(lambda n=name: 1.0 if manager.state.value == n else 0.0)
+
     def record_lifecycle(self, event: dict[str, Any]) -> None:
-        """Remember a load/unload report for `GET /v1/telemetry`."""
+        """Remember a load/unload report for `GET /v1/telemetry` and export its figures."""
         self._lifecycle.append(event)
+        if event.get("event") == "load":
+            timings = event["timings"]
+            for phase in ("import_s", "init_s", "warmup_s", "total_s"):
+                self.load_seconds.labels(phase.removesuffix("_s")).set(timings[phase])
+            memory = event["memory"]
+            self.load_rss_delta.set(memory["rss_delta_mib"] * 1024 * 1024)
+            if memory.get("device_delta_mib") is not None:
+                self.load_device_delta.set(memory["device_delta_mib"] * 1024 * 1024)
+        elif event.get("event") == "unload" and event.get("memory_not_returned_mib") is not None:
+            self.unload_not_returned.set(event["memory_not_returned_mib"] * 1024 * 1024)
+            self.unload_returned.set(1 if event.get("memory_returned") else 0)
 
     def recent(self, limit: int = 50) -> list[RequestRecord]:
         """The last `limit` records, newest last."""
@@ -296,3 +348,70 @@ class TelemetryManager:
     def lifecycle(self) -> list[dict[str, Any]]:
         """Recent load/unload reports."""
         return list(self._lifecycle)
+
+
+class MemoryMark:
+    """Memory at the start of a request."""
+
+    __slots__ = ("alone", "snapshot", "started")
+
+    def __init__(self, snapshot: MemorySnapshot, alone: bool, started: float) -> None:
+        self.snapshot = snapshot
+        self.alone = alone
+        self.started = started
+
+
+class RequestMemoryMeter:
+    """Per-request memory figures, each labelled with the method that produced it.
+
+    - In-process CUDA engines (torch allocator is up): VRAM delta from the allocator; the peak
+      from `max_memory_allocated`, reset at the start of a request only when it runs alone (a
+      shared peak would be someone else's).
+    - Engines in their own processes, on GPU: NVML device memory (all processes) at start and end,
+      and the maximum the watchdog saw during the request, plus the engine's KV-cache usage.
+    - Always: RSS delta of our process tree (engine processes included).
+    Two snapshots per request (not per token); each is a few /proc reads and NVML calls.
+    """
+
+    def __init__(self, probe: Any, watchdog: Any | None) -> None:
+        self.probe = probe
+        self.watchdog = watchdog
+
+    def start(self, pids: Sequence[int], alone: bool) -> MemoryMark:
+        """Snapshot at admission (resetting the torch peak if the request runs alone)."""
+        if alone:
+            torch_reset_peak()
+        return MemoryMark(self.probe.snapshot(pids), alone, time.perf_counter())
+
+    def finish(
+        self, mark: MemoryMark, pids: Sequence[int], kv_usage: float | None
+    ) -> dict[str, Any]:
+        """Fields for the request record."""
+        end = self.probe.snapshot(pids)
+        start = mark.snapshot
+        out: dict[str, Any] = {"rss_delta_mib": round(end.rss_mib - start.rss_mib, 1)}
+        methods = ["rss: psutil process tree"]
+        torch_now = torch_allocator()
+        if torch_now is not None and start.torch_allocated_mib is not None:
+            out["vram_delta_mib"] = round(torch_now[0] - start.torch_allocated_mib, 1)
+            if mark.alone:
+                out["peak_vram_mib"] = round(torch_now[1], 1)
+                methods.append("vram: torch allocator, peak over this request (ran alone)")
+            else:
+                methods.append("vram: torch allocator delta (concurrent requests: no peak)")
+        elif end.device_used_mib is not None and start.device_used_mib is not None:
+            out["vram_delta_mib"] = round(end.device_used_mib - start.device_used_mib, 1)
+            methods.append("vram: NVML device memory, all processes")
+        if self.watchdog is not None:
+            win = self.watchdog.window(mark.started, time.perf_counter())
+            out["gpu_util_mean"] = win.gpu_util_mean
+            out["device_memory_max_mib"] = win.device_memory_max_mib
+            out["cpu_percent_mean"] = win.cpu_percent_mean
+            if "peak_vram_mib" not in out and win.device_memory_max_mib is not None:
+                out["peak_vram_mib"] = win.device_memory_max_mib
+                methods.append("peak: NVML max over watchdog samples in the request window")
+        if kv_usage is not None:
+            out["kv_cache_usage"] = round(kv_usage, 4)
+            methods.append("kv: engine-reported KV-cache usage at the end")
+        out["memory_method"] = "; ".join(methods)
+        return out

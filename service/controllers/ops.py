@@ -21,6 +21,7 @@ from schemas.errors import ServiceUnavailableError
 from service.auth import require_metrics, require_ops
 from service.errors import json_response
 from service.telemetry import TelemetryManager
+from service.watchdog import ResourceWatchdog
 
 
 class HealthController(Controller):
@@ -35,8 +36,16 @@ class HealthController(Controller):
         return json_response({"status": "ok"})
 
     @get("/ready", operation_id="ready", name="ops:ready")
-    async def ready(self, manager: NamedDependency[ModelManager]) -> Response[bytes]:
-        """200 only when a model is ready to serve; 503 with the state otherwise."""
+    async def ready(
+        self, manager: NamedDependency[ModelManager], watchdog: NamedDependency[ResourceWatchdog]
+    ) -> Response[bytes]:
+        """200 only when a model is ready and memory is not under pressure; 503 otherwise."""
+        if watchdog.under_pressure:
+            raise ServiceUnavailableError(
+                "not ready: host memory under pressure",
+                code="memory_pressure",
+                headers={"Retry-After": "10"},
+            )
         if manager.state is not ModelState.READY or manager.current is None:
             raise ServiceUnavailableError(
                 f"not ready (state: {manager.state.value})", headers={"Retry-After": "5"}
@@ -76,5 +85,29 @@ class TelemetryController(Controller):
             "records": [unstructure(r) for r in telemetry.recent(limit)],
             "summary": telemetry.summary(window_s),
             "lifecycle": telemetry.lifecycle,
+        }
+        return json_response(body)
+
+
+class ResourcesController(Controller):
+    """ResourceWatchdog samples."""
+
+    path = "/v1/telemetry/resources"
+    guards = [require_ops]  # noqa: RUF012
+    tags = ["ops"]  # noqa: RUF012
+
+    @get("/", operation_id="resources", name="ops:resources")
+    async def resources(
+        self,
+        watchdog: NamedDependency[ResourceWatchdog],
+        limit: int = Parameter(default=60, ge=0, le=100_000),
+    ) -> Response[bytes]:
+        """The last `limit` samples (CPU, RAM, GPUs), pressure flag and the watchdog's own cost."""
+        body = {
+            "interval_s": watchdog.interval_s,
+            "nvml_available": watchdog.nvml.available,
+            "under_pressure": watchdog.under_pressure,
+            "cost_cpu_fraction": round(watchdog.cost_fraction, 6),
+            "samples": [unstructure(s) for s in watchdog.samples(limit)],
         }
         return json_response(body)

@@ -123,7 +123,7 @@ def test_unload_drains_requests_that_finish_in_time(app_factory: Any) -> None:
 
         def ask() -> None:
             r = httpx.post(
-                f"{server.url}/v1/chat/completions", json=chat_body("a b c d e f g h"),
+                f"{server.url}/v1/chat/completions", json=chat_body(" ".join("abcdefghij" * 3)),
                 headers=API, timeout=30,
             )  # fmt: skip
             results.append(r.status_code)
