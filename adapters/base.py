@@ -22,6 +22,7 @@ from schemas.errors import ParamsValidationError
 from schemas.generation import GenerationRequest, TokenDelta
 
 ParamsT = TypeVar("ParamsT")
+ParamsT_contra = TypeVar("ParamsT_contra", contravariant=True)
 
 #: names of `SamplingOptions` fields an adapter may declare it honours
 SAMPLING_FIELDS = frozenset(
@@ -112,7 +113,7 @@ class EngineStats:
 
 
 @runtime_checkable
-class Adapter(Protocol[ParamsT]):
+class Adapter(Protocol[ParamsT_contra]):
     """One engine behind the uniform interface (see DESIGN.md, "Adapter contract")."""
 
     params_type: ClassVar[type[Any]]
@@ -124,11 +125,11 @@ class Adapter(Protocol[ParamsT]):
         """What this adapter honours now (may depend on the loaded model)."""
         ...
 
-    def check(self, model: str, params: ParamsT) -> None:
+    def check(self, model: str, params: ParamsT_contra) -> None:
         """Refuse a load that cannot work, without loading anything (dry run for validate)."""
         ...
 
-    async def load(self, model: str, params: ParamsT) -> LoadInfo:
+    async def load(self, model: str, params: ParamsT_contra) -> LoadInfo:
         """Build the engine; on failure raise (the manager calls `unload()` to clean up)."""
         ...
 
@@ -144,7 +145,7 @@ class Adapter(Protocol[ParamsT]):
         """Engine-side figures (cheap; called on every telemetry sample)."""
         ...
 
-    def estimate_memory(self, model: str, params: ParamsT) -> MemoryEstimate | None:
+    def estimate_memory(self, model: str, params: ParamsT_contra) -> MemoryEstimate | None:
         """Memory the load will need, for the watchdog's admission check (None: unknown)."""
         ...
 

@@ -1,0 +1,1 @@
+"""Adapter registry (adapters.yaml), the model lifecycle manager, env scoping, secrets."""

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from attrs import field, frozen, validators
+from attrs import field, frozen
 
 from schemas.converter import StructureError, structure
 
@@ -43,7 +43,7 @@ class AdapterEntry:
     """One backend: which class implements it and what the operator allows it."""
 
     module: str = field(validator=_module_path)
-    """Adapter class as `package.module:ClassName`; imported from here only, never from a request."""
+    """Adapter class as `package.module:ClassName`; imported from here, never from a request."""
     description: str = ""
     """Shown in `GET /v1/adapters`."""
     defaults: dict[str, Any] = field(factory=dict)

@@ -55,7 +55,8 @@ def check_env(env: Mapping[str, str], allow: Iterable[str], backend: str) -> Non
             )
         if not _matches(key, allow):
             raise ParamsValidationError(
-                f"env key {key} is not allowed for backend '{backend}' (env_allow in adapters.yaml)",
+                f"env key {key} is not allowed for backend '{backend}' "
+                "(env_allow in adapters.yaml)",
                 param=param,
                 code="env_refused",
             )

@@ -332,7 +332,7 @@ class ModelManager:
             if isinstance(exc, asyncio.CancelledError):
                 raise
             message = sanitize_exception(exc, self.secrets)
-            if isinstance(exc, WrapperError) and exc.status_code < 500:  # noqa: PLR2004
+            if isinstance(exc, WrapperError) and exc.status_code < 500:
                 raise type(exc)(message, param=exc.param, code=exc.code) from None
             raise EngineError(f"engine failed to load: {message}") from None
         total = time.perf_counter() - started
@@ -440,11 +440,11 @@ class ModelManager:
             self.listener.on_unload(response)
         return response
 
-    async def _wait_idle(self, timeout: float) -> bool:
+    async def _wait_idle(self, seconds: float) -> bool:
         if not self._inflight:
             return True
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout=timeout)
+            await asyncio.wait_for(self._idle.wait(), timeout=seconds)
         except TimeoutError:
             return False
         return True
@@ -456,7 +456,7 @@ class ModelManager:
         while time.perf_counter() < deadline:
             await asyncio.sleep(0.2)
             current = await asyncio.to_thread(self.probe.snapshot)
-            if abs(current.rss_mib - previous.rss_mib) < 2.0:  # noqa: PLR2004
+            if abs(current.rss_mib - previous.rss_mib) < 2.0:
                 return current, True
             previous = current
         return previous, False

@@ -1,0 +1,1 @@
+"""attrs request/response/param classes, the one cattrs converter, the error hierarchy."""

@@ -106,7 +106,7 @@ def _is_optional_primitive_union(tp: Any) -> bool:
     if get_origin(tp) not in (typing.Union, types.UnionType):
         return False
     args = get_args(tp)
-    return len(args) == 2 and type(None) in args  # noqa: PLR2004
+    return len(args) == 2 and type(None) in args
 
 
 def _make_optional_hook(conv: cattrs.Converter) -> Any:

@@ -124,7 +124,7 @@ class NotFoundError(WrapperError):
 
 
 class ConflictError(WrapperError):
-    """The lifecycle state forbids this call now (a load or unload is running, a model is loaded)."""
+    """The lifecycle state forbids this call now (a load/unload is running, a model is loaded)."""
 
     status_code = 409
     error_type = "conflict_error"

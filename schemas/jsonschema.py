@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import functools
 import inspect
+import itertools
 import textwrap
 import types
 import typing
@@ -42,7 +43,7 @@ def field_docs(cls: type) -> dict[str, str]:
         return {}
     docs: dict[str, str] = {}
     body = klass.body
-    for node, following in zip(body, body[1:], strict=False):
+    for node, following in itertools.pairwise(body):
         if (
             isinstance(node, ast.AnnAssign)
             and isinstance(node.target, ast.Name)
@@ -54,7 +55,7 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def type_schema(tp: Any) -> dict[str, Any]:
+def type_schema(tp: Any) -> dict[str, Any]:  # noqa: PLR0911  (one return per kind of type)
     """JSON Schema of a type annotation (the subset our params classes use)."""
     if tp in _PRIMITIVES:
         return dict(_PRIMITIVES[tp])
@@ -68,7 +69,7 @@ def type_schema(tp: Any) -> dict[str, Any]:
         item = args[0] if args else Any
         return {"type": "array", "items": type_schema(item)}
     if origin is dict:
-        value = args[1] if len(args) == 2 else Any  # noqa: PLR2004
+        value = args[1] if len(args) == 2 else Any
         return {"type": "object", "additionalProperties": type_schema(value)}
     if attrs.has(tp):
         return attrs_json_schema(tp)
@@ -88,7 +89,7 @@ def attrs_json_schema(cls: type) -> dict[str, Any]:
         if a.default is attrs.NOTHING:
             required.append(a.name)
         elif isinstance(a.default, attrs.Factory):  # type: ignore[arg-type]
-            prop["default"] = _jsonable(a.default.factory())  # type: ignore[attr-defined]
+            prop["default"] = _jsonable(a.default.factory())
         else:
             prop["default"] = _jsonable(a.default)
         properties[a.name] = prop

@@ -91,7 +91,7 @@ def _structure_stop(value: Any, _: Any) -> StopField:
     if value is None or isinstance(value, str):
         return value
     if isinstance(value, list) and all(isinstance(s, str) for s in value):
-        if len(value) > 16:  # noqa: PLR2004
+        if len(value) > 16:
             raise ValueError("stop accepts at most 16 strings")
         return value
     raise TypeError("stop must be a string or an array of strings")

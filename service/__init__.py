@@ -1,0 +1,1 @@
+"""The Litestar service: app factory, controllers, providers, telemetry, watchdog."""

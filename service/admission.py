@@ -18,7 +18,7 @@ from schemas.errors import RateLimitError
 class Slot:
     """One request's place: queued, then running, then released."""
 
-    __slots__ = ("_admission", "running", "released")
+    __slots__ = ("_admission", "released", "running")
 
     def __init__(self, admission: Admission) -> None:
         self._admission = admission

@@ -19,7 +19,6 @@ from typing import Any
 from litestar import Litestar
 from litestar.datastructures import State
 from litestar.di import Provide
-from litestar.types import Receive, Scope, Send
 from prometheus_client import CollectorRegistry
 
 from registry.manager import LoadedModel, ModelManager
@@ -57,6 +56,7 @@ class WrapperApp(Litestar):
     """
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        """ASGI entry: HTTP goes through the edge, lifespan and websockets straight through."""
         if scope["type"] == "http":
             await edge(super().__call__, scope, receive, send)
         else:

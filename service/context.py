@@ -45,7 +45,7 @@ def context_of(scope: Scope | dict[str, Any]) -> RequestContext:
     ctx = state.get(STATE_KEY)
     if ctx is None:
         ctx = state[STATE_KEY] = RequestContext(new_request_id(), time.perf_counter())
-    return ctx  # type: ignore[no-any-return]
+    return ctx
 
 
 async def edge(app: Any, scope: Scope, receive: Receive, send: Send) -> None:
@@ -64,7 +64,7 @@ async def edge(app: Any, scope: Scope, receive: Receive, send: Send) -> None:
     async def send_with_id(message: Message) -> None:
         if message["type"] == "http.response.start":
             headers = [h for h in message.get("headers", ()) if h[0].lower() != b"x-request-id"]
-            message = {**message, "headers": [*headers, header]}  # type: ignore[typeddict-item]
+            message = {**message, "headers": [*headers, header]}
         await send(message)
 
     token = request_id_var.set(rid)

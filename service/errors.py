@@ -16,6 +16,7 @@ from typing import Any
 import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException
+from litestar.types import ExceptionHandlersMap
 
 from registry.secrets import SecretStore
 from schemas.converter import unstructure
@@ -59,7 +60,7 @@ def handle_wrapper_error(request: Request[Any, Any, Any], exc: WrapperError) -> 
     """Our own errors: status, type, param and code as raised; message masked once more."""
     mask = _secrets(request).mask
     detail = ErrorDetail(mask(exc.message), exc.error_type, exc.param, exc.code)
-    if exc.status_code >= 500:  # noqa: PLR2004
+    if exc.status_code >= 500:
         logger.warning("request failed: %s (%s)", detail.message, exc.code)
     body: dict[str, Any] = {"error": unstructure(detail)}
     if exc.details:
@@ -77,7 +78,7 @@ def handle_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -
     status = exc.status_code
     error_type, code = _HTTP_TYPES.get(
         status, ("server_error" if status >= 500 else "invalid_request_error", None)
-    )  # noqa: PLR2004, E501
+    )
     message = {
         404: f"no route for {request.method} {request.url.path}",
         405: f"method {request.method} is not allowed on {request.url.path}",
@@ -97,7 +98,7 @@ def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Respon
     return error_response(detail, 500)
 
 
-EXCEPTION_HANDLERS: dict[type[Exception], Any] = {
+EXCEPTION_HANDLERS: ExceptionHandlersMap = {
     WrapperError: handle_wrapper_error,
     HTTPException: handle_http_exception,
     Exception: handle_unexpected,

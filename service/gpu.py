@@ -52,7 +52,7 @@ class Nvml:
         if self._initialised:
             return
         with self._lock:
-            if self._initialised:
+            if self._is_initialised():  # another thread won the race
                 return
             self._initialised = True
             try:
@@ -67,6 +67,9 @@ class Nvml:
                 logger.info("NVML: %d GPU(s): %s", count, ", ".join(self._names))
             except Exception as exc:
                 logger.info("NVML unavailable (%s); GPU readings will be null", type(exc).__name__)
+
+    def _is_initialised(self) -> bool:
+        return self._initialised
 
     @property
     def available(self) -> bool:
@@ -83,7 +86,7 @@ class Nvml:
         for index, handle in enumerate(self._handles):
             try:
                 mem = nv.nvmlDeviceGetMemoryInfo(handle)
-            except Exception:
+            except Exception:  # noqa: S112  (a GPU that stops answering drops out of the sample)
                 continue
             out.append(
                 GpuReading(
@@ -124,7 +127,7 @@ class Nvml:
         for handle in self._handles:
             try:
                 procs = nv.nvmlDeviceGetComputeRunningProcesses(handle)
-            except Exception:
+            except Exception:  # noqa: S112  (not every GPU/driver reports processes)
                 continue
             total += sum(p.usedGpuMemory or 0 for p in procs if p.pid in wanted)
         return total / MIB

@@ -61,8 +61,10 @@ from service.telemetry import (
 logger = logging.getLogger(__name__)
 
 #: OpenAI parameters no adapter implements here; refused by name when set
-_REFUSED = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls",
-            "logit_bias", "audio", "prediction", "web_search_options", "reasoning_effort")  # fmt: skip
+_REFUSED = (
+    "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "logit_bias",
+    "audio", "prediction", "web_search_options", "reasoning_effort",
+)  # fmt: skip
 #: request field → SamplingOptions field, for the capability check
 _SAMPLING_FIELDS = (
     "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "ignore_eos",
@@ -120,7 +122,7 @@ class ChatServing:
             message = first.message if param is None else f"{param}: {first.message}"
             raise InvalidRequestError(message, param=param) from None
 
-    def build(
+    def build(  # noqa: C901, PLR0912  (a flat checklist of refusals reads best as one)
         self, req: ChatCompletionRequest, loaded: LoadedModel, request_id: str
     ) -> GenerationRequest:
         """Check the request against limits and the adapter; build the engine-neutral request."""

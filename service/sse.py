@@ -1,4 +1,4 @@
-"""Server-sent events for chat streams: OpenAI chunk framing and a response that always cleans up.
+r"""Server-sent events for chat streams: OpenAI chunk framing and a response that always cleans up.
 
 Chunks are rendered from byte templates made once per stream: the per-token work is one msgspec
 string encode and a few concatenations. Framing is `data: <json>\\n\\n` (LF only; Litestar's

@@ -5,7 +5,7 @@ and these server-side numbers agree):
 - t0: the ASGI app received the request (service.context), before body parsing and auth.
 - TTFT: t0 → the first frame carrying at least one generated token is handed to the server.
 - E2E: t0 → the last token-bearing frame (not the finish/usage chunk, not `[DONE]`).
-- TPOT: (E2E − TTFT) / (completion_tokens − 1); null when completion_tokens <= 1.
+- TPOT: (E2E - TTFT) / (completion_tokens - 1); null when completion_tokens <= 1.
 - ITL: gaps between token-bearing frames (mean, p50, max).
 - queue time: t0 → the engine starts the request (the engine's own scheduling time where it
   reports one, else the moment our admission gave the request a slot).
@@ -24,7 +24,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from attrs import asdict, frozen
@@ -232,7 +232,7 @@ class TelemetryManager:
         self.ttft = hist("iw_time_to_first_token_seconds", "Time to first token (from t0).")
         self.tpot = hist(
             "iw_time_per_output_token_seconds", "Mean time per output token after the first."
-        )  # noqa: E501
+        )
         self.itl = hist("iw_inter_token_latency_seconds", "Gaps between token-bearing frames.")
         self.e2e = hist("iw_e2e_request_latency_seconds", "t0 to the last token-bearing frame.")
         self.queue = hist("iw_request_queue_time_seconds", "t0 to the engine starting the request.")
@@ -298,8 +298,12 @@ class TelemetryManager:
             ("state",),
             registry=self.registry,
         )
+
+        def is_state(name: str) -> Callable[[], float]:
+            return lambda: 1.0 if manager.state.value == name else 0.0
+
         for name in ("empty", "loading", "ready", "unloading"):
-            state.labels(name).set_function(lambda n=name: 1.0 if manager.state.value == n else 0.0)
+            state.labels(name).set_function(is_state(name))
 
     def record_lifecycle(self, event: dict[str, Any]) -> None:
         """Remember a load/unload report for `GET /v1/telemetry` and export its figures."""

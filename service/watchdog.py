@@ -106,44 +106,52 @@ class ResourceWatchdog:
         self._low_streak = 0
         self._ok_streak = 0
         self.under_pressure = False
-        g = {"registry": registry}
-        self.g_cpu = Gauge("iw_process_cpu_percent", "CPU% of the process tree.", **g)
-        self.g_rss = Gauge("iw_process_resident_memory_bytes", "RSS of the process tree.", **g)
-        self.g_ram_used = Gauge("iw_system_memory_used_bytes", "System RAM in use.", **g)
-        self.g_ram_avail = Gauge("iw_system_memory_available_bytes", "System RAM available.", **g)
-        self.g_pressure = Gauge("iw_memory_pressure", "1 while host memory is under pressure.", **g)
-        self.g_cost = Gauge("iw_watchdog_cpu_fraction", "Watchdog CPU time / wall time.", **g)
+
+        def gauge(name: str, doc: str, labels: Sequence[str] = ()) -> Gauge:
+            return Gauge(name, doc, labels, registry=registry)
+
+        self.g_cpu = gauge("iw_process_cpu_percent", "CPU% of the process tree.")
+        self.g_rss = gauge("iw_process_resident_memory_bytes", "RSS of the process tree.")
+        self.g_ram_used = gauge("iw_system_memory_used_bytes", "System RAM in use.")
+        self.g_ram_avail = gauge("iw_system_memory_available_bytes", "System RAM available.")
+        self.g_pressure = gauge("iw_memory_pressure", "1 while host memory is under pressure.")
+        self.g_cost = gauge("iw_watchdog_cpu_fraction", "Watchdog CPU time / wall time.")
         gpu = ("gpu",)
-        self.g_gpu_util = Gauge("iw_gpu_utilization_percent", "GPU utilisation (NVML).", gpu, **g)
-        self.g_gpu_mem = Gauge("iw_gpu_memory_used_bytes", "GPU memory used (NVML).", gpu, **g)
-        self.g_gpu_total = Gauge("iw_gpu_memory_total_bytes", "GPU memory total (NVML).", gpu, **g)
-        self.g_gpu_temp = Gauge("iw_gpu_temperature_celsius", "GPU temperature (NVML).", gpu, **g)
-        self.g_gpu_power = Gauge("iw_gpu_power_watts", "GPU power draw (NVML).", gpu, **g)
+        self.g_gpu_util = gauge("iw_gpu_utilization_percent", "GPU utilisation (NVML).", gpu)
+        self.g_gpu_mem = gauge("iw_gpu_memory_used_bytes", "GPU memory used (NVML).", gpu)
+        self.g_gpu_total = gauge("iw_gpu_memory_total_bytes", "GPU memory total (NVML).", gpu)
+        self.g_gpu_temp = gauge("iw_gpu_temperature_celsius", "GPU temperature (NVML).", gpu)
+        self.g_gpu_power = gauge("iw_gpu_power_watts", "GPU power draw (NVML).", gpu)
 
     # --- sampling ------------------------------------------------------------------------------
 
     def _tree(self) -> list[psutil.Process]:
-        """Our process and descendants plus the engine's processes, Process objects reused so
-        that `cpu_percent()` measures since the previous sample."""
+        """Our process tree plus the engine's processes.
+
+        Process objects are reused so that `cpu_percent()` measures since the previous sample.
+        """
         pids = {os.getpid()}
         roots = [os.getpid(), *self._engine_pids()]
         for root in roots:
             try:
-                proc = self._procs.get(root) or psutil.Process(root)
+                known = self._procs.get(root)
+                proc = known if known is not None else psutil.Process(root)
                 pids.add(root)
                 pids.update(c.pid for c in proc.children(recursive=True))
             except psutil.Error:
                 continue
         procs = []
         for pid in pids:
-            proc = self._procs.get(pid)
-            if proc is None:
-                try:
-                    proc = psutil.Process(pid)
-                    proc.cpu_percent(None)  # prime: the first call always says 0
-                except psutil.Error:
-                    continue
-            procs.append(proc)
+            cached = self._procs.get(pid)
+            if cached is not None:
+                procs.append(cached)
+                continue
+            try:
+                fresh = psutil.Process(pid)
+                fresh.cpu_percent(None)  # prime: the first call always says 0
+            except psutil.Error:
+                continue
+            procs.append(fresh)
         self._procs = {p.pid: p for p in procs}
         return procs
 

@@ -8,10 +8,10 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import ADMIN, TEST_REGISTRY, LiveServer, make_registry, make_settings
 from litestar import Litestar
 from litestar.testing import TestClient
 
+from helpers import ADMIN, TEST_REGISTRY, LiveServer, make_registry, make_settings
 from registry.secrets import SecretStore
 from service.app import create_app
 

@@ -93,6 +93,7 @@ class LiveServer:
     """The app under a real uvicorn, in a thread of this process."""
 
     def __init__(self, app: Litestar) -> None:
+        self.app = app
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))

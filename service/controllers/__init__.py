@@ -1,0 +1,1 @@
+"""HTTP controllers: control plane, data plane, ops."""

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from helpers import ADMIN, ADMIN_KEY, API, API_KEY, chat_body, load
 from litestar.testing import TestClient
+
+from helpers import ADMIN, ADMIN_KEY, API, API_KEY, chat_body, load
 
 CONTROL = [
     ("POST", "/v1/model/load"),

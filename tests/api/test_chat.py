@@ -8,8 +8,9 @@ import time
 from typing import Any
 
 import pytest
-from helpers import ADMIN, API, chat_body, load, sse_events
 from litestar.testing import TestClient
+
+from helpers import ADMIN, API, chat_body, load, sse_events
 
 
 @pytest.fixture
@@ -110,7 +111,7 @@ def test_ignore_eos_gives_fixed_length(echo: Any) -> None:
 
 
 def test_n_choices(echo: Any) -> None:
-    """n > 1 gives n choices (echo repeats); streaming indexes them."""
+    """N > 1 gives n choices (echo repeats); streaming indexes them."""
     body = post(echo, chat_body("hi there", n=2)).json()
     assert [c["index"] for c in body["choices"]] == [0, 1]
     assert body["usage"]["completion_tokens"] == 4
@@ -121,7 +122,7 @@ def test_n_choices(echo: Any) -> None:
 
 
 def test_n_above_adapter_limit_is_400(echo: Any) -> None:
-    """n beyond the adapter's capability is refused with param n."""
+    """N beyond the adapter's capability is refused with param n."""
     r = post(echo, chat_body(n=9))
     assert r.status_code == 400
     assert r.json()["error"]["param"] == "n"

@@ -7,8 +7,9 @@ import threading
 import time
 from typing import Any
 
-from helpers import ADMIN, API, chat_body, load
 from litestar.testing import TestClient
+
+from helpers import ADMIN, API, chat_body, load
 
 
 def test_load_reports_plan_timings_and_memory(client: Any) -> None:

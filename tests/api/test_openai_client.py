@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+
 from helpers import ADMIN, API_KEY, LiveServer
 
 MSGS: list[Any] = [{"role": "user", "content": "alpha beta gamma delta"}]

@@ -15,8 +15,8 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import TEST_REGISTRY, LiveServer, make_registry, make_settings
 
+from helpers import TEST_REGISTRY, LiveServer, make_registry, make_settings
 from registry.secrets import SecretStore
 from service.app import create_app
 from service.logs import configure_logging
@@ -65,7 +65,8 @@ def test_canaries_never_leave_the_process(tmp_path: Any, log_buffer: io.StringIO
         )  # fmt: skip
         assert r.status_code == 500
         status = call("GET", "/v1/model/status", headers=admin).json()
-        assert status["last_error"] and "***" in status["last_error"]
+        assert status["last_error"]
+        assert "***" in status["last_error"]
         # a load failing with a message that contains the other env value
         r = call(
             "POST", "/v1/model/load", headers=admin,

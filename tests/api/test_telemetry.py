@@ -17,9 +17,10 @@ import time
 from typing import Any
 
 import httpx
-from helpers import ADMIN, API, LiveServer, chat_body, load
 from litestar.testing import TestClient
 from prometheus_client.parser import text_string_to_metric_families
+
+from helpers import ADMIN, API, LiveServer, chat_body, load
 
 FIRST_MS, TOKEN_MS, TOKENS = 100, 20, 20
 #: server vs client, milliseconds: loopback transport and client parsing on a shared 2-core box
@@ -48,7 +49,8 @@ def client_side(http: httpx.Client, url: str) -> tuple[float, float, dict[str, A
                 first = first or last
             if chunk.get("metrics"):
                 metrics = chunk["metrics"]
-    assert first is not None and last is not None
+    assert first is not None
+    assert last is not None
     return (first - start) * 1000, (last - start) * 1000, metrics
 
 
@@ -93,7 +95,9 @@ def test_metrics_endpoint_parses_and_has_histograms(client: Any) -> None:
     count = next(s.value for s in ttft.samples if s.name.endswith("_count"))
     assert count == 3
     buckets = [s.labels["le"] for s in ttft.samples if s.name.endswith("_bucket")]
-    assert "0.001" in buckets and "0.005" in buckets and "300.0" in buckets
+    assert "0.001" in buckets
+    assert "0.005" in buckets
+    assert "300.0" in buckets
     for name in (
         "iw_inter_token_latency_seconds",
         "iw_time_per_output_token_seconds",
@@ -111,7 +115,8 @@ def test_metrics_endpoint_parses_and_has_histograms(client: Any) -> None:
     ok = [
         s for s in done.samples if s.labels.get("status") == "ok" and s.name == "iw_requests_total"
     ]
-    assert ok and ok[0].value == 3
+    assert ok
+    assert ok[0].value == 3
     ready = [s for s in families["iw_model_state"].samples if s.labels["state"] == "ready"]
     assert ready[0].value == 1
 
