@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import attrs
 from attrs import frozen
 
 from adapters.base import AdapterContext
@@ -96,10 +97,12 @@ class AdapterRegistry:
             try:
                 structure(registered.entry.defaults, registered.params_type, path="")
             except StructureError as exc:
-                first = exc.errors[0]
-                raise RegistryError(
-                    f"adapters.{name}.defaults.{first.path}: {first.message}"
-                ) from None
+                # defaults may leave required params (e.g. an upstream's base_url) to each load
+                real = [e for e in exc.errors if e.message != "required field missing"]
+                if real:
+                    raise RegistryError(
+                        f"adapters.{name}.defaults.{real[0].path}: {real[0].message}"
+                    ) from None
         for alias, preset in config.models.items():
             if preset.backend not in self._adapters:
                 raise RegistryError(f"models.{alias}.backend: unknown backend {preset.backend!r}")
@@ -174,6 +177,18 @@ class AdapterRegistry:
                 f"{first.message} @ {first.path}", param=first.path
             ) from None
 
+    @staticmethod
+    def _effective_defaults(registered: RegisteredAdapter) -> dict[str, Any]:
+        """Class defaults overlaid with the yaml defaults; required params are left out."""
+        out: dict[str, Any] = {}
+        for a in attrs.fields(registered.params_type):
+            if a.default is attrs.NOTHING:
+                continue
+            value = a.default.factory() if isinstance(a.default, attrs.Factory) else a.default  # type: ignore[arg-type]
+            out[a.name] = unstructure(value)
+        out.update(registered.entry.defaults)
+        return out
+
     def describe(self, name: str) -> dict[str, Any]:
         """Registry entry for `GET /v1/adapters`: defaults and the params JSON Schema."""
         registered = self.resolve(name)
@@ -183,7 +198,7 @@ class AdapterRegistry:
             "module": entry.module,
             "source": registered.source,
             "description": entry.description,
-            "defaults": unstructure(self.build_params(name, {})),
+            "defaults": self._effective_defaults(registered),
             "env_allow": list(entry.env_allow),
             "trust_remote_code_allowed": entry.trust_remote_code_allowed,
             "allowed_hosts": list(entry.allowed_hosts),
