@@ -30,7 +30,7 @@ from attrs import define, frozen
 from adapters.base import Adapter, LoadInfo, MemoryEstimate
 from registry.env import EnvScope, check_env
 from registry.memory import MemoryProbe, ProcessTreeProbe, release_host_memory
-from registry.registry import AdapterRegistry, RegisteredAdapter
+from registry.registry import AdapterRegistry, RegisteredAdapter, deep_merge
 from registry.secrets import SecretStore
 from schemas.control import (
     LoadPlanView,
@@ -265,7 +265,7 @@ class ModelManager:
                 raise ParamsValidationError("backend contradicts the preset", param="$.backend")
             backend_name = preset.backend
             model = req.model or preset.model
-            overrides = {**preset.engine_params, **req.engine_params}
+            overrides = deep_merge(preset.engine_params, req.engine_params)
             served = req.served_model_name or preset.served_model_name or preset_name
         else:
             backend_name = req.backend or ""

@@ -52,6 +52,21 @@ class RegisteredAdapter:
         return self.adapter_cls.params_type  # type: ignore[no-any-return]
 
 
+def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """`over` on top of `base`, nested objects merged key by key.
+
+    A load's `extra` or a wrapper adapter's nested `engine_params` then adds to the yaml defaults
+    instead of replacing them wholesale.
+    """
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 def import_adapter_class(path: str, *, where: str) -> type[Any]:
     """Import `package.module:Class` and check it looks like an adapter."""
     module_name, _, class_name = path.partition(":")
@@ -168,7 +183,7 @@ class AdapterRegistry:
     def build_params(self, name: str, overrides: Mapping[str, Any]) -> Any:
         """Merge `overrides` over the yaml defaults and structure them; 422 naming the field."""
         registered = self.resolve(name)
-        merged = {**registered.entry.defaults, **overrides}
+        merged = deep_merge(registered.entry.defaults, overrides)
         try:
             return structure(merged, registered.params_type, path="$.engine_params")
         except StructureError as exc:

@@ -1,0 +1,1 @@
+"""Fake `sglang.srt` (the runtime package)."""
