@@ -12,7 +12,7 @@ write to `os.environ` (the registry's env scope owns that).
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
@@ -133,7 +133,7 @@ class Adapter(Protocol[ParamsT_contra]):
         """Build the engine; on failure raise (the manager calls `unload()` to clean up)."""
         ...
 
-    def generate(self, req: GenerationRequest) -> AsyncIterator[TokenDelta]:
+    def generate(self, req: GenerationRequest) -> AsyncGenerator[TokenDelta, None]:
         """Stream deltas; on `aclose()`/cancellation stop the engine's work for this request."""
         ...
 

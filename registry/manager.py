@@ -192,6 +192,10 @@ class ModelManager:
         self.last_error: str | None = None
         self.last_unload: UnloadResponse | None = None
         self._inflight: dict[int, InflightTicket] = {}
+        # memory after the last unload of each backend: the baseline for the next cycle, because
+        # the first load of a backend also pays one-time costs that never go back (the engine's
+        # libraries, a CUDA context), which are not a leak
+        self._warm: dict[str, MemorySnapshot] = {}
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -406,7 +410,9 @@ class ModelManager:
         # aborted streams end once the adapter stops them; give them a bounded moment to say so
         await self._wait_idle(self.abort_grace_s)
         loaded.plan.env.restore()
-        served, baseline = loaded.plan.served_model_name, loaded.baseline
+        served, backend = loaded.plan.served_model_name, loaded.plan.backend.name
+        warm = self._warm.get(backend)
+        baseline = warm if warm is not None else loaded.baseline
         # drop every reference to the adapter before collecting, or its engine survives the gc
         self.current = None
         self._plan = None
@@ -416,6 +422,7 @@ class ModelManager:
         after, settled = await self._settle()
         unload_s = time.perf_counter() - unload_started
         not_returned = _above_baseline(baseline, after)
+        self._warm[backend] = after
         response = UnloadResponse(
             status="unloaded",
             model=self.secrets.mask(served),
@@ -426,9 +433,10 @@ class ModelManager:
             memory=_change(before, after),
             memory_settled=settled,
             memory_not_returned_mib=not_returned,
-            memory_returned=not_returned <= self.settle_tolerance_mib,
+            memory_returned=None if warm is None else not_returned <= self.settle_tolerance_mib,
+            memory_baseline="pre-load" if warm is None else "after the previous unload",
         )
-        if not_returned > self.settle_tolerance_mib:
+        if warm is not None and not_returned > self.settle_tolerance_mib:
             logger.warning(
                 "unload left %.0f MiB above the pre-load baseline (tolerance %.0f MiB)",
                 not_returned,

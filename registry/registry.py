@@ -22,6 +22,7 @@ import attrs
 from attrs import frozen
 
 from adapters.base import AdapterContext
+from adapters.bundled import default_cache_dir
 from registry.config import (
     BACKEND_NAME,
     AdapterEntry,
@@ -96,12 +97,13 @@ class AdapterRegistry:
         config: RegistryConfig,
         *,
         model_roots: tuple[Path, ...] = (),
-        cache_dir: Path = Path(".cache"),
+        cache_dir: Path | None = None,
         use_entry_points: bool = True,
     ) -> None:
         self.config = config
         self.model_roots = model_roots
-        self.cache_dir = cache_dir
+        # the same default the Makefile's `prepare-model` converts into
+        self.cache_dir = default_cache_dir() if cache_dir is None else cache_dir
         self._adapters: dict[str, RegisteredAdapter] = {}
         if use_entry_points:
             self._add_entry_points()

@@ -119,7 +119,11 @@ class UnloadResponse:
     memory_not_returned_mib: float | None = None
     """RSS (or device memory, on GPU) above the pre-load baseline after settling."""
     memory_returned: bool | None = None
-    """False when `memory_not_returned_mib` exceeds the tolerance: a leak to look at."""
+    """False when `memory_not_returned_mib` exceeds the tolerance: a leak to look at. Null on the
+    first unload of a backend in this process, whose baseline (pre-load) cannot separate a leak
+    from one-time costs (engine libraries imported, CUDA context)."""
+    memory_baseline: str | None = None
+    """What `memory_not_returned_mib` is measured against."""
 
 
 @frozen

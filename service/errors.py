@@ -60,7 +60,7 @@ def handle_wrapper_error(request: Request[Any, Any, Any], exc: WrapperError) -> 
     """Our own errors: status, type, param and code as raised; message masked once more."""
     mask = _secrets(request).mask
     detail = ErrorDetail(mask(exc.message), exc.error_type, exc.param, exc.code)
-    if exc.status_code >= 500:
+    if exc.status_code >= 500 and exc.status_code != 503:  # 503 is routine (loading, not ready)
         logger.warning("request failed: %s (%s)", detail.message, exc.code)
     body: dict[str, Any] = {"error": unstructure(detail)}
     if exc.details:

@@ -17,7 +17,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import anyio
@@ -293,14 +293,15 @@ class Run:
             self.first_delta = delta
         self.last_delta = delta
 
-    async def _start(self) -> AsyncIterator[TokenDelta]:
+    async def _start(self) -> AsyncGenerator[TokenDelta, None]:
         await self.slot.acquire()
         self.timer.admitted_at = time.perf_counter()
         meter = self.serving.meter
         if meter is not None:
             alone = self.serving.admission.running == 1
             self.mem_mark = meter.start(self.engine_pids, alone)
-        return self.adapter.generate(self.gen)  # type: ignore[no-any-return]
+        stream: AsyncGenerator[TokenDelta, None] = self.adapter.generate(self.gen)
+        return stream
 
     def _check_end(self) -> None:
         """After the adapter's stream ended: was it cut short by unload or by the engine?"""
@@ -391,7 +392,7 @@ class Run:
                         yield chunk
             finally:
                 with anyio.CancelScope(shield=True):
-                    await agen.aclose()  # type: ignore[attr-defined]
+                    await agen.aclose()
             self._check_end()
             self.status = "ok"
             metrics = self._metrics()
@@ -430,7 +431,7 @@ class Run:
                     logprobs[delta.index].extend(_logprobs(delta)["content"])
         finally:
             with anyio.CancelScope(shield=True):
-                await agen.aclose()  # type: ignore[attr-defined]
+                await agen.aclose()
         self._check_end()
         self.status = "ok"
         metrics = self._metrics()

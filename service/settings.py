@@ -13,18 +13,13 @@ from typing import Any, Literal
 from attrs import evolve, field, frozen
 
 from adapters.base import AdapterContext
+from adapters.bundled import default_cache_dir
 
 __all__ = ["Settings", "SettingsError", "default_cache_dir", "evolve"]
 
 
 class SettingsError(Exception):
     """An `IW_*` variable has a value the service cannot use."""
-
-
-def default_cache_dir() -> Path:
-    """`IW_CACHE_DIR`, else `$XDG_CACHE_HOME/inference-wrapper`, else `~/.cache/...`."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(os.environ.get("IW_CACHE_DIR") or Path(base) / "inference-wrapper")
 
 
 def _split(value: str) -> tuple[str, ...]:
@@ -119,7 +114,7 @@ class Settings:
             values["registry_path"] = Path(env["IW_REGISTRY"])
         values["model_roots"] = tuple(Path(p) for p in _split(env.get("IW_MODEL_ROOTS", "")))
         if env.get("IW_CACHE_DIR"):
-            values["cache_dir"] = Path(env["IW_CACHE_DIR"])
+            values["cache_dir"] = Path(env["IW_CACHE_DIR"]).expanduser()
         fmt = env.get("IW_LOG_FORMAT", "json").lower()
         if fmt not in ("json", "text"):
             raise SettingsError(f"IW_LOG_FORMAT must be json or text, got {fmt!r}")

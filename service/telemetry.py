@@ -318,7 +318,8 @@ class TelemetryManager:
                 self.load_device_delta.set(memory["device_delta_mib"] * 1024 * 1024)
         elif event.get("event") == "unload" and event.get("memory_not_returned_mib") is not None:
             self.unload_not_returned.set(event["memory_not_returned_mib"] * 1024 * 1024)
-            self.unload_returned.set(1 if event.get("memory_returned") else 0)
+            if event.get("memory_returned") is not None:
+                self.unload_returned.set(1 if event["memory_returned"] else 0)
 
     def recent(self, limit: int = 50) -> list[RequestRecord]:
         """The last `limit` records, newest last."""

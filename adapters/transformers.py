@@ -1,0 +1,827 @@
+"""The HuggingFace transformers adapter: one in-process model, `model.generate` per request.
+
+Each generation runs `generate` in a worker thread of a pool sized `max_concurrency`; more
+requests wait in an asyncio semaphore. One object per request rides along as a stopping
+criterion: after every new token it detokenises incrementally, matches stop strings, hands the
+text to the event loop with `loop.call_soon_threadsafe(queue.put_nowait, ...)` (no thread hop per
+token on the loop side) and says "stop" when a stop string, an end token or the cancel flag says
+so, all within the same decoding step. Sampling is done by our own last logits processor with a
+`torch.Generator` per request, so a seed repeats its text even while other requests sample
+concurrently (torch's global generator is shared by every thread); `generate` itself runs greedy
+over the one token that processor leaves.
+
+Must never: import torch or transformers at module level; let a consumer that went away keep a
+generation running past the next token; show a path, traceback or token in an error message;
+write to `os.environ` (hub credentials such as HF_TOKEN are put there by the registry).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import os
+import re
+import threading
+import time
+from collections.abc import AsyncGenerator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from attrs import field, frozen
+
+from adapters.base import AdapterContext, BaseAdapter, Capabilities, EngineStats, LoadInfo
+from adapters.bundled import check_model_source, resolve_model_source
+from adapters.text import StopMatcher
+from schemas.errors import (
+    EngineError,
+    InvalidRequestError,
+    ParamsValidationError,
+    ServiceUnavailableError,
+    UnsupportedParameterError,
+    WrapperError,
+)
+from schemas.generation import FinishReason, GenerationRequest, SamplingOptions, TokenDelta
+from schemas.validators import FieldValueError, in_range
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+AttnImplementation = Literal["eager", "sdpa", "flash_attention_2"]
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d{1,3})?")
+#: prompt tokens fed to the detokeniser ahead of the output, so the first word gets its space
+_DETOK_CONTEXT = 5
+_WARMUP_TOKENS = 2
+
+
+def _device_spec(_: Any, attribute: Any, value: str) -> None:
+    if not _DEVICE.fullmatch(value):
+        raise FieldValueError(attribute.name, "device must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+
+@frozen
+class TransformersParams:
+    """Engine params of the transformers backend."""
+
+    dtype: Dtype = "auto"
+    """Weight and compute dtype; `auto` is float32 on CPU and bfloat16 on CUDA."""
+    device: str = field(default="auto", validator=_device_spec)
+    """`auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`."""
+    max_model_len: int = field(default=2048, validator=in_range(16, 524_288))
+    """Prompt plus completion tokens one request may use; longer prompts are refused (400)."""
+    trust_remote_code: bool = False
+    """Run Python code shipped with the model; refused unless adapters.yaml allows it."""
+    attn_implementation: AttnImplementation | None = None
+    """Attention kernel; unset lets transformers choose (sdpa where the model supports it)."""
+    max_concurrency: int = field(default=1, validator=in_range(1, 64))
+    """Generations that run at once, each in its own thread; further requests wait in order."""
+    torch_threads: int | None = field(default=None, validator=in_range(1, 1024))
+    """CPU threads torch uses per operation; unset keeps torch's default (all cores)."""
+
+
+_SAMPLING = frozenset(
+    {
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "seed",
+        "stop",
+        "stop_token_ids",
+        "ignore_eos",
+        "min_tokens",
+        "repetition_penalty",
+    }
+)
+
+
+# --- per-request plan and the pieces that run inside `generate` ---------------------------------
+
+
+@frozen
+class _Plan:
+    """A request turned into what the worker thread needs; built before it waits for a slot."""
+
+    prompt_ids: tuple[int, ...]
+    max_tokens: int
+    min_tokens: int
+    temperature: float
+    """0 means greedy."""
+    top_p: float | None
+    top_k: int | None
+    min_p: float | None
+    repetition_penalty: float | None
+    seed: int | None
+    stop: tuple[str, ...]
+    stop_token_ids: frozenset[int]
+    ignore_eos: bool
+
+
+class _Job:
+    """The shared state of one generation: the loop sets `cancel`, the worker reads it."""
+
+    __slots__ = ("cancel",)
+
+    def __init__(self) -> None:
+        self.cancel = threading.Event()
+
+
+class _Final:
+    """The last item a worker puts on a request's queue."""
+
+    __slots__ = ("error", "finish", "last_at", "stop_reason", "text", "tokens")
+
+    def __init__(
+        self,
+        *,
+        text: str = "",
+        tokens: int = 0,
+        finish: FinishReason = "abort",
+        stop_reason: str | int | None = None,
+        last_at: float | None = None,
+        error: str | None = None,
+    ) -> None:
+        self.text = text
+        self.tokens = tokens
+        self.finish = finish
+        self.stop_reason = stop_reason
+        self.last_at = last_at
+        self.error = error
+
+
+Emit = Callable[[Any], None]
+
+
+class _StepHook:
+    """Stopping criterion called by `generate` after each new token (see module docstring).
+
+    It must not have an `eos_token_id` attribute: transformers would take it for its own EOS
+    criterion and start padding.
+    """
+
+    def __init__(self, engine: _Engine, plan: _Plan, job: _Job, emit: Emit) -> None:
+        self.engine = engine
+        self.plan = plan
+        self.job = job
+        self.emit = emit
+        self.end_ids = plan.stop_token_ids | (frozenset() if plan.ignore_eos else engine.eos_ids)
+        self.stops = StopMatcher(plan.stop)
+        self.ids = list(plan.prompt_ids[-_DETOK_CONTEXT:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+        self.generated = 0
+        self.pending = 0
+        """Tokens produced since the last emitted piece (their text may still be held back)."""
+        self.first_at: float | None = None
+        self.last_at: float | None = None
+        self.ended_by: int | None = None
+        self.stop_string: str | None = None
+        self.longest_stop = max((len(x) for x in plan.stop), default=0)
+        self.recent = ""
+        """The last text fed to the stop matcher, to tell which stop string completed."""
+
+    def __call__(self, input_ids: Any, _scores: Any, **_: Any) -> Any:
+        token = int(input_ids[0, -1])
+        self.last_at = time.perf_counter()
+        self.generated += 1
+        self.pending += 1
+        if self.first_at is None:
+            self.first_at = self.last_at
+        stop = self.job.cancel.is_set()
+        if token in self.end_ids:
+            # `_MinTokens` masked these until min_tokens: reaching one here ends the choice
+            self.ended_by = token
+            stop = True
+        else:
+            piece = self._detokenise(token)
+            if piece:
+                stop = self._emit(piece) or stop
+        torch = self.engine.torch
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+    def _emit(self, piece: str) -> bool:
+        """Pass `piece` through the stop matcher and out; True when a stop string completed."""
+        # like vLLM, stop strings count only once min_tokens tokens exist
+        if self.plan.stop and self.generated >= self.plan.min_tokens:
+            window = self.recent + piece
+            piece = self.stops.feed(piece)
+            if self.stops.stopped:
+                # the matcher keeps the earliest hit; any hit must end inside this piece
+                hits = [(window.find(s), s) for s in self.plan.stop if s and s in window]
+                self.stop_string = min(hits)[1] if hits else None
+            else:
+                self.recent = window[-self.longest_stop :]
+        if piece:
+            self.emit((piece, self.pending, self.first_at))
+            self.pending = 0
+        return self.stops.stopped
+
+    def _detokenise(self, token: int) -> str:
+        """Incremental detokenisation as vLLM does it: decode a short window, emit what it added."""
+        self.ids.append(token)
+        prefix, full = self._window()
+        # a trailing U+FFFD is half of a multi-byte character: wait for the rest of it
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            self.prefix_offset = self.read_offset
+            self.read_offset = len(self.ids)
+            return full[len(prefix) :]
+        return ""
+
+    def _window(self) -> tuple[str, str]:
+        decode = self.engine.tokenizer.decode
+        prefix = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
+        full = decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
+        return prefix, full
+
+    def final(self) -> _Final:
+        """How the generation ended, with whatever text was still held back."""
+        tail = ""
+        if not self.stops.stopped:
+            prefix, full = self._window()
+            rest = full[len(prefix) :] if len(full) > len(prefix) else ""
+            if rest:
+                self._emit(rest)
+            tail = self.stops.flush()
+        finish: FinishReason
+        stop_reason: str | int | None = None
+        if self.stops.stopped:
+            finish, stop_reason = "stop", self.stop_string
+        elif self.ended_by is not None:
+            finish = "stop"
+            stop_reason = self.ended_by if self.ended_by in self.plan.stop_token_ids else None
+        elif self.job.cancel.is_set():
+            finish = "abort"
+        else:
+            finish = "length"
+        return _Final(
+            text=tail,
+            tokens=self.pending,
+            finish=finish,
+            stop_reason=stop_reason,
+            last_at=self.last_at,
+        )
+
+
+class _MinTokens:
+    """Masks end tokens until `min_tokens` tokens exist (what vLLM's `min_tokens` does)."""
+
+    def __init__(self, prompt_len: int, min_tokens: int, end_ids: Any) -> None:
+        self.prompt_len = prompt_len
+        self.min_tokens = min_tokens
+        self.end_ids = end_ids
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        if input_ids.shape[1] - self.prompt_len < self.min_tokens:
+            scores[:, self.end_ids] = float("-inf")
+        return scores
+
+
+class _SeededSampler:
+    """Samples one token with this request's generator and leaves only it for greedy `generate`."""
+
+    def __init__(self, torch: Any, generator: Any) -> None:
+        self.torch = torch
+        self.generator = generator
+
+    def __call__(self, _input_ids: Any, scores: Any) -> Any:
+        torch = self.torch
+        probs = torch.softmax(scores, dim=-1)
+        choice = torch.multinomial(probs, num_samples=1, generator=self.generator)
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, choice, 0.0)
+
+
+# --- the loaded engine --------------------------------------------------------------------------
+
+
+class _Engine:
+    """Everything one load built; dropped as a whole by `unload()`."""
+
+    def __init__(
+        self, torch: ModuleType, transformers: ModuleType, params: TransformersParams
+    ) -> None:
+        self.torch: Any = torch
+        self.tf: Any = transformers
+        self.params = params
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.device: Any = None
+        self.eos_ids: frozenset[int] = frozenset()
+        self.pad_id = 0
+        self.sampling_defaults: dict[str, float] = {}
+        self.template_errors: tuple[type[Exception], ...] = (ValueError, TypeError)
+        self.previous_threads: int | None = None
+        self.executor: ThreadPoolExecutor | None = None
+        self.slots = asyncio.Semaphore(params.max_concurrency)
+
+    # -- building (load thread) --
+
+    def encode(self, req: GenerationRequest) -> tuple[int, ...]:
+        """Chat template + tokenisation; template refusals become 400s."""
+        conversation = [
+            # templates know system/user/assistant/tool; OpenAI's developer role is a system turn
+            {"role": "system" if m.role == "developer" else m.role, "content": m.content}
+            for m in req.messages
+        ]
+        try:
+            text = self.tokenizer.apply_chat_template(
+                conversation, add_generation_prompt=True, tokenize=False
+            )
+        except self.template_errors as exc:
+            # jinja's raise_exception() in a template: its text is the template author's message
+            detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            raise InvalidRequestError(
+                f"the model's chat template refused the messages: {detail}", param="messages"
+            ) from None
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return tuple(int(i) for i in ids)
+
+    def plan(self, req: GenerationRequest) -> _Plan:
+        """Check the request against the model and turn it into a `_Plan` (runs in a thread)."""
+        s = req.sampling
+        prompt = self.encode(req)
+        limit = self.params.max_model_len
+        if len(prompt) + s.max_tokens > limit:
+            raise InvalidRequestError(
+                f"this model's maximum context length is {limit} tokens; the messages use "
+                f"{len(prompt)} tokens and max_tokens asks for {s.max_tokens} more",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        vocab = int(self.model.config.vocab_size)
+        bad = [t for t in s.stop_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(
+                f"stop_token_ids must lie between 0 and {vocab - 1}", param="stop_token_ids"
+            )
+        if s.repetition_penalty is not None and s.repetition_penalty <= 0:
+            raise InvalidRequestError(
+                "repetition_penalty must be greater than 0", param="repetition_penalty"
+            )
+        defaults = self.sampling_defaults
+        temperature = s.temperature if s.temperature is not None else defaults.get("temperature")
+        top_k = s.top_k if s.top_k is not None else defaults.get("top_k")
+        return _Plan(
+            prompt_ids=prompt,
+            max_tokens=s.max_tokens,
+            min_tokens=min(s.min_tokens, s.max_tokens),
+            temperature=1.0 if temperature is None else float(temperature),
+            top_p=_float(s.top_p if s.top_p is not None else defaults.get("top_p")),
+            # vLLM's "-1 (or 0) means no top-k"
+            top_k=int(top_k) if top_k is not None and top_k > 0 else None,
+            min_p=_float(s.min_p if s.min_p is not None else defaults.get("min_p")),
+            repetition_penalty=_float(s.repetition_penalty),
+            seed=s.seed,
+            stop=s.stop,
+            stop_token_ids=frozenset(s.stop_token_ids),
+            ignore_eos=s.ignore_eos,
+        )
+
+    # -- generating (worker thread) --
+
+    def run(self, plan: _Plan, job: _Job, emit: Emit) -> _Final:
+        """Run `generate` for one request; return how it ended. Never raises."""
+        hook = _StepHook(self, plan, job, emit)
+        if job.cancel.is_set():
+            return _Final(finish="abort")
+        try:
+            if self.params.torch_threads is not None:
+                # the intra-op thread count is per OS thread for OpenMP: set it where we compute
+                self.torch.set_num_threads(self.params.torch_threads)
+            self._generate(plan, hook)
+            return hook.final()
+        except Exception as exc:
+            return _Final(error=_engine_failure(exc), tokens=hook.pending)
+
+    def _generate(self, plan: _Plan, hook: _StepHook) -> None:
+        torch, tf = self.torch, self.tf
+        ids = torch.tensor([plan.prompt_ids], dtype=torch.long, device=self.device)
+        processors = tf.LogitsProcessorList()
+        end_ids = plan.stop_token_ids | (frozenset() if plan.ignore_eos else self.eos_ids)
+        if plan.min_tokens > 0 and end_ids:
+            mask = torch.tensor(sorted(end_ids), dtype=torch.long, device=self.device)
+            processors.append(_MinTokens(len(plan.prompt_ids), plan.min_tokens, mask))
+        if plan.temperature > 0:
+            if plan.temperature != 1.0:
+                processors.append(tf.TemperatureLogitsWarper(plan.temperature))
+            if plan.top_k is not None:
+                processors.append(tf.TopKLogitsWarper(top_k=plan.top_k))
+            if plan.top_p is not None and plan.top_p < 1.0:
+                processors.append(tf.TopPLogitsWarper(top_p=plan.top_p))
+            if plan.min_p is not None and plan.min_p > 0:
+                processors.append(tf.MinPLogitsWarper(min_p=plan.min_p))
+            generator = torch.Generator(device=self.device)
+            seed = plan.seed if plan.seed is not None else int.from_bytes(os.urandom(8), "little")
+            generator.manual_seed(seed % (2**63))
+            processors.append(_SeededSampler(torch, generator))
+        config = tf.GenerationConfig(
+            max_new_tokens=plan.max_tokens,
+            do_sample=False,
+            num_beams=1,
+            # end tokens are ours to handle (ignore_eos, stop_token_ids, min_tokens); an empty
+            # list keeps transformers from filling in the model's EOS
+            eos_token_id=[],
+            pad_token_id=self.pad_id,
+            repetition_penalty=plan.repetition_penalty,
+        )
+        with torch.inference_mode():
+            self.model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                generation_config=config,
+                logits_processor=processors,
+                stopping_criteria=tf.StoppingCriteriaList([hook]),
+            )
+
+
+def _float(value: float | None) -> float | None:
+    """The warpers of transformers check `isinstance(x, float)`: a JSON 1 must arrive as 1.0."""
+    return None if value is None else float(value)
+
+
+def _engine_failure(exc: BaseException) -> str:
+    """A message for an engine exception that shows no path or engine text."""
+    name = type(exc).__name__
+    if "OutOfMemory" in name:
+        return "the engine ran out of device memory"
+    return f"generation failed ({name})"
+
+
+def _import_engine() -> tuple[ModuleType, ModuleType]:
+    import torch  # noqa: PLC0415  (engine imports happen in load only)
+    import transformers  # noqa: PLC0415
+
+    return torch, transformers
+
+
+# --- the adapter --------------------------------------------------------------------------------
+
+
+class TransformersAdapter(BaseAdapter):
+    """Serves one HF causal LM with `generate`; see the module docstring."""
+
+    params_type: ClassVar[type[Any]] = TransformersParams
+
+    def __init__(self, context: AdapterContext) -> None:
+        super().__init__(context)
+        self._engine: _Engine | None = None
+        self._closing = False
+        self._jobs: set[_Job] = set()
+        self._running = 0
+        self._waiting = 0
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """Sampling fields applied by our processors; one choice per request."""
+        engine = self._engine
+        return Capabilities(
+            sampling=_SAMPLING,
+            max_n=1,
+            max_context=engine.params.max_model_len if engine is not None else None,
+        )
+
+    def check(self, model: str, params: Any) -> None:
+        """Model reference (including the bundled name) and trust_remote_code, nothing loaded."""
+        super().check(model, params)
+        check_model_source(model, self.context)
+
+    def stats(self) -> EngineStats:
+        """Generations running now and waiting for a slot."""
+        return EngineStats(running=self._running, waiting=self._waiting)
+
+    # -- load --
+
+    async def load(self, model: str, params: Any) -> LoadInfo:
+        """Import torch/transformers, build tokenizer and model, run one tiny generation."""
+        if self._engine is not None:
+            raise EngineError(
+                "a model is loaded (or a failed load was not cleaned up); unload first"
+            )
+        self.check(model, params)
+        kind = check_model_source(model, self.context)
+        started = time.perf_counter()
+        torch, transformers = await asyncio.to_thread(_import_engine)
+        imported = time.perf_counter()
+        engine = _Engine(torch, transformers, params)
+        self._engine = engine
+        self._closing = False
+        details = await asyncio.to_thread(self._build, engine, model, kind)
+        built = time.perf_counter()
+        await asyncio.to_thread(self._warm_up, engine)
+        warmed = time.perf_counter()
+        engine.executor = ThreadPoolExecutor(
+            max_workers=params.max_concurrency, thread_name_prefix="iw-transformers"
+        )
+        return LoadInfo(
+            import_s=imported - started,
+            init_s=built - imported,
+            warmup_s=warmed - built,
+            device=_device_name(engine.device),
+            max_context=params.max_model_len,
+            details=details,
+        )
+
+    def _build(self, engine: _Engine, model: str, kind: str) -> dict[str, Any]:
+        """Resolve the source, pick device and dtype, load tokenizer and weights (load thread)."""
+        torch, tf, params = engine.torch, engine.tf, engine.params
+        started = time.perf_counter()
+        source = resolve_model_source(model, self.context)
+        prepare_s = time.perf_counter() - started
+        engine.device = _pick_device(torch, params.device)
+        dtype_name = params.dtype
+        if dtype_name == "auto":
+            dtype_name = "bfloat16" if engine.device.type == "cuda" else "float32"
+        if params.torch_threads is not None:
+            engine.previous_threads = torch.get_num_threads()
+            torch.set_num_threads(params.torch_threads)
+        import jinja2  # noqa: PLC0415  (transformers renders chat templates with it)
+
+        engine.template_errors = (jinja2.TemplateError, ValueError, TypeError)
+        options: dict[str, Any] = {"trust_remote_code": params.trust_remote_code}
+        engine.tokenizer = _from_pretrained(tf.AutoTokenizer, source, model, kind, options)
+        if not engine.tokenizer.chat_template:
+            raise EngineError(
+                "the model's tokenizer has no chat template; this backend serves chat models only"
+            )
+        options["dtype"] = getattr(torch, dtype_name)
+        if params.attn_implementation is not None:
+            options["attn_implementation"] = params.attn_implementation
+        if engine.device.type == "cuda":
+            # straight onto the GPU: no full CPU copy first
+            options["device_map"] = str(engine.device)
+        engine.model = _from_pretrained(tf.AutoModelForCausalLM, source, model, kind, options)
+        engine.model.eval()
+        _check_context(engine.model.config, params.max_model_len)
+        engine.eos_ids = _eos_ids(engine.model.generation_config, engine.tokenizer)
+        pad = engine.tokenizer.pad_token_id
+        engine.pad_id = int(pad) if pad is not None else min(engine.eos_ids, default=0)
+        engine.sampling_defaults = _sampling_defaults(engine.model.generation_config)
+        return {
+            "source": kind,
+            "dtype": dtype_name,
+            "device": _device_name(engine.device),
+            "attn_implementation": getattr(engine.model.config, "_attn_implementation", None),
+            "torch_threads": torch.get_num_threads(),
+            "parameters": sum(p.numel() for p in engine.model.parameters()),
+            "prepare_s": round(prepare_s, 3),
+            "sampling_defaults": dict(engine.sampling_defaults),
+        }
+
+    def _warm_up(self, engine: _Engine) -> None:
+        """One short greedy generation: first-call allocations happen here, not in a request."""
+        try:
+            ids = engine.tokenizer.apply_chat_template(
+                [{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False
+            )
+        except Exception as exc:
+            raise EngineError("the model's chat template fails on a plain user message") from exc
+        prompt = tuple(engine.tokenizer(ids, add_special_tokens=False)["input_ids"])
+        plan = _Plan(
+            prompt_ids=prompt,
+            max_tokens=_WARMUP_TOKENS,
+            min_tokens=0,
+            temperature=0.0,
+            top_p=None,
+            top_k=None,
+            min_p=None,
+            repetition_penalty=None,
+            seed=None,
+            stop=(),
+            stop_token_ids=frozenset(),
+            ignore_eos=True,
+        )
+        result = engine.run(plan, _Job(), lambda _: None)
+        if result.error is not None:
+            raise EngineError(f"warm-up {result.error}")
+
+    # -- generate --
+
+    async def generate(self, req: GenerationRequest) -> AsyncGenerator[TokenDelta, None]:
+        """Stream one choice; stop the worker within a token when the consumer goes away."""
+        engine = self._engine
+        if engine is None or engine.executor is None or self._closing:
+            raise ServiceUnavailableError("no model is loaded")
+        queued_at = time.perf_counter()
+        _refuse_unsupported(req.sampling)
+        try:
+            plan = await asyncio.to_thread(engine.plan, req)
+        except WrapperError:
+            raise
+        except Exception as exc:
+            if self._engine is not engine:
+                raise ServiceUnavailableError("the model was unloaded") from None
+            raise EngineError(f"could not prepare the request ({type(exc).__name__})") from None
+        prompt_len = len(plan.prompt_ids)
+        job = _Job()
+        self._jobs.add(job)
+        self._waiting += 1
+        waiting = True
+        try:
+            await engine.slots.acquire()
+            self._waiting -= 1
+            waiting = False
+            if self._closing or job.cancel.is_set() or engine.executor is None:
+                engine.slots.release()
+                yield TokenDelta("", 0, finish_reason="abort", prompt_tokens=prompt_len)
+                return
+            # aclosing: closing us must close the inner stream now (its finally waits for the
+            # worker), not whenever the garbage collector finalises it
+            async with contextlib.aclosing(self._stream(engine, plan, job, queued_at)) as stream:
+                async for delta in stream:
+                    yield delta
+        finally:
+            job.cancel.set()
+            self._jobs.discard(job)
+            if waiting:
+                self._waiting -= 1
+
+    async def _stream(
+        self, engine: _Engine, plan: _Plan, job: _Job, queued_at: float
+    ) -> AsyncGenerator[TokenDelta, None]:
+        """Run the worker and relay its queue; the slot is released when the thread is done."""
+        assert engine.executor is not None  # noqa: S101  (checked by the caller, same tick)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        put = queue.put_nowait
+
+        def emit(item: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(put, item)
+            except RuntimeError:
+                job.cancel.set()  # the loop is gone: nobody reads this stream any more
+
+        def work() -> None:
+            emit(engine.run(plan, job, emit))
+
+        self._running += 1
+        scheduled_at = time.perf_counter()
+        future = loop.run_in_executor(engine.executor, work)
+        # accounting rides on the future, so it happens even if our task is cancelled twice
+        future.add_done_callback(lambda _: self._slot_done(engine))
+        prompt_len = len(plan.prompt_ids)
+        first = True
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, _Final):
+                    if item.error is not None:
+                        raise EngineError(item.error)
+                    yield TokenDelta(
+                        item.text,
+                        item.tokens,
+                        finish_reason=item.finish,
+                        prompt_tokens=prompt_len,
+                        engine_queued_at=queued_at if first else None,
+                        engine_scheduled_at=scheduled_at if first else None,
+                        engine_last_token_at=item.last_at,
+                        stop_reason=item.stop_reason,
+                    )
+                    return
+                text, count, first_at = item
+                yield TokenDelta(
+                    text,
+                    count,
+                    prompt_tokens=prompt_len if first else None,
+                    engine_queued_at=queued_at if first else None,
+                    engine_scheduled_at=scheduled_at if first else None,
+                    engine_first_token_at=first_at if first else None,
+                )
+                first = False
+        finally:
+            job.cancel.set()
+            # wait (at most one decoding step) so that a closed stream has really stopped; a
+            # second cancellation may cut this short: the done callback still frees the slot
+            await asyncio.shield(future)
+
+    def _slot_done(self, engine: _Engine) -> None:
+        self._running -= 1
+        engine.slots.release()
+
+    # -- unload --
+
+    async def unload(self) -> None:
+        """Abort in-flight generations, wait for their threads, drop the model and free memory."""
+        self._closing = True
+        for job in list(self._jobs):
+            job.cancel.set()
+        engine, self._engine = self._engine, None
+        if engine is None:
+            return
+        executor, engine.executor = engine.executor, None
+        if executor is not None:
+            await asyncio.to_thread(executor.shutdown, wait=True)
+        await asyncio.to_thread(_release, engine)
+
+
+def _release(engine: _Engine) -> None:
+    """Drop the engine's objects and give memory back (unload thread)."""
+    torch = engine.torch
+    on_cuda = engine.device is not None and engine.device.type == "cuda"
+    engine.model = None
+    engine.tokenizer = None
+    gc.collect()
+    if on_cuda:
+        torch.cuda.empty_cache()
+    if engine.previous_threads is not None:
+        torch.set_num_threads(engine.previous_threads)
+
+
+# --- load helpers -------------------------------------------------------------------------------
+
+
+def _pick_device(torch: Any, spec: str) -> Any:
+    if spec == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    param = "$.engine_params.device"
+    if not torch.cuda.is_available():
+        raise ParamsValidationError("device 'cuda' asked for, but no GPU is available", param=param)
+    index = int(spec.partition(":")[2] or 0)
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise ParamsValidationError(
+            f"device cuda:{index} does not exist ({count} GPUs)", param=param
+        )
+    return torch.device(f"cuda:{index}")
+
+
+def _device_name(device: Any) -> str:
+    if device is None or device.type != "cuda":
+        return "cpu"
+    return f"cuda:{device.index or 0}"
+
+
+def _from_pretrained(
+    auto_class: Any, source: str, model: str, kind: str, options: dict[str, Any]
+) -> Any:
+    """`auto_class.from_pretrained(source)`, its failures turned into clean engine errors."""
+    try:
+        return auto_class.from_pretrained(source, **options)
+    except Exception as exc:
+        raise _load_failure(exc, model, kind) from None
+
+
+def _load_failure(exc: Exception, model: str, kind: str) -> EngineError:
+    """A clean message for a failed `from_pretrained`; the hub id is the user's own text."""
+    name = type(exc).__name__
+    if kind == "hub" and (
+        isinstance(exc, OSError) or type(exc).__module__.startswith("huggingface")
+    ):
+        return EngineError(
+            f"could not fetch model '{model}' from the Hugging Face hub (offline or no access)"
+        )
+    if "trust_remote_code" in str(exc):
+        return EngineError("the model needs trust_remote_code, which this load did not enable")
+    if "OutOfMemory" in name:
+        return EngineError("not enough device memory to load the model")
+    return EngineError(f"could not load the model ({name})")
+
+
+def _check_context(config: Any, max_model_len: int) -> None:
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and max_model_len > limit:
+        raise ParamsValidationError(
+            f"max_model_len {max_model_len} exceeds the model's {limit} positions",
+            param="$.engine_params.max_model_len",
+        )
+
+
+def _eos_ids(generation_config: Any, tokenizer: Any) -> frozenset[int]:
+    """End tokens from the model's generation config and the tokenizer (chat models add some)."""
+    ids: set[int] = set()
+    configured = getattr(generation_config, "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif isinstance(configured, Sequence):
+        ids.update(int(i) for i in configured)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return frozenset(ids)
+
+
+def _sampling_defaults(generation_config: Any) -> dict[str, float]:
+    """Sampling values the model's generation_config.json sets (vLLM uses them as defaults)."""
+    explicit = generation_config.to_diff_dict()
+    return {
+        key: explicit[key]
+        for key in ("temperature", "top_p", "top_k", "min_p")
+        if isinstance(explicit.get(key), int | float) and not isinstance(explicit.get(key), bool)
+    }
+
+
+def _refuse_unsupported(s: SamplingOptions) -> None:
+    """Refuse what `capabilities` does not list (the service checks first; this is the backstop)."""
+    unsupported = {
+        "n": s.n != 1,
+        "logprobs": s.logprobs or s.top_logprobs is not None,
+        "presence_penalty": bool(s.presence_penalty),
+        "frequency_penalty": bool(s.frequency_penalty),
+    }
+    for name, present in unsupported.items():
+        if present:
+            raise UnsupportedParameterError(
+                f"'{name}' is not supported by the transformers backend", param=name
+            )
