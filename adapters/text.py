@@ -29,11 +29,13 @@ class StopMatcher:
         if not self._stops:
             return text
         buf = self._buffer + text
-        hits = [i for i in (buf.find(s) for s in self._stops) if i >= 0]
+        # the stop that completes first wins (as it would streaming one character at a time);
+        # among those, the one that started first
+        hits = [(i + len(s), i) for s in self._stops if (i := buf.find(s)) >= 0]
         if hits:
             self.stopped = True
             self._buffer = ""
-            return buf[: min(hits)]
+            return buf[: min(hits)[1]]
         keep = self._partial_suffix(buf)
         self._buffer = buf[len(buf) - keep :] if keep else ""
         return buf[: len(buf) - keep]

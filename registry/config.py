@@ -17,6 +17,7 @@ import yaml
 from attrs import field, frozen
 
 from schemas.converter import StructureError, structure
+from schemas.validators import FieldValueError
 
 _MODULE_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 BACKEND_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
@@ -29,13 +30,18 @@ class RegistryError(Exception):
 
 def _module_path(_: Any, attribute: Any, value: str) -> None:
     if not _MODULE_PATH.fullmatch(value):
-        raise ValueError(f"{attribute.name} must look like 'package.module:ClassName'")
+        raise FieldValueError(
+            attribute.name, f"{attribute.name} must look like 'package.module:ClassName'"
+        )
 
 
-def _env_patterns(_: Any, __: Any, value: tuple[str, ...]) -> None:
+def _env_patterns(_: Any, attribute: Any, value: tuple[str, ...]) -> None:
     for pattern in value:
         if not _ENV_PATTERN.fullmatch(pattern):
-            raise ValueError(f"invalid env pattern {pattern!r} (letters, digits, _ and * only)")
+            raise FieldValueError(
+                attribute.name,
+                f"invalid env pattern {pattern!r} (letters, digits, _ and * only)",
+            )
 
 
 @frozen
@@ -67,10 +73,12 @@ class PresetEntry:
     description: str = ""
 
 
-def _backend_names(_: Any, __: Any, value: dict[str, Any]) -> None:
+def _backend_names(_: Any, attribute: Any, value: dict[str, Any]) -> None:
     for name in value:
         if not BACKEND_NAME.fullmatch(name):
-            raise ValueError(f"backend name {name!r} must be lowercase letters, digits, _ or -")
+            raise FieldValueError(
+                attribute.name, f"name {name!r} must be lowercase letters, digits, _ or -"
+            )
 
 
 @frozen

@@ -77,8 +77,9 @@ class EnvScope:
         return tuple(sorted(self._env))
 
     def apply(self) -> None:
-        """Set the keys, remembering what was there."""
-        self._saved = {k: os.environ.get(k) for k in self._env}
+        """Set the keys, remembering what was there (a second apply keeps the first memory)."""
+        if self._saved is None:
+            self._saved = {k: os.environ.get(k) for k in self._env}
         os.environ.update(self._env)
 
     def restore(self) -> None:

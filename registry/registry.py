@@ -117,9 +117,10 @@ class AdapterRegistry:
                 # defaults may leave required params (e.g. an upstream's base_url) to each load
                 real = [e for e in exc.errors if e.message != "required field missing"]
                 if real:
-                    raise RegistryError(
-                        f"adapters.{name}.defaults.{real[0].path}: {real[0].message}"
-                    ) from None
+                    where = f"adapters.{name}.defaults"
+                    if real[0].path != "$":
+                        where += f".{real[0].path}"
+                    raise RegistryError(f"{where}: {real[0].message}") from None
         for alias, preset in config.models.items():
             if preset.backend not in self._adapters:
                 raise RegistryError(f"models.{alias}.backend: unknown backend {preset.backend!r}")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 import threading
-from urllib.parse import quote
+from urllib.parse import quote, quote_plus
 
 MASK = "***"
 MIN_SECRET_LEN = 4
@@ -50,9 +50,14 @@ class SecretStore:
     def _compile(values: set[str]) -> re.Pattern[str]:
         forms: set[str] = set()
         for value in values:
+            # every form the value takes in our outputs: raw, JSON (ASCII-escaped as the stdlib
+            # writes it, raw UTF-8 as msgspec does), and the URL encodings clients and libraries use
             forms.add(value)
             forms.add(json.dumps(value)[1:-1])
+            forms.add(json.dumps(value, ensure_ascii=False)[1:-1])
             forms.add(quote(value, safe=""))
+            forms.add(quote(value))
+            forms.add(quote_plus(value))
         # longest first so a secret that contains another is masked whole
         ordered = sorted(forms, key=len, reverse=True)
         return re.compile("|".join(re.escape(f) for f in ordered))

@@ -11,6 +11,7 @@ Must never: import anything from `service`, `registry` or `adapters`.
 
 from __future__ import annotations
 
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -18,10 +19,13 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import attrs
 import cattrs
+from cattrs.cols import homogenous_tuple_structure_factory, list_structure_factory
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
+from cattrs.gen import make_dict_structure_fn
 from cattrs.preconf.json import make_converter
 
 T = TypeVar("T")
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 
 __all__ = ["FieldError", "StructureError", "converter", "structure", "unstructure"]
 
@@ -119,6 +123,50 @@ def _make_optional_hook(conv: cattrs.Converter) -> Any:
     return hook
 
 
+def _is_array_type(tp: Any) -> bool:
+    origin = get_origin(tp)
+    if origin is list:
+        return True
+    args = get_args(tp)
+    return origin is tuple and len(args) == 2 and args[1] is Ellipsis
+
+
+def _array_factory(conv: cattrs.Converter) -> Any:
+    """Cattrs iterates whatever it gets, so "abc" would become ['a', 'b', 'c']: refuse first."""
+
+    def factory(tp: Any) -> Any:
+        base = (
+            list_structure_factory(tp, conv)
+            if get_origin(tp) is list
+            else homogenous_tuple_structure_factory(tp, conv)
+        )
+
+        def hook(value: Any, _: Any) -> Any:
+            if not isinstance(value, list | tuple):
+                raise TypeError(f"expected an array, got {_json_kind(value)}")
+            return base(value, tp)
+
+        return hook
+
+    return factory
+
+
+def _object_factory(conv: cattrs.Converter) -> Any:
+    """A nested attrs class given a non-object gets our message, not Python's."""
+
+    def factory(cls: Any) -> Any:
+        base = make_dict_structure_fn(cls, conv)
+
+        def hook(value: Any, _: Any) -> Any:
+            if not isinstance(value, Mapping):
+                raise TypeError(f"expected an object, got {_json_kind(value)}")
+            return base(value, cls)
+
+        return hook
+
+    return factory
+
+
 def _build() -> cattrs.Converter:
     conv = make_converter(forbid_extra_keys=True, detailed_validation=True)
     conv.register_structure_hook(int, _strict_int)
@@ -128,6 +176,8 @@ def _build() -> cattrs.Converter:
     conv.register_structure_hook(Any, lambda v, _: v)
     conv.register_structure_hook_func(_is_literal, _structure_literal)
     conv.register_structure_hook_func(_is_optional_primitive_union, _make_optional_hook(conv))
+    conv.register_structure_hook_factory(_is_array_type, _array_factory(conv))
+    conv.register_structure_hook_factory(attrs.has, _object_factory(conv))
     return conv
 
 
@@ -158,13 +208,20 @@ def _walk(exc: BaseException, path: str, out: list[FieldError]) -> None:
     elif isinstance(exc, IterableValidationError):
         with_notes_i, without_i = exc.group_exceptions()
         for sub, note_i in with_notes_i:
-            _walk(sub, f"{path}[{note_i.index!r}]", out)
+            _walk(sub, _index(path, note_i.index), out)
         out.extend(FieldError(path or "$", _format(sub)) for sub in without_i)
     elif isinstance(exc, ExceptionGroup):
         for sub in exc.exceptions:
             _walk(sub, path, out)
     else:
         out.append(FieldError(path or "$", _format(exc)))
+
+
+def _index(path: str, index: Any) -> str:
+    """`[0]` for positions; `.key` for mapping keys that read as names, else `['key']`."""
+    if isinstance(index, str) and _NAME.fullmatch(index):
+        return _join(path, index)
+    return f"{path}[{index!r}]"
 
 
 def _join(path: str, name: str) -> str:

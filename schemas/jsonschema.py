@@ -84,6 +84,7 @@ def attrs_json_schema(cls: type) -> dict[str, Any]:
     required: list[str] = []
     for a in attrs.fields(cls):
         prop = type_schema(hints.get(a.name, Any))
+        prop.update(_validator_schema(a.validator))
         if a.name in docs:
             prop["description"] = docs[a.name]
         if a.default is attrs.NOTHING:
@@ -104,6 +105,16 @@ def attrs_json_schema(cls: type) -> dict[str, Any]:
     if required:
         schema["required"] = required
     return schema
+
+
+def _validator_schema(validator: Any) -> dict[str, Any]:
+    """Bounds our validators declare (`schemas.validators.in_range`), including inside `and_`."""
+    if validator is None:
+        return {}
+    out: dict[str, Any] = dict(getattr(validator, "json_schema", {}))
+    for inner in getattr(validator, "_validators", ()):
+        out.update(_validator_schema(inner))
+    return out
 
 
 def _jsonable(value: Any) -> Any:

@@ -41,6 +41,10 @@ def in_range(lo: float | None = None, hi: float | None = None) -> Validator:
                 bounds = f"at most {hi:g}"
             raise FieldValueError(attribute.name, f"{attribute.name} must be {bounds}")
 
+    # read by schemas.jsonschema, so /v1/adapters shows the bounds too
+    check.json_schema = {  # type: ignore[attr-defined]
+        k: v for k, v in (("minimum", lo), ("maximum", hi)) if v is not None
+    }
     return check
 
 

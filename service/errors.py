@@ -20,7 +20,7 @@ from litestar.types import ExceptionHandlersMap
 
 from registry.secrets import SecretStore
 from schemas.converter import unstructure
-from schemas.errors import ErrorDetail, ErrorResponse, WrapperError
+from schemas.errors import ErrorDetail, ErrorResponse, InvalidRequestError, WrapperError
 from service.context import context_of
 
 logger = logging.getLogger(__name__)
@@ -34,6 +34,22 @@ _HTTP_TYPES = {
     413: ("invalid_request_error", "request_too_large"),
     429: ("rate_limit_error", None),
 }
+
+
+def decode_json(raw: bytes) -> Any:
+    """Parse a request body; anything that is not JSON is a 400, never a 500.
+
+    msgspec raises more than `DecodeError`: invalid UTF-8 inside a string is a
+    `UnicodeDecodeError`, nesting a few thousand levels deep a `RecursionError`.
+    """
+    try:
+        return msgspec.json.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
+    except UnicodeDecodeError:
+        raise InvalidRequestError("request body is not valid UTF-8") from None
+    except RecursionError:
+        raise InvalidRequestError("request body is nested too deeply") from None
 
 
 def json_response(

@@ -21,7 +21,6 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import anyio
-import msgspec
 from litestar import Request
 
 from adapters.base import Capabilities
@@ -48,6 +47,7 @@ from schemas.openai import (
 )
 from service.admission import Admission, Slot
 from service.context import RequestContext
+from service.errors import decode_json
 from service.settings import Settings
 from service.sse import DONE, ChunkEncoder, SSEStream, error_event
 from service.telemetry import (
@@ -101,10 +101,7 @@ class ChatServing:
 
     def parse(self, body: bytes) -> ChatCompletionRequest:
         """JSON → ChatCompletionRequest, or 400 naming the first bad field."""
-        try:
-            payload = msgspec.json.decode(body)
-        except msgspec.DecodeError as exc:
-            raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
+        payload = decode_json(body)
         if not isinstance(payload, dict):
             raise InvalidRequestError("request body must be a JSON object")
         unknown = sorted(k for k in payload if k not in CHAT_REQUEST_FIELDS)

@@ -87,7 +87,7 @@ class Settings:
                 value = kind(raw)
             except ValueError:
                 raise SettingsError(f"{name} must be a number, got {raw!r}") from None
-            if value <= 0:
+            if not value > 0:  # also refuses NaN
                 raise SettingsError(f"{name} must be positive")
             return value
 
@@ -124,6 +124,8 @@ class Settings:
         if env.get("IW_PRELOAD"):
             values["preload"] = env["IW_PRELOAD"]
         values.update({k: v for k, v in overrides.items() if v is not None})
+        if not 0 < values.get("port", 8000) < 65536:
+            raise SettingsError("IW_PORT must be between 1 and 65535")
         return cls(**values)
 
     def adapter_context_defaults(self) -> AdapterContext:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-import msgspec
 from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency
 
@@ -22,7 +21,7 @@ from schemas.control import LoadRequest, UnloadRequest, ValidateResponse
 from schemas.converter import StructureError, structure
 from schemas.errors import InvalidRequestError, ParamsValidationError
 from service.auth import require_admin
-from service.errors import json_response
+from service.errors import decode_json, json_response
 
 T = TypeVar("T")
 
@@ -36,10 +35,7 @@ async def parse_body(
         if allow_empty:
             return cls()
         raise InvalidRequestError("request body is required (JSON object)")
-    try:
-        payload = msgspec.json.decode(raw)
-    except msgspec.DecodeError as exc:
-        raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
+    payload = decode_json(raw)
     env = payload.get("env") if isinstance(payload, dict) else None
     if isinstance(env, dict):
         for value in env.values():
