@@ -43,6 +43,8 @@ class EchoParams:
     """When set, `load()` raises an engine error with this message."""
     fail_after_tokens: int | None = field(default=None, validator=in_range(0))
     """When set, generation raises an engine error after this many tokens."""
+    fail_fatal: bool = False
+    """Report that failure as the engine dying (code `engine_dead`): the service unloads."""
     max_n: int = field(default=4, validator=in_range(1, 16))
     """Largest `n` accepted (every choice echoes the same text)."""
     max_context: int = field(default=32_768, validator=in_range(16))
@@ -144,7 +146,10 @@ class EchoAdapter(BaseAdapter):
             if self.params.fail_after_tokens is not None and produced >= (
                 self.params.fail_after_tokens
             ):
-                raise EngineError(f"echo: failing after {produced} tokens as configured")
+                raise EngineError(
+                    f"echo: failing after {produced} tokens as configured",
+                    code="engine_dead" if self.params.fail_fatal else None,
+                )
             token = source[produced % len(source)]
             produced += 1
             text = stops.feed(token)

@@ -54,6 +54,9 @@ class AdapterEntry:
     """Shown in `GET /v1/adapters`."""
     defaults: dict[str, Any] = field(factory=dict)
     """Engine params applied under each load request's `engine_params`."""
+    env: dict[str, str] = field(factory=dict)
+    """Environment the operator sets for this engine at every load (not secret: it is in this
+    file); a load's own `env` wins on a clash. Keys on the always-refused list are refused."""
     env_allow: tuple[str, ...] = field(default=(), validator=_env_patterns)
     """Env keys a load request may set (`*` wildcards); the always-refused list still applies."""
     trust_remote_code_allowed: bool = False

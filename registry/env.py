@@ -42,6 +42,11 @@ def _matches(key: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(upper, p.upper()) for p in patterns)
 
 
+def is_refused(key: str) -> bool:
+    """Whether `key` is on the always-refused list."""
+    return _matches(key, ALWAYS_REFUSED)
+
+
 def check_env(env: Mapping[str, str], allow: Iterable[str], backend: str) -> None:
     """Refuse any key that is malformed, always refused, or not on the backend's allowlist."""
     allow = tuple(allow)
@@ -65,11 +70,15 @@ def check_env(env: Mapping[str, str], allow: Iterable[str], backend: str) -> Non
 
 
 class EnvScope:
-    """Sets keys in `os.environ` and restores the previous state on `restore()` (idempotent)."""
+    """Sets keys in `os.environ`; `restore()` puts back the whole environment as it was.
+
+    The whole of it, not just our keys: engines write their own keys while they start (vLLM sets
+    its worker start method and thread counts), and those must not outlive the engine either.
+    """
 
     def __init__(self, env: Mapping[str, str]) -> None:
         self._env = dict(env)
-        self._saved: dict[str, str | None] | None = None
+        self._saved: dict[str, str] | None = None
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -79,16 +88,16 @@ class EnvScope:
     def apply(self) -> None:
         """Set the keys, remembering what was there (a second apply keeps the first memory)."""
         if self._saved is None:
-            self._saved = {k: os.environ.get(k) for k in self._env}
+            self._saved = dict(os.environ)
         os.environ.update(self._env)
 
     def restore(self) -> None:
-        """Put back the previous values and remove keys that were not set before."""
-        if self._saved is None:
+        """Remove keys added since `apply()`, put back changed ones (idempotent)."""
+        saved, self._saved = self._saved, None
+        if saved is None:
             return
-        for key, old in self._saved.items():
-            if old is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = old
-        self._saved = None
+        for key in [k for k in os.environ if k not in saved]:
+            del os.environ[key]
+        for key, value in saved.items():
+            if os.environ.get(key) != value:
+                os.environ[key] = value

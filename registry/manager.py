@@ -196,6 +196,7 @@ class ModelManager:
         # the first load of a backend also pays one-time costs that never go back (the engine's
         # libraries, a CUDA context), which are not a leak
         self._warm: dict[str, MemorySnapshot] = {}
+        self._failure_task: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -256,6 +257,26 @@ class ModelManager:
         if self._inflight.pop(id(ticket), None) is not None and not self._inflight:
             self._idle.set()
 
+    def engine_failed(self, reason: str) -> None:
+        """The engine died under a request: unload it in the background so /ready tells.
+
+        An engine whose process died answers every later request with an error; keeping the
+        state `ready` would hide that from the orchestrator, which polls /ready and reloads.
+        """
+        if self._state is not ModelState.READY or self._busy:
+            return
+        self.last_error = f"engine died: {self.secrets.mask(reason)}"
+        logger.error("engine died (%s); unloading the model", reason)
+        self._failure_task = asyncio.get_running_loop().create_task(self._unload_dead())
+
+    async def _unload_dead(self) -> None:
+        reason = self.last_error
+        try:
+            await self.unload(drain_timeout_s=0)
+        except Exception:
+            logger.exception("unloading a dead engine failed")
+        self.last_error = reason
+
     # --- control plane -------------------------------------------------------------------------
 
     def plan(self, req: LoadRequest) -> LoadPlan:
@@ -281,6 +302,7 @@ class ModelManager:
         backend = self.registry.resolve(backend_name)
         params = self.registry.build_params(backend_name, overrides)
         check_env(req.env, backend.entry.env_allow, backend_name)
+        env = {**backend.entry.env, **req.env}
         adapter = backend.adapter_cls(self.registry.context(backend_name))
         adapter.check(model, params)
         return LoadPlan(
@@ -290,7 +312,7 @@ class ModelManager:
             served_model_name=served,
             preset=preset_name,
             params=params,
-            env=EnvScope(req.env),
+            env=EnvScope(env),
         )
 
     def _begin(self) -> None:

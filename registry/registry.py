@@ -31,6 +31,7 @@ from registry.config import (
     RegistryError,
     load_registry_file,
 )
+from registry.env import is_refused
 from schemas.converter import StructureError, structure, unstructure
 from schemas.errors import NotFoundError, ParamsValidationError
 from schemas.jsonschema import attrs_json_schema
@@ -89,6 +90,24 @@ def import_adapter_class(path: str, *, where: str) -> type[Any]:
     return cls
 
 
+def _check_entry(registered: RegisteredAdapter) -> None:
+    """Start-up checks of one backend: its env defaults and its params defaults."""
+    name = registered.name
+    refused = [k for k in registered.entry.env if is_refused(k)]
+    if refused:
+        raise RegistryError(f"adapters.{name}.env: {refused[0]} is never allowed")
+    try:
+        structure(registered.entry.defaults, registered.params_type, path="")
+    except StructureError as exc:
+        # defaults may leave required params (e.g. an upstream's base_url) to each load
+        real = [e for e in exc.errors if e.message != "required field missing"]
+        if real:
+            where = f"adapters.{name}.defaults"
+            if real[0].path != "$":
+                where += f".{real[0].path}"
+            raise RegistryError(f"{where}: {real[0].message}") from None
+
+
 class AdapterRegistry:
     """Resolves backend names and presets; structures engine params over yaml defaults."""
 
@@ -110,17 +129,8 @@ class AdapterRegistry:
         for name, entry in config.adapters.items():
             cls = import_adapter_class(entry.module, where=f"adapters.{name}.module")
             self._adapters[name] = RegisteredAdapter(name, entry, cls, "adapters.yaml")
-        for name, registered in self._adapters.items():
-            try:
-                structure(registered.entry.defaults, registered.params_type, path="")
-            except StructureError as exc:
-                # defaults may leave required params (e.g. an upstream's base_url) to each load
-                real = [e for e in exc.errors if e.message != "required field missing"]
-                if real:
-                    where = f"adapters.{name}.defaults"
-                    if real[0].path != "$":
-                        where += f".{real[0].path}"
-                    raise RegistryError(f"{where}: {real[0].message}") from None
+        for registered in self._adapters.values():
+            _check_entry(registered)
         for alias, preset in config.models.items():
             if preset.backend not in self._adapters:
                 raise RegistryError(f"models.{alias}.backend: unknown backend {preset.backend!r}")

@@ -53,6 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SettingsError, TypeError, ValueError) as exc:
         print(f"inference-wrapper: {exc}", file=sys.stderr)  # noqa: T201
         return 2
+    # vLLM installs its own stdout handler (propagate off) unless told not to; its lines must
+    # go through our masked handler like everyone else's
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
     store = SecretStore()
     for key, value in os.environ.items():
         if _SECRET_ENV.search(key):

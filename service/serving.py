@@ -315,6 +315,8 @@ class Run:
 
     def _detail(self, exc: BaseException) -> ErrorDetail:
         mask = self.serving.secrets.mask
+        if isinstance(exc, EngineError) and exc.code == "engine_dead":
+            self.serving.manager.engine_failed(exc.message)
         if isinstance(exc, WrapperError):
             return ErrorDetail(mask(exc.message), exc.error_type, exc.param, exc.code)
         logger.error("generation failed", exc_info=exc)
@@ -465,8 +467,9 @@ class Run:
             raise InvalidRequestError("client disconnected", code="client_disconnected")
         try:
             return work.result()
-        except WrapperError:
+        except WrapperError as exc:
             self.status = "aborted" if self.ticket.aborted else "error"
+            self._detail(exc)  # reports a dead engine to the manager
             raise
         except Exception as exc:
             self.status = "error"

