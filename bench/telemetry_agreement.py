@@ -1,4 +1,4 @@
-"""Do the wrapper's own metrics agree with what a client measures? Prints both, side by side.
+r"""Do the wrapper's own metrics agree with what a client measures? Prints both, side by side.
 
 Drives N streaming chat requests at each concurrency level against a wrapper serving a real
 model (by default it starts one: `python -m service serve --preload smollm2-135m`, the
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import statistics
@@ -68,7 +69,7 @@ async def one(client: httpx.AsyncClient, url: str, model: str, tokens: int) -> d
     n = server["completion_tokens"]
     ttft = (times[0] - start) * 1000
     e2e = (times[-1] - start) * 1000
-    gaps = [(b - a) * 1000 for a, b in zip(times, times[1:], strict=False)]
+    gaps = [(b - a) * 1000 for a, b in itertools.pairwise(times)]
     return {
         "client_ttft": ttft,
         "server_ttft": server["time_to_first_token_ms"],
@@ -81,8 +82,10 @@ async def one(client: httpx.AsyncClient, url: str, model: str, tokens: int) -> d
     }
 
 
-async def level(url: str, key: str, model: str, n: int, conc: int, tokens: int) -> list[dict[str, float]]:
-    """n requests, at most `conc` at a time, one kept-alive connection pool."""
+async def level(
+    url: str, key: str, model: str, n: int, conc: int, tokens: int
+) -> list[dict[str, float]]:
+    """N requests, at most `conc` at a time, one kept-alive connection pool."""
     limits = httpx.Limits(max_connections=conc, max_keepalive_connections=conc)
     headers = {"Authorization": f"Bearer {key}"}
     async with httpx.AsyncClient(timeout=600, limits=limits, headers=headers) as client:
@@ -98,8 +101,8 @@ async def level(url: str, key: str, model: str, n: int, conc: int, tokens: int) 
 
 def start_wrapper(port: int, preset: str) -> subprocess.Popen[bytes]:
     """`python -m service serve --preload PRESET` in the background, ready when it returns."""
-    env = {**os.environ, "IW_API_KEY": "bench-key", "IW_ADMIN_KEY": "bench-admin", "IW_PORT": str(port),
-           "IW_LOG_LEVEL": "WARNING", "IW_MAX_CONCURRENCY": "64"}  # fmt: skip
+    env = {**os.environ, "IW_API_KEY": "bench-key", "IW_ADMIN_KEY": "bench-admin",
+           "IW_PORT": str(port), "IW_LOG_LEVEL": "WARNING", "IW_MAX_CONCURRENCY": "64"}  # fmt: skip
     proc = subprocess.Popen(
         [sys.executable, "-m", "service", "serve", "--preload", preset],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -118,7 +121,9 @@ def start_wrapper(port: int, preset: str) -> subprocess.Popen[bytes]:
 
 def main() -> None:
     """Run the levels and print the table."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--url", help="a running wrapper (default: start one)")
     parser.add_argument("--key", default="bench-key")
     parser.add_argument("--model", default="smollm2-135m")
@@ -144,8 +149,9 @@ def main() -> None:
                 c = [r[f"client_{m}"] for r in rows]
                 s = [r[f"server_{m}"] for r in rows]
                 d = [a - b for a, b in zip(c, s, strict=True)]
-                print(f"{m:<6} {pct(c, .5):>11.2f} {pct(s, .5):>11.2f} {pct(d, .5):>9.2f}"
-                      f" {pct(c, .99):>11.2f} {pct(s, .99):>11.2f} {pct(d, .99):>9.2f}")  # fmt: skip
+                p50 = f"{pct(c, 0.5):>11.2f} {pct(s, 0.5):>11.2f} {pct(d, 0.5):>9.2f}"
+                p99 = f"{pct(c, 0.99):>11.2f} {pct(s, 0.99):>11.2f} {pct(d, 0.99):>9.2f}"
+                print(f"{m:<6} {p50} {p99}")
     finally:
         if proc is not None:
             proc.terminate()

@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that print ratios and figures measured in one run."""

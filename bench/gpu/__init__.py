@@ -1,0 +1,1 @@
+"""GPU checks: one prepared script per check, run on a lent GPU machine."""
