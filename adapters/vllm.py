@@ -29,7 +29,10 @@ import functools
 import gc
 import importlib.util
 import logging
+import os
 import re
+import shutil
+import tempfile
 import time
 import uuid
 import warnings
@@ -533,6 +536,7 @@ class VllmAdapter(BaseAdapter):
         self._max_model_len = 0
         self._sampling_defaults: dict[str, Any] = {}
         self._chat_params: Any = None
+        self._rpc_dir: str | None = None
 
     @property
     def capabilities(self) -> Capabilities:
@@ -565,6 +569,12 @@ class VllmAdapter(BaseAdapter):
         # the authoritative check, against the imported dataclass, before any process starts
         check_extra(params.extra, api.engine_arg_fields)
         self._api = api
+        # vLLM names its ZMQ IPC socket files under VLLM_RPC_BASE_PATH (default: the temp dir)
+        # and leaves them there when its processes stop; a folder of our own per engine is
+        # removed at unload. The one os.environ write of this adapter: vLLM reads only the
+        # variable, and the registry's env scope puts the environment back after unload.
+        self._rpc_dir = tempfile.mkdtemp(prefix="iw-vllm-rpc-")
+        os.environ["VLLM_RPC_BASE_PATH"] = self._rpc_dir
         self._children_before = _child_pids()
         started = time.perf_counter()
         try:
@@ -839,6 +849,9 @@ class VllmAdapter(BaseAdapter):
             # vLLM registers vllm:* collectors in prometheus_client's default registry
             with contextlib.suppress(Exception):
                 api.unregister_vllm_metrics()
+        rpc_dir, self._rpc_dir = self._rpc_dir, None
+        if rpc_dir is not None:
+            shutil.rmtree(rpc_dir, ignore_errors=True)
         self._inflight.clear()
         self._snapshot.per_engine.clear()
         self._caps = Capabilities(sampling=SAMPLING_FIELDS)

@@ -221,11 +221,14 @@ def test_unload_leaves_no_engine_process(server: LiveServer) -> None:
     if status["state"] != "ready":
         assert admin(server, "/v1/model/load", {"preset": PRESET}).status_code == 200
     pids = server.app.state.manager.current.info.engine_pids
+    rpc_dir = Path(server.app.state.manager.current.adapter._rpc_dir)
     assert pids
+    assert rpc_dir.is_dir()
     r = admin(server, "/v1/model/unload")
     body = r.json()
     assert body["status"] == "unloaded"
     assert body["memory"]["rss_delta_mib"] < -500
     alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
     assert alive == []
+    assert not rpc_dir.exists()  # vLLM's IPC socket files went with the engine
     assert json.loads(httpx.get(f"{server.url}/ready").text)["error"]["code"] == "model_not_ready"
