@@ -377,8 +377,15 @@ class Run:
                 async for delta in agen:
                     self._observe(delta)
                     text, reasoning = delta.text, delta.reasoning
-                    if text or reasoning or delta.logprobs:
-                        index = delta.index
+                    index = delta.index
+                    # a first token without text (a special token, or text held back for a stop
+                    # string) still sends the role chunk, as vLLM does: clients time TTFT on it
+                    if (
+                        text
+                        or reasoning
+                        or delta.logprobs
+                        or (delta.token_count and not role_sent[index])
+                    ):
                         chunk = enc.delta(
                             index,
                             text if text or not reasoning else None,
@@ -421,7 +428,7 @@ class Run:
         try:
             async for delta in agen:
                 self._observe(delta)
-                if delta.text or delta.reasoning:
+                if delta.text or delta.reasoning or (delta.token_count and self.timer.frames == 0):
                     frame()
                     texts[delta.index].append(delta.text)
                     if delta.reasoning:

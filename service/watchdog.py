@@ -261,6 +261,13 @@ class ResourceWatchdog:
         items = list(self._samples)
         return items[-limit:] if limit else []
 
+    def tree_procs(self) -> list[psutil.Process]:
+        """Process objects of our tree as of the last sample.
+
+        Safe from any thread: the sampler replaces the dict whole, never mutates it.
+        """
+        return list(self._procs.values())
+
     def latest(self) -> ResourceSample | None:
         """The newest sample."""
         return self._samples[-1] if self._samples else None
