@@ -29,7 +29,13 @@ from attrs import define, frozen
 
 from adapters.base import Adapter, LoadInfo, MemoryEstimate
 from registry.env import EnvScope, check_env
-from registry.memory import MemoryProbe, ProcessTreeProbe, release_host_memory
+from registry.memory import (
+    MemoryProbe,
+    ProcessTreeProbe,
+    freeze_heap,
+    release_host_memory,
+    unfreeze_heap,
+)
 from registry.registry import AdapterRegistry, RegisteredAdapter, deep_merge
 from registry.secrets import SecretStore
 from schemas.control import (
@@ -378,6 +384,7 @@ class ModelManager:
             details=_mask_tree(info.details, self.secrets),
         )
         self.current = LoadedModel(plan, adapter, info, response, baseline, self._clock())
+        freeze_heap()
         self._set_state(ModelState.READY)
         if self.listener is not None:
             self.listener.on_load(response)
@@ -439,6 +446,7 @@ class ModelManager:
         self.current = None
         self._plan = None
         del loaded
+        unfreeze_heap()  # frozen objects are never collected: the engine's must be again
         gc.collect()
         release_host_memory()
         after, settled = await self._settle()

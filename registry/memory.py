@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import os
 from collections.abc import Sequence
 from typing import Protocol
@@ -81,3 +82,20 @@ def release_host_memory() -> None:
     trim = getattr(_libc, "malloc_trim", None) if _libc is not None else None
     if trim is not None:
         trim(0)
+
+
+def freeze_heap() -> None:
+    """Move everything alive now out of the cyclic GC's reach (after a load).
+
+    An engine imports torch and its own modules and builds the model: millions of long-lived
+    objects that every full collection walks again, tens of milliseconds each time, on the event
+    loop. vLLM's own server freezes its heap after start-up for the same reason; without it the
+    wrapper lost 11 % throughput to `vllm serve` at 16 concurrent streams.
+    """
+    gc.collect()
+    gc.freeze()
+
+
+def unfreeze_heap() -> None:
+    """Give frozen objects back to the collector (before an unload collects the engine)."""
+    gc.unfreeze()
