@@ -299,32 +299,17 @@ class ResourceWatchdog:
         if estimate is None:
             return
         headroom = self.pressure_config.load_headroom
-        available = psutil.virtual_memory().available / MIB
-        if estimate.host_mib is not None and estimate.host_mib * headroom > available:
-            raise InsufficientMemoryError(
-                f"load needs about {estimate.host_mib:.0f} MiB of host memory, "
-                f"{available:.0f} MiB is available",
-                details={
-                    "need_host_mib": round(estimate.host_mib),
-                    "available_host_mib": round(available),
-                },
-                headers={"Retry-After": "30"},
-            )
-        free = self.nvml.device_free_mib()
-        if (
-            estimate.device_mib is not None
-            and free is not None
-            and estimate.device_mib * headroom > free
-        ):
-            raise InsufficientMemoryError(
-                f"load needs about {estimate.device_mib:.0f} MiB of device memory, "
-                f"{free:.0f} MiB is free",
-                details={
-                    "need_device_mib": round(estimate.device_mib),
-                    "free_device_mib": round(free),
-                },
-                headers={"Retry-After": "30"},
-            )
+        checks = (
+            ("host", estimate.host_mib, psutil.virtual_memory().available / MIB, "available"),
+            ("device", estimate.device_mib, self.nvml.device_free_mib(), "free"),
+        )
+        for kind, need, have, word in checks:
+            if need is not None and have is not None and need * headroom > have:
+                raise InsufficientMemoryError(
+                    f"load needs about {need:.0f} MiB of {kind} memory, {have:.0f} MiB is {word}",
+                    details={f"need_{kind}_mib": round(need), f"{word}_{kind}_mib": round(have)},
+                    headers={"Retry-After": "30"},
+                )
 
 
 class ServiceMemoryProbe:
