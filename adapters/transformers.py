@@ -343,13 +343,16 @@ class _Engine:
         s = req.sampling
         prompt = self.encode(req)
         limit = self.params.max_model_len
-        if len(prompt) + s.max_tokens > limit:
+        if len(prompt) >= limit:
             raise InvalidRequestError(
                 f"this model's maximum context length is {limit} tokens; the messages use "
-                f"{len(prompt)} tokens and max_tokens asks for {s.max_tokens} more",
+                f"{len(prompt)}, which leaves no room for a completion",
                 param="messages",
                 code="context_length_exceeded",
             )
+        # as vLLM's server does: max_tokens is clamped to the room the context leaves (a request
+        # without max_tokens asks for the whole context), and such an answer ends with "length"
+        max_tokens = min(s.max_tokens, limit - len(prompt))
         vocab = int(self.model.config.vocab_size)
         bad = [t for t in s.stop_token_ids if not 0 <= t < vocab]
         if bad:
@@ -365,8 +368,8 @@ class _Engine:
         top_k = s.top_k if s.top_k is not None else defaults.get("top_k")
         return _Plan(
             prompt_ids=prompt,
-            max_tokens=s.max_tokens,
-            min_tokens=min(s.min_tokens, s.max_tokens),
+            max_tokens=max_tokens,
+            min_tokens=min(s.min_tokens, max_tokens),
             temperature=1.0 if temperature is None else float(temperature),
             top_p=_float(s.top_p if s.top_p is not None else defaults.get("top_p")),
             # vLLM's "-1 (or 0) means no top-k"

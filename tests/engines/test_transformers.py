@@ -129,6 +129,24 @@ def test_stop_string_is_honoured(oai: openai.OpenAI) -> None:
     assert cut.choices[0].finish_reason == "stop"
 
 
+def test_no_max_tokens_fills_the_context_then_length(oai: openai.OpenAI) -> None:
+    """Without max_tokens the answer may use the whole context left, ending with length."""
+    long_prompt: list[Any] = [{"role": "user", "content": "word " * 2000}]
+    chunks = list(
+        oai.chat.completions.create(
+            model=MODEL, messages=long_prompt, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+        )
+    )  # fmt: skip
+    usage = chunks[-1].usage
+    assert usage is not None
+    assert usage.prompt_tokens + usage.completion_tokens == 2048
+    finishes = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
+    assert finishes == ["length"]
+
+
 def test_seed_makes_sampling_repeatable(oai: openai.OpenAI) -> None:
     """The same seed gives the same sampled text; the temperature really samples."""
 

@@ -225,14 +225,22 @@ async def test_waiting_request_is_counted_and_runs_later(loaded: Loaded) -> None
 
 
 async def test_prompt_beyond_context_is_a_400(loaded: Loaded) -> None:
-    """A prompt that leaves no room for max_tokens is refused on `messages`, with the numbers."""
-    req = chat("word " * 1000, max_tokens=1200)
+    """A prompt that fills the whole context is refused on `messages`, with the numbers."""
+    req = chat("word " * 2100, max_tokens=16)
     with pytest.raises(InvalidRequestError) as info:
         await collect(loaded.adapter, req)
     assert info.value.status_code == 400
     assert info.value.param == "messages"
     assert "2048" in info.value.message
-    assert "1200" in info.value.message
+
+
+async def test_max_tokens_is_clamped_to_the_room_left(loaded: Loaded) -> None:
+    """max_tokens beyond the context's room is clamped to it (as vLLM does): finish length."""
+    req = chat("word " * 2000, max_tokens=1200, ignore_eos=True)
+    deltas = await collect(loaded.adapter, req)
+    prompt = next(d.prompt_tokens for d in deltas if d.prompt_tokens is not None)
+    assert tokens_of(deltas) == 2048 - prompt
+    assert deltas[-1].finish_reason == "length"
 
 
 async def test_unload_mid_stream_ends_it_with_abort() -> None:

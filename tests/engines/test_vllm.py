@@ -124,6 +124,17 @@ def test_chat_both_modes(oai: openai.OpenAI, server: LiveServer) -> None:
     assert record["kv_cache_usage"] is not None
 
 
+def test_no_max_tokens_fills_the_context_then_length(oai: openai.OpenAI) -> None:
+    """Without max_tokens vLLM may use the whole context left, ending with length."""
+    long_prompt: list[Any] = [{"role": "user", "content": "word " * 2000}]
+    out = oai.chat.completions.create(
+        model=PRESET, messages=long_prompt, extra_body={"ignore_eos": True}
+    )
+    assert out.usage is not None
+    assert out.usage.prompt_tokens + out.usage.completion_tokens == 2048
+    assert out.choices[0].finish_reason == "length"
+
+
 def test_eight_concurrent_streams(server: LiveServer, loaded: dict[str, Any]) -> None:
     """8 streams at once all finish with exactly max_tokens tokens of usage each."""
     results: list[int] = []
