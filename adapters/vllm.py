@@ -36,7 +36,7 @@ import tempfile
 import time
 import uuid
 import warnings
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -547,6 +547,25 @@ class VllmAdapter(BaseAdapter):
     def engine_pids(self) -> tuple[int, ...]:
         """The engine processes of the loaded model (empty when none is loaded)."""
         return self._engine_pids
+
+    @property
+    def chat_template(self) -> str | None:
+        """The loaded model's chat template (the deepseek adapter reads it for `<think>`)."""
+        engine = self._engine
+        tokenizer = engine.tokenizer if engine is not None else None
+        template = getattr(tokenizer, "chat_template", None)
+        return template if isinstance(template, str) else None
+
+    def render_prompt(self, messages: Sequence[Message]) -> str:
+        """The prompt text the template makes of `messages`, generation prompt included."""
+        engine = self._engine
+        if engine is None or engine.tokenizer is None:
+            raise EngineError("vllm adapter is not loaded")
+        conversation = [{"role": m.role, "content": m.content} for m in messages]
+        text = engine.tokenizer.apply_chat_template(
+            conversation, tokenize=False, add_generation_prompt=True
+        )
+        return str(text)
 
     def check(self, model: str, params: Any) -> None:
         """Model reference, registry gates and `extra` keys, without importing vLLM."""

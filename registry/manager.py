@@ -53,6 +53,7 @@ from schemas.errors import (
     EngineError,
     ParamsValidationError,
     ServiceUnavailableError,
+    UpstreamError,
     WrapperError,
 )
 from schemas.telemetry import MemorySnapshot
@@ -366,6 +367,8 @@ class ModelManager:
             message = sanitize_exception(exc, self.secrets)
             if isinstance(exc, WrapperError) and exc.status_code < 500:
                 raise type(exc)(message, param=exc.param, code=exc.code) from None
+            if isinstance(exc, UpstreamError):  # 502/504: the upstream failed, not our engine
+                raise type(exc)(f"load failed: {message}", code=exc.code) from None
             raise EngineError(f"engine failed to load: {message}") from None
         total = time.perf_counter() - started
         after = await asyncio.to_thread(self.probe.snapshot, info.engine_pids)

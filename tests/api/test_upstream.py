@@ -120,7 +120,7 @@ def test_upstream_errors_map_to_envelope(upstream: LiveServer, wrapper_b: Any) -
         "env": {"UPSTREAM_KEY": UPSTREAM_KEY + "-wrong"},
     }
     r = httpx.post(f"{b.url}/v1/model/load", json=body, headers=ADMIN, timeout=30)
-    assert r.status_code == 500
+    assert r.status_code == 502
     assert "refused the credentials (401)" in r.json()["error"]["message"]
     assert UPSTREAM_KEY not in r.text
     assert UPSTREAM_KEY not in log.getvalue()
@@ -154,7 +154,7 @@ def test_unreachable_upstream_is_clear(wrapper_b: Any, tmp_path: Any) -> None:
         headers=ADMIN,
         timeout=30,
     )
-    assert r.status_code == 500
+    assert r.status_code == 502
     assert "cannot reach upstream" in r.json()["error"]["message"]
     assert httpx.get(f"{b.url}/v1/model/status", headers=ADMIN).json()["state"] == "empty"
 

@@ -23,6 +23,7 @@ import pytest
 
 from helpers import ADMIN, API, API_KEY, ROOT, LiveServer, make_settings
 from registry.registry import AdapterRegistry
+from schemas.generation import Message
 from service.app import create_app
 
 pytestmark = [
@@ -229,6 +230,12 @@ def test_deepseek_on_vllm_is_all_content(server: LiveServer) -> None:
     deltas = [ch.choices[0].delta for ch in chunks if ch.choices]
     assert "".join(d.content or "" for d in deltas).strip()
     assert not any((d.model_extra or {}).get("reasoning_content") for d in deltas)
+    # the inner vLLM adapter shows its template: SmolLM2's has no <think>, so none is opened
+    deepseek = server.app.state.manager.current.adapter
+    assert "<think>" not in (deepseek._inner.chat_template or "<think>")
+    prompt = deepseek._inner.render_prompt((Message("user", "hi"),))
+    assert "hi" in prompt
+    assert not prompt.rstrip().endswith("<think>")
 
 
 def test_unload_leaves_no_engine_process(server: LiveServer) -> None:
