@@ -77,7 +77,8 @@ def test_server_metrics_agree_with_client(app_factory: Any) -> None:
             server_ttft.append(m["time_to_first_token_ms"])
         http.close()
     # the server's TTFT includes the prefill delay it was given and is not inflated
-    assert FIRST_MS + TOKEN_MS <= statistics.median(server_ttft) < FIRST_MS + TOKEN_MS + 30
+    # (the upper bound leaves room for a loaded CI machine: sleeps overshoot, never undershoot)
+    assert FIRST_MS + TOKEN_MS <= statistics.median(server_ttft) < FIRST_MS + TOKEN_MS + 60
     # the server's window lies inside the client's: never longer, shorter by transport only
     assert -1.0 <= statistics.median(d_ttft) <= TTFT_TOLERANCE_MS
     assert -1.0 <= statistics.median(d_e2e) <= TTFT_TOLERANCE_MS
