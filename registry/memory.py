@@ -12,7 +12,7 @@ import ctypes
 import ctypes.util
 import gc
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 import psutil
@@ -49,10 +49,10 @@ def process_tree(pids: Sequence[int] = ()) -> list[psutil.Process]:
     return list(seen.values())
 
 
-def tree_rss_mib(pids: Sequence[int] = ()) -> float:
-    """Resident set size of the process tree in MiB (processes that vanish are skipped)."""
+def rss_mib(procs: Iterable[psutil.Process]) -> float:
+    """Resident set size of `procs` in MiB (processes that vanished meanwhile are skipped)."""
     total = 0
-    for proc in process_tree(pids):
+    for proc in procs:
         try:
             total += proc.memory_info().rss
         except psutil.Error:
@@ -65,7 +65,7 @@ class ProcessTreeProbe:
 
     def snapshot(self, pids: Sequence[int] = ()) -> MemorySnapshot:
         """RSS of our tree."""
-        return MemorySnapshot(rss_mib=tree_rss_mib(pids))
+        return MemorySnapshot(rss_mib=rss_mib(process_tree(pids)))
 
 
 _libc_name = ctypes.util.find_library("c")

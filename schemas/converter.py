@@ -46,11 +46,6 @@ class StructureError(ValueError):
         super().__init__("; ".join(f"{e.message} @ {e.path}" for e in errors))
 
 
-def _type_name(tp: Any) -> str:
-    names = {int: "an integer", float: "a number", str: "a string", bool: "a boolean"}
-    return names.get(tp, getattr(tp, "__name__", repr(tp)))
-
-
 def _strict_int(value: Any, _: type) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"expected an integer, got {_json_kind(value)}")
@@ -252,8 +247,3 @@ def structure(data: Any, cls: type[T], *, path: str = "$") -> T:
 def unstructure(obj: Any) -> Any:
     """Turn attrs instances into JSON-ready builtins with the one converter."""
     return converter.unstructure(obj)
-
-
-def type_name(tp: Any) -> str:
-    """A human name for a type, for messages."""
-    return _type_name(tp)

@@ -21,7 +21,7 @@ from litestar.datastructures import State
 from litestar.di import Provide
 from prometheus_client import CollectorRegistry
 
-from registry.manager import LoadedModel, ModelManager
+from registry.manager import ModelManager
 from registry.registry import AdapterRegistry
 from registry.secrets import SecretStore
 from schemas.control import LoadRequest, LoadResponse, UnloadResponse
@@ -243,4 +243,4 @@ def create_app(
     )
 
 
-__all__ = ["LoadedModel", "WrapperApp", "create_app"]
+__all__ = ["WrapperApp", "create_app"]

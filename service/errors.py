@@ -79,14 +79,9 @@ def handle_wrapper_error(request: Request[Any, Any, Any], exc: WrapperError) -> 
     if exc.status_code >= 500 and exc.status_code != 503:  # 503 is routine (loading, not ready)
         logger.warning("request failed: %s (%s)", detail.message, exc.code)
     body: dict[str, Any] = {"error": unstructure(detail)}
-    if exc.details:
+    if exc.details:  # figures only (a refused load's memory numbers), never text
         body["error"]["details"] = exc.details
-    return Response(
-        msgspec.json.encode(body),
-        status_code=exc.status_code,
-        media_type="application/json",
-        headers=exc.headers or None,
-    )
+    return json_response(body, exc.status_code, exc.headers or None)
 
 
 def handle_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:

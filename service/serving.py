@@ -53,6 +53,7 @@ from service.sse import DONE, ChunkEncoder, SSEStream, error_event
 from service.telemetry import (
     MemoryMark,
     RequestMemoryMeter,
+    RequestRecord,
     RequestTimer,
     TelemetryManager,
     build_record,
@@ -274,7 +275,7 @@ class Run:
         self.last_delta: TokenDelta | None = None
         self._frames: AsyncIterator[bytes] | None = None
         self._closed = False
-        self.record_metrics: dict[str, Any] | None = None
+        self._record: RequestRecord | None = None
 
     def attach(self, frames: AsyncIterator[bytes]) -> None:
         """Remember the stream so `close()` can finish it if the server abandons it."""
@@ -313,15 +314,16 @@ class Run:
         if None in self.finish:
             raise EngineError("the engine ended the stream without a finish reason")
 
-    def _detail(self, exc: BaseException) -> ErrorDetail:
-        mask = self.serving.secrets.mask
+    def _fail(self, exc: BaseException) -> WrapperError:
+        """The one place a failed generation is judged: status, dead engine, masked error."""
+        self.status = "aborted" if self.ticket.aborted else "error"
         if isinstance(exc, EngineError) and exc.code == "engine_dead":
             self.serving.manager.engine_failed(exc.message)
         if isinstance(exc, WrapperError):
-            return ErrorDetail(mask(exc.message), exc.error_type, exc.param, exc.code)
+            exc.message = self.serving.secrets.mask(exc.message)
+            return exc
         logger.error("generation failed", exc_info=exc)
-        text = sanitize_exception(exc, self.serving.secrets)
-        return ErrorDetail(f"engine error: {text}", "server_error", None, "engine_error")
+        return EngineError(f"engine error: {sanitize_exception(exc, self.serving.secrets)}")
 
     def _memory(self) -> dict[str, Any]:
         meter, mark = self.serving.meter, self.mem_mark
@@ -334,11 +336,13 @@ class Run:
         return meter.finish(mark, self.engine_pids, kv)
 
     def _metrics(self) -> dict[str, Any]:
+        """Build the request's record now (its status as it stands); the `metrics` object."""
         first, last = self.first_delta, self.last_delta
-        record = build_record(
+        self._record = build_record(
             self.timer,
             request_id=self.ctx.request_id,
-            model=self.model,
+            # a label and a stored field: masked like everything that leaves the request
+            model=self.serving.secrets.mask(self.model),
             backend=self.backend,
             stream=self.req.stream,
             status=self.status,
@@ -351,9 +355,7 @@ class Run:
             engine_last_token_at=last.engine_last_token_at if last else None,
             extra=self._memory(),
         )
-        self.record_metrics = record.metrics()
-        self._record = record
-        return self.record_metrics
+        return self._record.metrics()
 
     def _usage(self) -> dict[str, int]:
         return {
@@ -412,8 +414,8 @@ class Run:
             if include_usage:
                 yield enc.usage(self._usage(), metrics)
         except Exception as exc:
-            self.status = "aborted" if self.ticket.aborted else "error"
-            yield error_event(self._detail(exc))
+            err = self._fail(exc)
+            yield error_event(ErrorDetail(err.message, err.error_type, err.param, err.code))
         yield DONE
 
     # --- non-streaming -------------------------------------------------------------------------
@@ -474,14 +476,8 @@ class Run:
             raise InvalidRequestError("client disconnected", code="client_disconnected")
         try:
             return work.result()
-        except WrapperError as exc:
-            self.status = "aborted" if self.ticket.aborted else "error"
-            self._detail(exc)  # reports a dead engine to the manager
-            raise
         except Exception as exc:
-            self.status = "error"
-            detail = self._detail(exc)
-            raise EngineError(detail.message) from None
+            raise self._fail(exc) from None
 
     # --- the end -------------------------------------------------------------------------------
 
@@ -495,8 +491,9 @@ class Run:
                 await self._frames.aclose()  # type: ignore[attr-defined]
         self.slot.release()
         self.serving.manager.release(self.ticket)
-        if self.record_metrics is None:
+        if self._record is None:  # ended before its metrics were built (error, disconnect)
             self._metrics()
+        assert self._record is not None  # noqa: S101
         self.serving.telemetry.record(self._record, self.timer.gaps)
 
 

@@ -10,12 +10,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from attrs import evolve, field, frozen
+from attrs import field, frozen
 
-from adapters.base import AdapterContext
 from adapters.bundled import default_cache_dir
 
-__all__ = ["Settings", "SettingsError", "default_cache_dir", "evolve"]
+__all__ = ["Settings", "SettingsError"]
 
 
 class SettingsError(Exception):
@@ -127,7 +126,3 @@ class Settings:
         if not 0 < values.get("port", 8000) < 65536:
             raise SettingsError("IW_PORT must be between 1 and 65535")
         return cls(**values)
-
-    def adapter_context_defaults(self) -> AdapterContext:
-        """Model roots and cache dir as adapters see them (name filled in by the registry)."""
-        return AdapterContext(name="", model_roots=self.model_roots, cache_dir=self.cache_dir)

@@ -33,7 +33,7 @@ DONE = b"data: [DONE]\n\n"
 class ChunkEncoder:
     """Renders the `chat.completion.chunk` events of one stream."""
 
-    __slots__ = ("_head", "_tail", "_usage_null")
+    __slots__ = ("_head", "_tail")
 
     def __init__(self, completion_id: str, created: int, model: str, include_usage: bool) -> None:
         self._head = (
@@ -44,7 +44,6 @@ class ChunkEncoder:
             + b',"model":'
             + _encode(model)
         )
-        self._usage_null = include_usage
         self._tail = (b',"usage":null' if include_usage else b"") + b"}\n\n"
 
     def delta(

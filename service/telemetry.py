@@ -21,14 +21,12 @@ Must never: use a secret, a prompt or an output as a label or field.
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-import psutil
 from attrs import asdict, frozen
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -391,21 +389,12 @@ class RequestMemoryMeter:
 
     def _snapshot(self, pids: Sequence[int]) -> MemorySnapshot:
         procs = self.watchdog.tree_procs() if self.watchdog is not None else None
-        if not procs or not set(pids) <= {p.pid for p in procs}:
-            # no sample yet since the engine started: measure the slow, fresh way this once
-            snap: MemorySnapshot = self.probe.snapshot(pids)
-            return snap
-        rss = 0
-        for proc in procs:
-            with contextlib.suppress(psutil.Error):
-                rss += proc.memory_info().rss
-        torch_mem = torch_allocator()
-        device = self.probe.nvml.device_used_mib()
-        return MemorySnapshot(
-            rss_mib=rss / (1024 * 1024),
-            device_used_mib=device,
-            torch_allocated_mib=None if torch_mem is None else torch_mem[0],
-        )
+        if procs and set(pids) <= {p.pid for p in procs}:
+            snap: MemorySnapshot = self.probe.snapshot(pids, procs)
+        else:
+            # no sample yet since the engine started: the slow, fresh way this once
+            snap = self.probe.snapshot(pids)
+        return snap
 
     def start(self, pids: Sequence[int], alone: bool) -> MemoryMark:
         """Snapshot at admission (resetting the torch peak if the request runs alone)."""

@@ -24,13 +24,13 @@ import statistics
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import psutil
 from attrs import field, frozen
 from prometheus_client import CollectorRegistry, Gauge
 
 from adapters.base import MemoryEstimate
+from registry.memory import process_tree, rss_mib
 from schemas.errors import InsufficientMemoryError
 from schemas.telemetry import MemorySnapshot
 from service.gpu import MIB, GpuReading, Nvml, torch_allocator
@@ -318,15 +318,13 @@ class ServiceMemoryProbe:
     def __init__(self, nvml: Nvml) -> None:
         self.nvml = nvml
 
-    def snapshot(self, pids: Sequence[int] = ()) -> MemorySnapshot:
-        """Measure now (blocking, a few ms at most)."""
-        from registry.memory import process_tree  # noqa: PLC0415
-
-        procs = process_tree(pids)
-        rss = 0
-        for proc in procs:
-            with contextlib.suppress(psutil.Error):
-                rss += proc.memory_info().rss
+    def snapshot(
+        self, pids: Sequence[int] = (), procs: Sequence[psutil.Process] | None = None
+    ) -> MemorySnapshot:
+        """Measure now; `procs` (the watchdog's cached tree) spares the scan of `/proc`."""
+        if procs is None:
+            procs = process_tree(pids)
+        rss = rss_mib(procs)
         torch_mem = torch_allocator()
         device = self.nvml.device_used_mib()
         methods = ["psutil process-tree RSS"]
@@ -335,7 +333,7 @@ class ServiceMemoryProbe:
         if torch_mem is not None:
             methods.append("torch CUDA allocator")
         return MemorySnapshot(
-            rss_mib=rss / MIB,
+            rss_mib=rss,
             device_used_mib=None if device is None else round(device, 1),
             device_process_mib=self.nvml.process_used_mib(p.pid for p in procs)
             if device is not None
@@ -343,11 +341,3 @@ class ServiceMemoryProbe:
             torch_allocated_mib=None if torch_mem is None else round(torch_mem[0], 1),
             method=" + ".join(methods),
         )
-
-
-def describe(sample: ResourceSample) -> dict[str, Any]:
-    """A sample as JSON-ready builtins."""
-    from schemas.converter import unstructure  # noqa: PLC0415
-
-    out: dict[str, Any] = unstructure(sample)
-    return out

@@ -9,7 +9,6 @@ follow by pid. One engine start per backend: about 20-30 s each on 2 cores.
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -53,22 +52,13 @@ def model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, model_root: Path) -> Iterator[LiveServer]:
-    """The app over adapters.yaml with vLLM's CPU environment; the environment restored after."""
-    saved = dict(os.environ)
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["VLLM_CACHE_ROOT"] = str(tmp_path_factory.mktemp("vllm-cache"))
-    os.environ["VLLM_CONFIGURE_LOGGING"] = "0"
-    os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override kv_cache_memory_bytes
+def server(vllm_env: None, model_root: Path) -> Iterator[LiveServer]:
+    """The app over adapters.yaml, in vLLM's CPU environment (tests/engines/conftest.py)."""
     registry = AdapterRegistry.from_file(
         ROOT / "adapters.yaml", use_entry_points=False, model_roots=(model_root,)
     )
-    try:
-        with LiveServer(create_app(make_settings(), registry=registry)) as live:
-            yield live
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    with LiveServer(create_app(make_settings(), registry=registry)) as live:
+        yield live
 
 
 def admin(server: LiveServer, path: str, body: dict[str, Any] | None = None) -> httpx.Response:

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import os
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,21 +52,8 @@ UNLOAD_RSS_BOUND = 300 * MIB
 
 
 @pytest.fixture(scope="module", autouse=True)
-def vllm_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """The process environment the CPU build needs (the engine processes inherit it).
-
-    vLLM itself writes a few keys into `os.environ` while it builds an engine (worker start
-    method, thread counts); the whole environment is put back afterwards for the tests after us.
-    """
-    saved = dict(os.environ)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")  # else one of two cores stays idle
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setenv("VLLM_CACHE_ROOT", str(tmp_path_factory.mktemp("vllm-cache")))
-        mp.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
-        yield
-    os.environ.clear()
-    os.environ.update(saved)
+def _cpu_env(vllm_env: None) -> None:
+    """Every test here runs in vLLM's CPU environment (tests/engines/conftest.py)."""
 
 
 @pytest.fixture(scope="module")

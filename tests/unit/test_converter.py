@@ -10,7 +10,7 @@ from attrs import field, frozen
 from adapters.echo import EchoParams
 from registry.config import AdapterEntry
 from schemas.control import LoadRequest
-from schemas.converter import FieldError, StructureError, structure, type_name, unstructure
+from schemas.converter import FieldError, StructureError, structure, unstructure
 from schemas.openai import ChatCompletionRequest
 from schemas.validators import in_range
 
@@ -177,13 +177,6 @@ def test_unstructure_gives_json_builtins() -> None:
         "continuous_usage_stats": False,
         "include_obfuscation": False,
     }
-
-
-def test_type_names_for_messages() -> None:
-    """Primitive types read as JSON kinds in messages; other types by their name."""
-    assert type_name(int) == "an integer"
-    assert type_name(bool) == "a boolean"
-    assert type_name(Sample) == "Sample"
 
 
 @pytest.mark.parametrize(
