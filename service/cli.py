@@ -88,12 +88,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import uvicorn  # noqa: PLC0415
 
+    from service.http_limits import server_options  # noqa: PLC0415  (imports uvicorn)
+
     uvicorn.run(
         app,
         host=settings.host,
         port=settings.port,
         log_config=None,
         timeout_graceful_shutdown=int(settings.drain_timeout_s),
+        **server_options(settings),  # header/body limits and timeouts, connection cap
     )
     return 0
 
