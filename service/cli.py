@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # vLLM installs its own stdout handler (propagate off) unless told not to; its lines must
     # go through our masked handler like everyone else's
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
-    store = SecretStore()
+    store = SecretStore(settings.max_secrets)
     for key, value in os.environ.items():
         if _SECRET_ENV.search(key):
             store.add(value)
