@@ -66,8 +66,10 @@ def _forms(value: str) -> set[str]:
 class SecretStore:
     """Thread-safe, bounded set of secret strings with masking whose cost does not grow with it."""
 
-    def __init__(self, max_secrets: int = 1000) -> None:
+    def __init__(self, max_secrets: int = 1000, *, regex_forms: int = _REGEX_FORMS) -> None:
         self.max_secrets = max_secrets
+        self.regex_forms = regex_forms
+        """Up to this many forms, one compiled alternation masks (0: always the window index)."""
         self._lock = threading.Lock()
         self._values: set[str] = set()
         self._forms: set[str] = set()
@@ -109,7 +111,7 @@ class SecretStore:
                 merged = {*self._index.get(window, ()), *forms}
                 self._index[window] = tuple(sorted(merged, key=len, reverse=True))
                 self._windows.add(window)
-            if len(self._forms) <= _REGEX_FORMS:
+            if len(self._forms) <= self.regex_forms:
                 # longest first so a secret that contains another is masked whole
                 ordered = sorted(self._forms, key=len, reverse=True)
                 self._pattern = re.compile("|".join(re.escape(f) for f in ordered))
