@@ -300,5 +300,4 @@ def server_options(settings: Settings) -> dict[str, Any]:
         # our own protocol caps connections with an enveloped 503; uvicorn's limit_concurrency
         # would also count streaming tasks and answer in plain text
         "limit_concurrency": None,
-        "h11_max_incomplete_event_size": settings.max_header_bytes,
     }
