@@ -15,6 +15,8 @@ import psutil
 import pytest
 
 from helpers import API_KEY, LiveServer
+from service.http_limits import server_options
+from service.settings import Settings, SettingsError
 
 MiB = 1024 * 1024
 
@@ -245,3 +247,24 @@ def test_header_flood_keeps_memory_and_health(edge: LiveServer) -> None:
     # the server refuses after 16 KiB, so no client got its 64 MiB through
     assert sum(sent) < 8 * 64 * MiB
     assert growth < 64, f"RSS grew by {growth:.0f} MiB"
+
+
+def test_limits_come_from_iw_settings() -> None:
+    """The IW_* edge settings parse and reach the protocol uvicorn is given."""
+    settings = Settings.from_env(
+        {
+            "IW_MAX_HEADER_BYTES": "2048",
+            "IW_MAX_HEADERS": "7",
+            "IW_HEADER_TIMEOUT_S": "3.5",
+            "IW_BODY_TIMEOUT_S": "9",
+            "IW_KEEPALIVE_S": "0.5",
+            "IW_MAX_CONNECTIONS": "12",
+        }
+    )
+    options = server_options(settings)
+    limits = options["http"].limits
+    assert (limits.max_header_bytes, limits.max_headers, limits.max_connections) == (2048, 7, 12)
+    assert (limits.header_timeout_s, limits.body_timeout_s) == (3.5, 9.0)
+    assert options["timeout_keep_alive"] == 1  # uvicorn takes whole seconds; never 0
+    with pytest.raises(SettingsError):
+        Settings.from_env({"IW_MAX_HEADERS": "0"})
