@@ -206,7 +206,10 @@ class AdapterRegistry:
             return structure(merged, registered.params_type, path="$.engine_params")
         except StructureError as exc:
             first = exc.first
-            raise ParamsValidationError(first.render(), param=first.param or "$") from None
+            message = first.render()
+            if first.message == "unknown field":  # nothing close, and too many to list here
+                message += f"; GET /v1/adapters lists the params of backend {name!r}"
+            raise ParamsValidationError(message, param=first.param or "$") from None
 
     @staticmethod
     def _effective_defaults(registered: RegisteredAdapter) -> dict[str, Any]:

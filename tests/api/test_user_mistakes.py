@@ -32,6 +32,8 @@ adapters:
     defaults: {dtype: auto, device: auto, max_model_len: 2048}
   reasoning-echo:
     module: fakes.adapters:ReasoningEchoAdapter
+  vllm:
+    module: adapters.vllm:VllmAdapter
 models:
   echo: {backend: echo, model: echo}
   slow-echo: {backend: echo, model: echo, engine_params: {token_delay_ms: 20}}
@@ -99,6 +101,12 @@ MISTAKES = [
             {"preset": "smollm2-135m", "engine_params": {"dtyp": "float32"}}, ADMIN,
             422, "invalid_request_error", "invalid_params", "$.engine_params.dtyp",
             "engine_params.dtyp: unknown field; did you mean 'dtype'?"),
+    Mistake("engine-param-far-from-any", "POST", LOAD,
+            {"backend": "vllm", "model": "bundled:smollm2-135m",
+             "engine_params": {"colour": 1}}, ADMIN,
+            422, "invalid_request_error", "invalid_params", "$.engine_params.colour",
+            "engine_params.colour: unknown field; "
+            "GET /v1/adapters lists the params of backend 'vllm'"),
     Mistake("unknown-load-field", "POST", LOAD, {"preset": "echo", "engine_param": {}}, ADMIN,
             422, "invalid_request_error", "invalid_params", "$.engine_param",
             "engine_param: unknown field; did you mean 'engine_params'?"),
@@ -109,7 +117,7 @@ MISTAKES = [
     Mistake("unknown-backend", "POST", LOAD, {"backend": "transformer", "model": "m"}, ADMIN,
             404, "not_found_error", "backend_not_found", "$.backend",
             "unknown backend 'transformer'; did you mean 'transformers'? "
-            "known: crashing, echo, reasoning-echo, transformers"),
+            "known: crashing, echo, reasoning-echo, transformers, vllm"),
     Mistake("engine-param-out-of-range", "POST", LOAD,
             {"preset": "echo", "engine_params": {"token_delay_ms": -1}}, ADMIN,
             422, "invalid_request_error", "invalid_params", "$.engine_params.token_delay_ms",
