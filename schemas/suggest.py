@@ -57,9 +57,8 @@ def unknown(kind: str, name: str, known: Iterable[str], *, listed_by: str | None
     """
     names = sorted(set(known))
     more = hint(name, names)
-    if listed_by and len(names) > LIST_LIMIT:
-        more = f"{more} (all listed by {listed_by})".lstrip()
-    return f"unknown {kind} {shown(name)}" + (f"; {more}" if more else "")
+    where = f" (all listed by {listed_by})" if listed_by and len(names) > LIST_LIMIT else ""
+    return f"unknown {kind} {shown(name)}" + (f"; {more}" if more else "") + where
 
 
 __all__ = ["LIST_LIMIT", "NAME_LIMIT", "closest", "hint", "shown", "unknown"]
