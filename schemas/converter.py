@@ -29,7 +29,7 @@ from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, Iterabl
 from cattrs.gen import make_dict_structure_fn
 from cattrs.preconf.json import make_converter
 
-from schemas.suggest import closest, hint, shown
+from schemas.suggest import NAME_LIMIT, closest, hint, shown
 
 T = TypeVar("T")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
@@ -240,7 +240,7 @@ def _unknown_keys(exc: ForbiddenExtraKeysError, path: str, out: list[FieldError]
         more = hint(name, known, list_known=closest(name, known) is None)
         reason = "unknown field" + (f"; {more}" if more else "")
         # a key too long to be a field name is not echoed whole, in the path either
-        where = _index(path, name) if len(name) <= 64 else _join(path, shown(name))
+        where = _index(path, name) if len(name) <= NAME_LIMIT else _join(path, shown(name))
         out.append(FieldError(where, reason))
 
 

@@ -16,6 +16,7 @@ Must never: echo a presented key; log a header.
 
 from __future__ import annotations
 
+import enum
 import hmac
 
 from attrs import frozen
@@ -24,21 +25,16 @@ from litestar.handlers.base import BaseRouteHandler
 
 from schemas.errors import AuthenticationError, PermissionDeniedError
 
-# the codes tell a client's code which of the three it is; the messages tell a person what to send
+# the codes tell a program which refusal it got; the messages tell a person what to send
 _HOW = "send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
 MALFORMED = "Authorization must be 'Bearer <key>' (or send the key alone in X-API-Key)"
 
 
-class _Missing:
-    """No key in either header (distinct from a header that is there but not `Bearer <key>`)."""
+class _NoKey(enum.Enum):
+    """Why no key could be read: none sent, or an Authorization header not `Bearer <key>`."""
 
-
-class _Malformed:
-    """An Authorization header that is not `Bearer <key>`."""
-
-
-_MISSING = _Missing()
-_MALFORMED = _Malformed()
+    MISSING = "missing"
+    MALFORMED = "malformed"
 
 
 @frozen
@@ -75,25 +71,25 @@ def presented_key(connection: ASGIConnection) -> bytes | None:  # type: ignore[t
     return found if isinstance(found, bytes) else None
 
 
-def _read_key(connection: ASGIConnection) -> bytes | _Missing | _Malformed:  # type: ignore[type-arg]
+def _read_key(connection: ASGIConnection) -> bytes | _NoKey:  # type: ignore[type-arg]
     value = connection.headers.get("x-api-key")
     if value:
         return value.encode("latin-1")
     auth = connection.headers.get("authorization")
     if auth is None or not auth.strip():
-        return _MISSING
+        return _NoKey.MISSING
     scheme, _, token = auth.strip().partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         return token.strip().encode("latin-1")
-    return _MALFORMED
+    return _NoKey.MALFORMED
 
 
 def _require_key(connection: ASGIConnection, kind: str) -> bytes:  # type: ignore[type-arg]
     """The presented key, or 401 saying whether it is missing or the header is malformed."""
     found = _read_key(connection)
-    if isinstance(found, _Missing):
+    if found is _NoKey.MISSING:
         raise AuthenticationError(f"no {kind}: {_HOW}", code="missing_api_key")
-    if isinstance(found, _Malformed):
+    if found is _NoKey.MALFORMED:
         raise AuthenticationError(MALFORMED, code="malformed_authorization")
     return found
 
