@@ -36,6 +36,7 @@ import attrs
 from attrs import field, frozen
 
 from adapters.base import BaseAdapter, Capabilities, EngineStats, LoadInfo
+from adapters.kit import ParamPolicy
 from adapters.reasoning import OPEN_TAG, ReasoningSplitter
 from schemas.converter import StructureError, structure
 from schemas.errors import EngineError, ParamsValidationError
@@ -218,9 +219,21 @@ class DeepseekAdapter(BaseAdapter):
             ) from None
 
     def check(self, model: str, params: Any) -> None:
-        """The inner adapter's checks (model, registry gates), reported under our params path."""
+        """The inner engine's `extra` allowlist and the inner adapter's checks, under our path."""
+        inner_params = self._inner_params(params)
+        # the inner engine's allowlist, applied here too: it holds whichever inner adapter runs
+        policy: ParamPolicy | None = getattr(
+            inner_adapter_class(params.engine), "extra_policy", None
+        )
+        extra = getattr(inner_params, "extra", None)
+        if policy is not None and extra is not None:
+            policy.check(
+                extra,
+                allow=self.context.extra_allow,
+                path=f"$.engine_params.{_NESTED}.extra",
+            )
         try:
-            self._make_inner(params.engine).check(model, self._inner_params(params))
+            self._make_inner(params.engine).check(model, inner_params)
         except ParamsValidationError as exc:
             raise _reparam(exc) from None
 

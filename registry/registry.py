@@ -189,6 +189,7 @@ class AdapterRegistry:
             name=name,
             trust_remote_code_allowed=entry.trust_remote_code_allowed,
             allowed_hosts=entry.allowed_hosts,
+            extra_allow=entry.extra_allow,
             model_roots=self.model_roots,
             cache_dir=self.cache_dir,
         )
@@ -230,6 +231,7 @@ class AdapterRegistry:
             "env_allow": list(entry.env_allow),
             "trust_remote_code_allowed": entry.trust_remote_code_allowed,
             "allowed_hosts": list(entry.allowed_hosts),
+            "extra_allow": list(entry.extra_allow),
             "params_schema": attrs_json_schema(registered.params_type),
         }
 
