@@ -12,7 +12,7 @@ write to `os.environ` (the registry's env scope owns that).
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
@@ -225,6 +225,19 @@ class BaseAdapter:
         """Validate the model reference and registry-gated params."""
         parse_model_ref(model, self.context)
         check_trust_remote_code(params, self.context)
+
+    @classmethod
+    def check_extra_allow(cls, entries: Sequence[str]) -> None:
+        """Refuse (`ValueError`) adapters.yaml `extra_allow` entries this adapter cannot honour.
+
+        Adapters with an `engine_params.extra` declare its allowlist as `extra_policy` (a
+        `adapters.kit.ParamPolicy`); the others take no `extra_allow` at all.
+        """
+        policy = getattr(cls, "extra_policy", None)
+        for entry in entries:
+            if policy is None:
+                raise ValueError(f"this backend has no engine_params.extra to allow {entry!r} in")
+            policy.check_allow_entry(entry)
 
     def stats(self) -> EngineStats:
         """No engine-side figures by default."""

@@ -203,6 +203,22 @@ class DeepseekAdapter(BaseAdapter):
         base = self._inner.capabilities if self._inner is not None else Capabilities()
         return attrs.evolve(base, reasoning=True)
 
+    @classmethod
+    def check_extra_allow(cls, entries: Sequence[str]) -> None:
+        """`extra_allow` applies to the inner engine's `extra`: each entry must fit one engine."""
+        for entry in entries:
+            problems = []
+            for engine in _INNER:
+                policy = getattr(inner_adapter_class(engine), "extra_policy", None)
+                try:
+                    if policy is not None:
+                        policy.check_allow_entry(entry)
+                        break
+                except ValueError as exc:
+                    problems.append(str(exc))
+            else:
+                raise ValueError("; ".join(problems) or f"no inner engine allows {entry!r}")
+
     def _make_inner(self, engine: str) -> Any:
         if self._given_inner is not None:
             return self._given_inner

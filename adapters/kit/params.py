@@ -332,9 +332,6 @@ class Obj(ParamSpec):
             sub_path = f"{path}.{key}"
             spec = self.fields.get(key)
             if spec is None:
-                if _allowed(sub_rel, ctx.allow):
-                    out[key] = sub  # opted in by the operator by name; bounded above
-                    continue
                 close = difflib.get_close_matches(key, sorted(self.fields), n=1)
                 hint = f"; did you mean '{close[0]}'?" if close else ""
                 raise _refuse(
@@ -381,9 +378,30 @@ class ParamPolicy:
         )
         return checked
 
-    def opt_in_names(self) -> frozenset[str]:
-        """Top-level keys an operator may list in `extra_allow` (refused ones)."""
-        return frozenset(k for k, v in self.spec.fields.items() if isinstance(v, Refused))
+    def check_allow_entry(self, entry: str) -> None:
+        """Raise `ValueError` unless `entry` (an `extra_allow` item) opts in to a refused key.
+
+        Run at start-up, so a typo in adapters.yaml stops the service instead of silently
+        allowing nothing; keys that are allowed already or reserved are refused too.
+        """
+        if not valid_allow_entry(entry):
+            raise ValueError(f"{entry!r} is not an engine argument name or dotted path")
+        spec: ParamSpec = self.spec
+        parts = entry.split(".")
+        for depth, part in enumerate(parts):
+            fields = spec.fields if isinstance(spec, Obj) else {}
+            if part not in fields:
+                close = difflib.get_close_matches(part, sorted(fields), n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                where = ".".join(parts[: depth + 1])
+                raise ValueError(f"{self.engine} has no refused argument {where!r}{hint}")
+            spec = fields[part]
+            if isinstance(spec, Refused):
+                return
+            reserved = spec.reason if isinstance(spec, Reserved) else None
+            if reserved is not None:
+                raise ValueError(f"{entry!r} cannot be allowed: {reserved}")
+        raise ValueError(f"{entry!r} is allowed already; extra_allow is for refused keys only")
 
 
 def valid_allow_entry(entry: str) -> bool:
