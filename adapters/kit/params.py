@@ -222,7 +222,8 @@ class OneOf(ParamSpec):
 
     def check(self, value: Any, path: str, rel: str, ctx: _Ctx) -> Any:
         """A member of `choices` (the message lists them; they are not secrets)."""
-        if isinstance(value, bool) or value not in self.choices:
+        # only strings and ints can be members (a dict is unhashable, a bool would equal 0/1)
+        if isinstance(value, bool) or not isinstance(value, str | int) or value not in self.choices:
             shown = ", ".join(sorted(str(c) for c in self.choices))
             raise _refuse(f"must be one of: {shown}", path)
         return value

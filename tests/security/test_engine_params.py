@@ -19,7 +19,7 @@ from litestar import Litestar
 from litestar.testing import TestClient
 
 from adapters.base import AdapterContext
-from adapters.kit import Limits, ParamPolicy, check_bounds
+from adapters.kit import Limits, Obj, ParamPolicy, check_bounds
 from adapters.sglang import SGLANG_EXTRA
 from adapters.vllm import VLLM_EXTRA, VllmParams, check_extra, engine_kwargs
 from helpers import ADMIN, make_registry, make_settings
@@ -257,6 +257,8 @@ def test_vetted_knobs_pass_typed() -> None:
         ({"compilation_config": "{not json"}, "invalid_params"),
         ({"compilation_config": {"custom_ops": ["../x"]}}, "invalid_params"),
         ({"scheduling_policy": "lifo"}, "invalid_params"),
+        ({"scheduling_policy": {}}, "invalid_params"),  # unhashable: once a TypeError
+        ({"compilation_config": {"mode": [3]}}, "invalid_params"),
     ):
         with pytest.raises(ParamsValidationError) as caught:
             check_extra(bad)
@@ -300,15 +302,24 @@ def test_extra_allow_is_checked_at_start_up(allow: str, message: str) -> None:
     assert message in str(caught.value)
 
 
-def test_every_refusal_names_a_real_engine_argument() -> None:
-    """The vLLM allowlist names only real vLLM 0.32 EngineArgs fields (read from its source)."""
+def test_every_declared_key_is_a_real_engine_argument() -> None:
+    """The vLLM allowlist names only real vLLM 0.32 fields, nested ones too (read from source)."""
     spec = importlib.util.find_spec("vllm")  # finds the package without importing it
     assert spec is not None
     assert spec.submodule_search_locations
-    arg_utils = Path(next(iter(spec.submodule_search_locations))) / "engine" / "arg_utils.py"
-    text = arg_utils.read_text("utf-8")
-    for name in VLLM_EXTRA.spec.fields:
-        assert f"\n    {name}: " in text, name
+    root = Path(next(iter(spec.submodule_search_locations)))
+    sources = {
+        "": root / "engine" / "arg_utils.py",
+        "compilation_config": root / "config" / "compilation.py",
+        "structured_outputs_config": root / "config" / "structured_outputs.py",
+    }
+    for prefix, source in sources.items():
+        text = source.read_text("utf-8")
+        fields = VLLM_EXTRA.spec.fields
+        nested = fields[prefix] if prefix else VLLM_EXTRA.spec
+        assert isinstance(nested, Obj)
+        for name in nested.fields:
+            assert f"\n    {name}: " in text, f"{prefix}.{name}"
     assert set(SGLANG_EXTRA.spec.fields)  # sglang's names are pinned by the contract tests
 
 
