@@ -23,6 +23,9 @@ from service.settings import Settings, SettingsError
 
 logger = logging.getLogger("inference_wrapper")
 
+#: what uvicorn gives connections to close after the app's own drain (service/server.py)
+_CLOSE_GRACE_S = 3
+
 #: environment variables whose values are treated as secrets from the start
 _SECRET_ENV = re.compile(r"(TOKEN|KEY|SECRET|PASSWORD|CREDENTIAL)", re.IGNORECASE)
 
@@ -88,13 +91,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import uvicorn  # noqa: PLC0415
 
-    uvicorn.run(
+    from service.server import WrapperServer  # noqa: PLC0415
+
+    # the one place the uvicorn config is built
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_config=None,
-        timeout_graceful_shutdown=int(settings.drain_timeout_s),
+        # the app drains before uvicorn closes anything (service/server.py): by the time this
+        # applies, every response has ended; it only bounds a connection that would not close
+        timeout_graceful_shutdown=_CLOSE_GRACE_S,
     )
+    WrapperServer(config, app).run()
     return 0
 
 

@@ -45,7 +45,7 @@ from schemas.openai import (
     Choice,
     Usage,
 )
-from service.admission import Admission, Slot
+from service.admission import Admission, Slot, shutting_down
 from service.context import RequestContext
 from service.errors import decode_json
 from service.settings import Settings
@@ -219,6 +219,7 @@ class ChatServing:
 
     async def handle(self, request: Request[Any, Any, Any], ctx: RequestContext) -> Any:
         """Serve one chat request: a JSON response or an SSE stream."""
+        self.admission.check_open()  # stopping: refuse before reading the body
         req = self.parse(await request.body())
         loaded = self.manager.ready_model()
         gen = self.build(req, loaded, ctx.request_id)
@@ -229,6 +230,7 @@ class ChatServing:
             self.manager.release(ticket)
             raise
         run = Run(self, req, gen, loaded, ticket, slot, ctx)
+        ctx.ticket = ticket  # the stall watch cuts an aborted request's blocked send sooner
         if req.stream:
             frames = run.frames()
             run.attach(frames)
@@ -303,6 +305,8 @@ class Run:
 
     def _check_end(self) -> None:
         """After the adapter's stream ended: was it cut short by unload or by the engine?"""
+        if self.ticket.aborted and self.serving.admission.closing:
+            raise shutting_down()
         if self.ticket.aborted or "abort" in self.finish:
             raise (
                 _unloaded_error()
@@ -469,9 +473,16 @@ class Run:
             gone.cancel()
             if not work.done():
                 work.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await gone
-        if work.cancelled():
+            # `cancel()` only asks: the work is cancelled (its engine request aborted) once it
+            # has run its `finally`, so wait for that, shielded from our own cancellation
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait({work, gone})
+        client_gone = gone.done() and not gone.cancelled() and gone.exception() is None
+        if work.cancelled() or client_gone:
+            # the client is gone: whatever the work became, nobody reads it, and an exception
+            # it ended with is the cancellation's doing, not an engine failure
+            if not work.cancelled():
+                work.exception()  # retrieved: never "exception was never retrieved"
             self.status = "cancelled"
             raise InvalidRequestError("client disconnected", code="client_disconnected")
         try:

@@ -57,8 +57,11 @@ class Settings:
     """Largest `max_tokens` a request may ask for (`IW_MAX_TOKENS`)."""
     max_messages: int = 1024
     """Largest number of messages in one request (`IW_MAX_MESSAGES`)."""
-    drain_timeout_s: float = 30.0
-    """Default time unload gives in-flight requests (`IW_DRAIN_TIMEOUT_S`)."""
+    drain_timeout_s: float = 20.0
+    """Time unload and SIGTERM give in-flight requests (`IW_DRAIN_TIMEOUT_S`); below
+    Kubernetes' 30 s grace period so that the unload after it still fits."""
+    stream_stall_s: float = 30.0
+    """A response whose client accepts no bytes for this long is cut (`IW_STREAM_STALL_S`)."""
     metrics_open: bool = False
     """Serve `/metrics` without a key, for in-pod Prometheus scrapers (`IW_METRICS_OPEN`)."""
     watchdog_interval_s: float = 1.0
@@ -101,6 +104,7 @@ class Settings:
             ("max_messages", "IW_MAX_MESSAGES", int),
             ("telemetry_records", "IW_TELEMETRY_RECORDS", int),
             ("drain_timeout_s", "IW_DRAIN_TIMEOUT_S", float),
+            ("stream_stall_s", "IW_STREAM_STALL_S", float),
             ("watchdog_interval_s", "IW_WATCHDOG_INTERVAL_S", float),
             ("min_available_mib", "IW_MIN_AVAILABLE_MIB", float),
         ]:

@@ -11,6 +11,11 @@ the numbers); sustained host-memory pressure (available RAM under a floor for se
 row) makes `/ready` answer 503 until it clears. GPU memory is not a pressure signal: vLLM and SGLang
 fill the device on purpose (KV cache).
 
+Engine health without traffic: every sample also checks the loaded engine's own processes
+(`LoadInfo.engine_pids`: vLLM's and SGLang's engine cores). One that is gone or a zombie is
+reported through `on_engine_death`, which the app wires to `ModelManager.engine_failed`, the same
+path a death under traffic takes (state, `/ready` 503, automatic unload, `last_error`).
+
 Must never: initialise CUDA; let a failed reading stop the loop; sample on the event loop thread.
 """
 
@@ -93,8 +98,10 @@ class ResourceWatchdog:
         max_samples: int = 600,
         pressure: PressureConfig | None = None,
         engine_pids: Callable[[], Sequence[int]] = tuple,
+        on_engine_death: Callable[[str], None] | None = None,
     ) -> None:
         self.nvml = nvml
+        self._on_engine_death = on_engine_death
         self.interval_s = interval_s
         self.pressure_config = pressure or PressureConfig()
         self._engine_pids = engine_pids
@@ -224,11 +231,44 @@ class ResourceWatchdog:
             logger.info("host memory pressure cleared")
         self.g_pressure.set(1 if self.under_pressure else 0)
 
+    def _dead_engines(self) -> tuple[tuple[int, ...], list[int]]:
+        """The engine pids now and those of them that are gone or zombies (blocking)."""
+        pids = tuple(self._engine_pids())
+        dead = []
+        for pid in pids:
+            try:
+                if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                    dead.append(pid)
+            except psutil.NoSuchProcess:
+                dead.append(pid)
+            except psutil.Error:  # no permission to look: not evidence of death
+                continue
+        return pids, dead
+
+    def _probe(self) -> tuple[ResourceSample | None, tuple[int, ...], list[int]]:
+        """One worker-thread pass: the engine check first (cheap, must not wait on NVML)."""
+        pids, dead = self._dead_engines()
+        try:
+            sample: ResourceSample | None = self.sample()
+        except Exception:
+            logger.exception("watchdog sample failed")
+            sample = None
+        return sample, pids, dead
+
+    def _report_dead(self, pids: tuple[int, ...], dead: list[int]) -> None:
+        # the model may have been swapped while the thread looked: only report the current one
+        if not dead or self._on_engine_death is None or tuple(self._engine_pids()) != pids:
+            return
+        reason = f"engine process {', '.join(map(str, dead))} exited"
+        self._on_engine_death(reason)
+
     async def _run(self) -> None:
         while True:
             try:
-                sample = await asyncio.to_thread(self.sample)
-                self._record(sample)
+                sample, pids, dead = await asyncio.to_thread(self._probe)
+                if sample is not None:
+                    self._record(sample)
+                self._report_dead(pids, dead)
             except Exception:
                 logger.exception("watchdog sample failed")
             await asyncio.sleep(self.interval_s)
