@@ -377,10 +377,13 @@ class Run:
         n = self.gen.sampling.n
         role_sent = [False] * n
         frame = self.timer.frame
+        ctx = self.ctx
         try:
             agen = await self._start()
             try:
                 async for delta in agen:
+                    if ctx.cut:  # the stall watch dropped the connection: nobody reads on
+                        return
                     self._observe(delta)
                     text, reasoning = delta.text, delta.reasoning
                     index = delta.index
