@@ -69,6 +69,11 @@ def test_engine_core_killed_while_idle_turns_ready_off(vllm_env: None) -> None:
         print(f"vLLM engine core death noticed after {noticed:.2f} s")  # noqa: T201
 
 
+def shm_names(shm: Path) -> set[str]:
+    """The shared-memory objects that exist now."""
+    return {p.name for p in shm.iterdir()} if shm.is_dir() else set()
+
+
 def stream(url: str, out: list[str], started: threading.Event) -> None:
     """One long streaming chat; appends its SSE payloads to `out`."""
     body = {
@@ -92,8 +97,8 @@ def test_sigterm_with_vllm_streams_exits_zero_and_leaks_nothing(
     vllm_env: None, tmp_path: Path
 ) -> None:
     """SIGTERM with 8 vLLM streams: each ends with shutting_down + [DONE], exit 0, no shm left."""
-    shm = Path("/dev/shm")
-    shm_before = set(os.listdir(shm)) if shm.is_dir() else set()
+    shm = Path("/dev/shm")  # noqa: S108  (read only: which shared-memory objects exist)
+    shm_before = shm_names(shm)
     drain = 2.0
     env = {"IW_PRELOAD": PRESET, "IW_DRAIN_TIMEOUT_S": str(drain), "IW_STREAM_STALL_S": "30"}
     with ServiceProcess(tmp_path, {**os.environ, **env}) as svc:
@@ -127,6 +132,6 @@ def test_sigterm_with_vllm_streams_exits_zero_and_leaks_nothing(
         assert "error" not in last or last["error"]["code"] == "shutting_down", last
     assert "Exception in ASGI application" not in log
     assert not [pid for pid in engine if psutil.pid_exists(pid)], "engine processes survived"
-    leaked = (set(os.listdir(shm)) if shm.is_dir() else set()) - shm_before
+    leaked = shm_names(shm) - shm_before
     assert not leaked, leaked
     print(f"vLLM: SIGTERM to exit with 8 streams took {took:.2f} s (drain {drain} s)")  # noqa: T201
