@@ -29,7 +29,8 @@ from schemas.control import LoadRequest, LoadResponse, UnloadResponse
 from schemas.converter import unstructure
 from service.admission import Admission
 from service.auth import KeyRing
-from service.context import Exchanges, StallWatch, edge
+from service.context import SANE_ID_BYTES as SANE_ID
+from service.context import Exchanges, StallWatch, edge, new_request_id
 from service.controllers.chat import ChatController
 from service.controllers.control import AdapterController, ModelController
 from service.controllers.ops import (
@@ -49,6 +50,25 @@ from service.watchdog import PressureConfig, ResourceWatchdog, ServiceMemoryProb
 logger = logging.getLogger(__name__)
 
 
+_PROBE_METHODS = frozenset({"GET", "HEAD"})
+_HEALTH_BODY = b'{"status":"ok"}'
+_HEALTH_HEADERS = [
+    (b"content-type", b"application/json"),
+    (b"content-length", str(len(_HEALTH_BODY)).encode()),
+    (b"cache-control", b"no-store"),
+]
+
+
+async def _liveness(scope: Any, send: Any) -> None:
+    """`/health` answered before routing: two sends, no allocation beyond the request id."""
+    rid = next((v for k, v in scope["headers"] if k == b"x-request-id"), None)
+    rid = rid if rid is not None and SANE_ID.fullmatch(rid) else new_request_id().encode()
+    headers = [*_HEALTH_HEADERS, (b"x-request-id", rid)]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    body = b"" if scope["method"] == "HEAD" else _HEALTH_BODY
+    await send({"type": "http.response.body", "body": body})
+
+
 class WrapperApp(Litestar):
     """Litestar with an ASGI edge that stamps t0 and x-request-id on every HTTP exchange.
 
@@ -64,6 +84,9 @@ class WrapperApp(Litestar):
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         """ASGI entry: HTTP goes through the edge, lifespan and websockets straight through."""
         if scope["type"] == "http":
+            if scope["path"] == "/health" and scope["method"] in _PROBE_METHODS:
+                await _liveness(scope, send)
+                return
             await edge(super().__call__, scope, receive, send, self.exchanges)
         else:
             await super().__call__(scope, receive, send)

@@ -103,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # applies, every response has ended; it only bounds a connection that would not close
         timeout_graceful_shutdown=_CLOSE_GRACE_S,
     )
-    WrapperServer(config, app).run()
+    WrapperServer(config, app, health_port=settings.health_port).run()
     return 0
 
 

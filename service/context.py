@@ -34,6 +34,8 @@ from service.logs import request_id_var
 logger = logging.getLogger(__name__)
 
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+#: the same rule over raw header bytes (the `/health` fast path does not decode)
+SANE_ID_BYTES = re.compile(rb"^[A-Za-z0-9._:/+=-]{1,128}$")
 STATE_KEY = "iw_context"
 
 
