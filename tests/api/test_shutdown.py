@@ -103,6 +103,18 @@ def test_sigterm_drains_then_ends_streams_and_exits_zero(tmp_path: Path) -> None
     with start_service(tmp_path, DRAIN_S, health_port) as svc:
         wait_ready(svc.url)
         clients = open_streams(svc.url, [SHORT] * 2 + [LONG] * (STREAMS - 2))
+        plain: list[httpx.Response] = []
+        waiting = threading.Thread(
+            target=lambda: plain.append(
+                httpx.post(
+                    f"{svc.url}/v1/chat/completions", json=chat_body(LONG, model="slow-echo"),
+                    headers=API, timeout=30,
+                )
+            ),
+            daemon=True,
+        )  # fmt: skip
+        waiting.start()
+        time.sleep(0.3)  # admitted before the signal
         assert svc.proc is not None
         sent = time.monotonic()
         svc.proc.send_signal(signal.SIGTERM)
@@ -122,8 +134,12 @@ def test_sigterm_drains_then_ends_streams_and_exits_zero(tmp_path: Path) -> None
         rc = svc.proc.wait(timeout=DRAIN_S + 10)
         took = time.monotonic() - sent
         outcomes = sorted(check_ending(c) for c in clients)
+        waiting.join(timeout=10)
         log = svc.log()
     assert rc == 0, log[-3000:]
+    # the non-streaming request that outlived the drain got a 503 envelope, not a broken socket
+    assert [p.status_code for p in plain] == [503]
+    assert plain[0].json()["error"]["code"] == "shutting_down"
     assert DRAIN_S <= took <= DRAIN_S + 10
     assert outcomes == ["cut"] * (STREAMS - 2) + ["finished"] * 2
     assert "Exception in ASGI application" not in log

@@ -96,3 +96,29 @@ def test_a_slow_but_reading_client_is_not_cut(app_factory: Any) -> None:
             lines = [line for line in resp.iter_lines() if line]
         assert lines[-1] == "data: [DONE]"
         assert server.app.state.stall.cuts == 0
+
+
+def test_unload_does_not_wait_on_a_client_that_stopped_reading(app_factory: Any) -> None:
+    """Unload with silent clients: their blocked sends are cut at once, not after the stall time."""
+    app = app_factory(max_concurrency=SLOTS, max_queue=2, stream_stall_s=60.0)
+    with LiveServer(app) as server:
+        r = httpx.post(f"{server.url}/v1/model/load", json={"preset": "echo"}, headers=ADMIN)
+        assert r.status_code == 200, r.text
+        state = server.app.state
+        with silent_clients(server.port, SLOTS):
+            wait_for(lambda: state.admission.running == SLOTS, timeout=10)
+            # wait until their sends block (the buffers are full)
+            wait_for(lambda: len(server.app.exchanges.blocked(0.2)) == SLOTS, timeout=10)
+            started = time.monotonic()
+            r = httpx.post(
+                f"{server.url}/v1/model/unload", json={"drain_timeout_s": 0}, headers=ADMIN,
+                timeout=30,
+            )  # fmt: skip
+            took = time.monotonic() - started
+            assert r.status_code == 200, r.text
+            assert r.json()["aborted"] == SLOTS
+            assert state.manager.in_flight == 0
+            assert state.admission.running == 0
+            status = httpx.get(f"{server.url}/v1/model/status", headers=ADMIN).json()
+            assert status["in_flight"] == 0
+        assert took < 5, f"unload waited {took:.1f} s on clients that were gone"
