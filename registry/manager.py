@@ -526,6 +526,8 @@ class ModelManager:
         if self._state is not ModelState.READY or self._busy:
             return None
         self.abort_grace_s = min(self.abort_grace_s, abort_grace_s)
+        # the memory report of a last unload is worth less than staying inside the grace period
+        self.settle_timeout_s = min(self.settle_timeout_s, abort_grace_s)
         try:
             return await self.unload(drain_timeout_s=0)
         except Exception:

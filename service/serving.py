@@ -295,6 +295,8 @@ class Run:
 
     async def _start(self) -> AsyncGenerator[TokenDelta, None]:
         await self.slot.acquire()
+        if self.ticket.aborted:  # unloaded (or stopping) while it queued: never reach the engine
+            self._check_end()
         self.timer.admitted_at = time.perf_counter()
         meter = self.serving.meter
         if meter is not None:
