@@ -120,12 +120,13 @@ def test_sigterm_with_vllm_streams_exits_zero_and_leaks_nothing(
             assert e.wait(120)
         sent = time.monotonic()
         svc.proc.send_signal(signal.SIGTERM)
-        rc = svc.proc.wait(timeout=drain + 10)
+        rc = svc.proc.wait(timeout=drain + 40)
         took = time.monotonic() - sent
         for t in threads:
             t.join(timeout=10)
         log = svc.log()
     assert rc == 0, log[-3000:]
+    assert took <= drain + 10, log[-6000:]
     for out in outs:
         assert out[-1] == "[DONE]"
         last: dict[str, Any] = json.loads(out[-2])
