@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import http.server
 import logging
 import signal
+import socket
+import socketserver
 import threading
 import time
 from collections.abc import Callable, Generator
@@ -174,45 +175,60 @@ class WrapperServer(uvicorn.Server):
 __all__ = ["STOP_SIGNALS", "WrapperServer"]
 
 
-class _ProbeHandler(http.server.BaseHTTPRequestHandler):
-    """GET/HEAD /health on the liveness port; anything else 404. Short socket timeout."""
+def _probe_response(status: str, body: bytes, *, head: bool = False) -> bytes:
+    return (
+        f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n"
+    ).encode() + (b"" if head else body)
 
-    timeout = 2.0
-    protocol_version = "HTTP/1.1"
+
+_OK = b'{"status":"ok"}'
+_STALLED = b'{"status":"event loop stalled"}'
+_NOT_FOUND = _probe_response("404 Not Found", b'{"status":"not found"}')
+_BAD = _probe_response("400 Bad Request", b'{"status":"bad request"}')
+#: the most of a probe request that is read: a request line and a few headers
+_MAX_REQUEST = 4096
+
+
+class _ProbeHandler(socketserver.BaseRequestHandler):
+    """`GET`/`HEAD /health`, one request per connection, bounded in size and time.
+
+    Deliberately not `http.server`: its header parsing is Python work that waits for the GIL
+    at every step, which is the cost this listener exists to avoid.
+    """
+
     server: _ProbeServer
 
-    def _answer(self, *, body: bool) -> None:
-        if self.path.split("?", 1)[0] != "/health":
-            status, payload = 404, b'{"status":"not found"}'
-        elif self.server.loop_alive():
-            status, payload = 200, b'{"status":"ok"}'
-        else:
-            status, payload = 503, b'{"status":"event loop stalled"}'
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.send_header("Cache-Control", "no-store")
-        # one request per connection: the listener serves connections one at a time
-        self.send_header("Connection", "close")
-        self.close_connection = True
-        self.end_headers()
-        if body:
-            self.wfile.write(payload)
-
-    def do_GET(self) -> None:
-        """Liveness."""
-        self._answer(body=True)
-
-    def do_HEAD(self) -> None:
-        """Liveness without a body."""
-        self._answer(body=False)
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002  (base signature)
-        """Probes every few seconds would drown the log: silent."""
+    def handle(self) -> None:
+        """Read the request head (bounded), answer, close."""
+        sock: socket.socket = self.request
+        sock.settimeout(2.0)
+        data = b""
+        try:
+            while b"\r\n\r\n" not in data and len(data) < _MAX_REQUEST:
+                chunk = sock.recv(_MAX_REQUEST - len(data))
+                if not chunk:
+                    break
+                data += chunk
+            method, _, rest = data.partition(b" ")
+            target = rest.split(b" ", 1)[0].split(b"?", 1)[0]
+            if method not in (b"GET", b"HEAD") or b"\r\n" not in data:
+                reply = _BAD
+            elif target != b"/health":
+                reply = _NOT_FOUND
+            elif self.server.loop_alive():
+                reply = _probe_response("200 OK", _OK, head=method == b"HEAD")
+            else:
+                reply = _probe_response("503 Service Unavailable", _STALLED, head=method == b"HEAD")
+            sock.sendall(reply)
+        except OSError:
+            return
 
 
-class _ProbeServer(http.server.HTTPServer):
+class _ProbeServer(socketserver.TCPServer):
     """One connection at a time (probes are tiny); knows when the event loop last ticked."""
+
+    allow_reuse_address = True
 
     def __init__(self, address: tuple[str, int], loop_alive: Callable[[], bool]) -> None:
         self.loop_alive = loop_alive

@@ -108,7 +108,8 @@ def test_unload_does_not_wait_on_a_client_that_stopped_reading(app_factory: Any)
         with silent_clients(server.port, SLOTS):
             wait_for(lambda: state.admission.running == SLOTS, timeout=10)
             # wait until their sends block (the buffers are full)
-            wait_for(lambda: len(server.app.exchanges.blocked(0.2)) == SLOTS, timeout=10)
+            exchanges = server.app.exchanges  # type: ignore[attr-defined]
+            wait_for(lambda: len(exchanges.blocked(0.2)) == SLOTS, timeout=10)
             started = time.monotonic()
             r = httpx.post(
                 f"{server.url}/v1/model/unload", json={"drain_timeout_s": 0}, headers=ADMIN,
