@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from service.server import _ProbeServer
+from service.settings import Settings, SettingsError
 
 
 @pytest.fixture
@@ -62,3 +63,14 @@ def test_a_silent_connection_does_not_block_the_listener_for_long(
         assert r.status_code == 200
         silent.settimeout(1)
         assert silent.recv(10) == b""  # closed by the listener
+
+
+def test_lifecycle_settings_are_read_and_checked() -> None:
+    """IW_STREAM_STALL_S and IW_HEALTH_PORT are read; the drain default fits Kubernetes' 30 s."""
+    s = Settings.from_env({"IW_STREAM_STALL_S": "2.5", "IW_HEALTH_PORT": "8001"})
+    assert (s.stream_stall_s, s.health_port, s.drain_timeout_s) == (2.5, 8001, 20.0)
+    assert Settings.from_env({}).health_port is None
+    with pytest.raises(SettingsError, match="IW_HEALTH_PORT"):
+        Settings.from_env({"IW_HEALTH_PORT": "8000"})
+    with pytest.raises(SettingsError, match="IW_STREAM_STALL_S"):
+        Settings.from_env({"IW_STREAM_STALL_S": "0"})
