@@ -11,10 +11,11 @@ the numbers); sustained host-memory pressure (available RAM under a floor for se
 row) makes `/ready` answer 503 until it clears. GPU memory is not a pressure signal: vLLM and SGLang
 fill the device on purpose (KV cache).
 
-Engine health without traffic: every sample also checks the loaded engine's own processes
-(`LoadInfo.engine_pids`: vLLM's and SGLang's engine cores). One that is gone or a zombie is
-reported through `on_engine_death`, which the app wires to `ModelManager.engine_failed`, the same
-path a death under traffic takes (state, `/ready` 503, automatic unload, `last_error`).
+Engine health without traffic: every `ENGINE_CHECK_S` a second loop checks the loaded engine's
+own processes (`LoadInfo.engine_pids`: vLLM's and SGLang's engine cores). One that is gone or a
+zombie is reported through `on_engine_death`, which the app wires to
+`ModelManager.engine_failed`, the same path a death under traffic takes (state, `/ready` 503,
+automatic unload, `last_error`).
 
 Must never: initialise CUDA; let a failed reading stop the loop; sample on the event loop thread.
 """
@@ -89,6 +90,9 @@ class PressureConfig:
 class ResourceWatchdog:
     """See the module docstring."""
 
+    #: how often the engine's processes are checked (a /proc read each; bounded by interval_s)
+    ENGINE_CHECK_S = 0.5
+
     def __init__(
         self,
         nvml: Nvml,
@@ -108,6 +112,7 @@ class ResourceWatchdog:
         self._samples: deque[ResourceSample] = deque(maxlen=max_samples)
         self._procs: dict[int, psutil.Process] = {}
         self._task: asyncio.Task[None] | None = None
+        self._engine_task: asyncio.Task[None] | None = None
         self._started_wall = 0.0
         self.cost_cpu_s = 0.0
         self._low_streak = 0
@@ -245,16 +250,6 @@ class ResourceWatchdog:
                 continue
         return pids, dead
 
-    def _probe(self) -> tuple[ResourceSample | None, tuple[int, ...], list[int]]:
-        """One worker-thread pass: the engine check first (cheap, must not wait on NVML)."""
-        pids, dead = self._dead_engines()
-        try:
-            sample: ResourceSample | None = self.sample()
-        except Exception:
-            logger.exception("watchdog sample failed")
-            sample = None
-        return sample, pids, dead
-
     def _report_dead(self, pids: tuple[int, ...], dead: list[int]) -> None:
         # the model may have been swapped while the thread looked: only report the current one
         if not dead or self._on_engine_death is None or tuple(self._engine_pids()) != pids:
@@ -265,28 +260,40 @@ class ResourceWatchdog:
     async def _run(self) -> None:
         while True:
             try:
-                sample, pids, dead = await asyncio.to_thread(self._probe)
-                if sample is not None:
-                    self._record(sample)
-                self._report_dead(pids, dead)
+                sample = await asyncio.to_thread(self.sample)
+                self._record(sample)
             except Exception:
                 logger.exception("watchdog sample failed")
             await asyncio.sleep(self.interval_s)
 
+    async def _watch_engines(self) -> None:
+        """Check the engine's processes every `ENGINE_CHECK_S`, apart from the (slower) sample."""
+        while True:
+            await asyncio.sleep(min(self.ENGINE_CHECK_S, self.interval_s))
+            if not self._engine_pids():
+                continue  # nothing loaded, or an in-process engine: no thread hop at all
+            try:
+                pids, dead = await asyncio.to_thread(self._dead_engines)
+                self._report_dead(pids, dead)
+            except Exception:
+                logger.exception("engine process check failed")
+
     async def start(self) -> None:
-        """Start the background loop (idempotent)."""
+        """Start the background loops (idempotent)."""
         if self._task is None:
             self._started_wall = time.perf_counter()
             self.cost_cpu_s = 0.0
             self._task = asyncio.create_task(self._run(), name="resource-watchdog")
+            self._engine_task = asyncio.create_task(self._watch_engines(), name="engine-watch")
 
     async def stop(self) -> None:
-        """Stop the loop and wait for it."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        """Stop the loops and wait for them."""
+        for task in (self._task, self._engine_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = self._engine_task = None
 
     # --- readings ------------------------------------------------------------------------------
 
