@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import socket
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import pytest
 
 from helpers import ADMIN, API, API_KEY, LiveServer, chat_body
 
@@ -52,8 +54,11 @@ def silent_clients(port: int, count: int) -> Iterator[list[socket.socket]]:
             s.close()
 
 
-def test_stalled_streams_are_cut_and_slots_return(app_factory: Any) -> None:
+def test_stalled_streams_are_cut_and_slots_return(
+    app_factory: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     """Never-reading clients holding every slot are cut; then chats succeed, in_flight is 0."""
+    caplog.set_level(logging.INFO)
     app = app_factory(max_concurrency=SLOTS, max_queue=2, stream_stall_s=STALL_S)
     with LiveServer(app) as server:
         r = httpx.post(f"{server.url}/v1/model/load", json={"preset": "echo"}, headers=ADMIN)
@@ -75,6 +80,8 @@ def test_stalled_streams_are_cut_and_slots_return(app_factory: Any) -> None:
                 assert ok.status_code == 200, ok.text
         records = [rec.status for rec in state.telemetry.recent(10)]
         assert records.count("cancelled") == SLOTS
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert not errors, errors  # a cut is a disconnect, not an ASGI exception
         print(f"stall cut {took:.2f} s after the slots filled (IW_STREAM_STALL_S={STALL_S})")  # noqa: T201
 
 
