@@ -59,6 +59,9 @@ class Settings:
     """Largest number of messages in one request (`IW_MAX_MESSAGES`)."""
     drain_timeout_s: float = 30.0
     """Default time unload gives in-flight requests (`IW_DRAIN_TIMEOUT_S`)."""
+    swap_wait_s: float = 60.0
+    """How long a data-plane request waits for a load or swap in progress before its 503
+    (`IW_SWAP_WAIT_S`)."""
     metrics_open: bool = False
     """Serve `/metrics` without a key, for in-pod Prometheus scrapers (`IW_METRICS_OPEN`)."""
     watchdog_interval_s: float = 1.0
@@ -101,6 +104,7 @@ class Settings:
             ("max_messages", "IW_MAX_MESSAGES", int),
             ("telemetry_records", "IW_TELEMETRY_RECORDS", int),
             ("drain_timeout_s", "IW_DRAIN_TIMEOUT_S", float),
+            ("swap_wait_s", "IW_SWAP_WAIT_S", float),
             ("watchdog_interval_s", "IW_WATCHDOG_INTERVAL_S", float),
             ("min_available_mib", "IW_MIN_AVAILABLE_MIB", float),
         ]:
