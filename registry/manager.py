@@ -44,6 +44,7 @@ from registry.memory import (
     MemoryProbe,
     ProcessTreeProbe,
     freeze_heap,
+    pin_mmap_threshold,
     release_host_memory,
     unfreeze_heap,
 )
@@ -285,6 +286,8 @@ class ModelManager:
         self._idle.set()
         # replaced on every change waiters care about (state, busy, a released ticket)
         self._changed = asyncio.Event()
+        # before any engine allocates: its big buffers must go back to the OS at unload
+        pin_mmap_threshold()
 
     # --- state ---------------------------------------------------------------------------------
 
