@@ -44,8 +44,8 @@ from registry.memory import (
     MemoryProbe,
     ProcessTreeProbe,
     freeze_heap,
-    pin_mmap_threshold,
     release_host_memory,
+    tune_allocator,
     unfreeze_heap,
 )
 from registry.registry import AdapterRegistry, RegisteredAdapter, deep_merge
@@ -287,7 +287,7 @@ class ModelManager:
         # replaced on every change waiters care about (state, busy, a released ticket)
         self._changed = asyncio.Event()
         # before any engine allocates: its big buffers must go back to the OS at unload
-        pin_mmap_threshold()
+        tune_allocator()
 
     # --- state ---------------------------------------------------------------------------------
 
