@@ -50,8 +50,10 @@ def check_local_folder(path: Path) -> None:
         raise _refuse("the model folder's config.json is not a JSON object")
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+def _offline(constants_say: bool) -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub read it at import, or as the environment says now."""
+    env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    return constants_say or env
 
 
 def check_hub_model(repo_id: str) -> str:
@@ -65,7 +67,7 @@ def check_hub_model(repo_id: str) -> str:
     cached = huggingface_hub.try_to_load_from_cache(repo_id, "config.json")
     if isinstance(cached, str):
         return "cache"
-    if _offline():
+    if _offline(bool(huggingface_hub.constants.HF_HUB_OFFLINE)):
         raise _refuse(
             f"model '{repo_id}' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set"
         )

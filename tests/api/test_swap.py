@@ -166,7 +166,7 @@ def test_empty_answers_503_at_once(client: Any) -> None:
 
 
 def test_unreachable_hub_model_is_refused_fast_and_the_old_model_stays(app_factory: Any) -> None:
-    """A hub id the machine cannot reach is a 422 in seconds, before the serving model is touched."""
+    """A hub id this machine cannot reach is a 422 in seconds; the serving model stays."""
     with TestClient(app_factory(registry_text=SWAP_REGISTRY)) as client:
         assert client.post("/v1/model/load", json={"preset": "echo"}, headers=ADMIN).status_code
         body = {"backend": "transformers", "model": "iw-test-org/no-such-model", "replace": True}

@@ -80,24 +80,36 @@ def test_config_that_is_not_json_is_refused_before_loading(bad_model: Path) -> N
     assert "config.json is not valid JSON" in r.json()["error"]["message"]
 
 
+def _disk_error() -> None:
+    raise OSError("disk says no for hf_secret_token_123")
+
+
+def _wrapped() -> None:
+    try:
+        _disk_error()
+    except OSError as inner:
+        raise RuntimeError("wrapper") from inner
+
+
+def _summarised() -> None:
+    try:
+        _wrapped()
+    except RuntimeError:
+        raise EngineError("could not load the model") from None
+
+
 def test_root_cause_walks_the_chain_and_masks_secrets() -> None:
     """The innermost exception's text is reported after our summary, with secrets masked."""
     secrets = SecretStore()
     secrets.add("hf_secret_token_123")
-    try:
-        try:
-            try:
-                raise OSError("disk says no for hf_secret_token_123")
-            except OSError as inner:
-                raise RuntimeError("wrapper") from inner
-        except RuntimeError:
-            raise EngineError("could not load the model") from None
-    except EngineError as exc:
-        suppressed = exc
+    with pytest.raises(EngineError) as caught:
+        _summarised()
+    suppressed = caught.value
     # `from None` hides the chain: only our own summary is left
     assert describe_load_failure(suppressed, secrets) == "could not load the model"
     outer = EngineError("could not load the model")
     outer.__cause__ = suppressed.__context__
+    assert isinstance(root_cause(outer), OSError)
     text = describe_load_failure(outer, secrets)
     assert text.startswith("could not load the model: OSError: disk says no for ")
     assert "hf_secret_token_123" not in text
