@@ -529,7 +529,7 @@ class ModelManager:
             try:
                 loaded = await self._build(plan, alongside=True)
             except WrapperError as exc:
-                if exc.status_code < 500 and not exc.code == "insufficient_memory":
+                if exc.status_code < 500 and exc.code != "insufficient_memory":
                     raise
                 # the old model never stopped serving: say so the way a rollback does
                 raise self._rolled_back(previous, exc) from None
@@ -556,6 +556,8 @@ class ModelManager:
             ),
         )
         self._pending = again
+        gc.collect()  # what the failed engine left must be gone before the old one comes back
+        release_host_memory()
         logger.warning("restoring the previous model after a failed replace: %s", cause)
         try:
             restored = await self._build(again)
@@ -603,18 +605,18 @@ class ModelManager:
         started = time.perf_counter()
         plan.env.apply()
         adapter: Adapter[Any] = plan.adapter
+        failure: WrapperError | None = None
         try:
             info = await adapter.load(plan.model, plan.params)
         except BaseException as exc:
             await self._abandon(plan, exc, alongside=alongside)
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            message = self.last_error or sanitize_exception(exc, self.secrets)
-            if isinstance(exc, WrapperError) and exc.status_code < 500:
-                raise type(exc)(message, param=exc.param, code=exc.code) from None
-            if isinstance(exc, UpstreamError):  # 502/504: the upstream failed, not our engine
-                raise type(exc)(f"load failed: {message}", code=exc.code) from None
-            raise EngineError(f"engine failed to load: {message}") from None
+            failure = self._load_error(exc)
+        if failure is not None:
+            # raised outside the except block: no traceback of the failed engine rides along
+            # (its frames would keep the half-built engine's memory alive, e.g. during a rollback)
+            raise failure
         total = time.perf_counter() - started
         after = await asyncio.to_thread(self.probe.snapshot, info.engine_pids)
         response = LoadResponse(
@@ -632,6 +634,15 @@ class ModelManager:
             details=_mask_tree(info.details, self.secrets),
         )
         return LoadedModel(plan, adapter, info, response, baseline, self._clock())
+
+    def _load_error(self, exc: BaseException) -> WrapperError:
+        """The client's error for a failed load: its class kept for 4xx/upstream, else 500."""
+        message = self.last_error or sanitize_exception(exc, self.secrets)
+        if isinstance(exc, WrapperError) and exc.status_code < 500:
+            return type(exc)(message, param=exc.param, code=exc.code, headers=exc.headers)
+        if isinstance(exc, UpstreamError):  # 502/504: the upstream failed, not our engine
+            return type(exc)(f"load failed: {message}", code=exc.code)
+        return EngineError(f"engine failed to load: {message}")
 
     def _activate(self, loaded: LoadedModel, swap: SwapKind | None = None) -> LoadResponse:
         """Serve `loaded` from now on: one step, so no request sees a gap between models."""

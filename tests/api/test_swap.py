@@ -18,12 +18,18 @@ SWAP_REGISTRY = TEST_REGISTRY.replace(
 )
 
 
+def _quick_settle(app: Any) -> None:
+    """The unload's settle poll waits for RSS to stop moving; these tests judge no memory."""
+    app.state.manager.settle_timeout_s = 0.0
+
+
 def _status(client: Any) -> dict[str, Any]:
     return client.get("/v1/model/status", headers=ADMIN).json()  # type: ignore[no-any-return]
 
 
 def test_failed_replace_rolls_back_and_keeps_serving(client: Any) -> None:
     """A replace whose load fails restores the previous model: `rolled_back`, cause in status."""
+    _quick_settle(client.app)
     assert client.post("/v1/model/load", json={"preset": "echo"}, headers=ADMIN).status_code == 200
     r = client.post(
         "/v1/model/load",
@@ -61,6 +67,7 @@ def _hammer(url: str, stop: threading.Event, codes: Counter[int], lock: threadin
 def test_sixteen_clients_see_no_failure_during_two_swaps(app_factory: Any) -> None:
     """16 clients looping requests through an unload-first swap and an alongside swap: all 200."""
     with LiveServer(app_factory()) as server:
+        _quick_settle(server.app)
         admin = httpx.Client(base_url=server.url, headers=ADMIN, timeout=60)
         assert admin.post("/v1/model/load", json={"preset": "echo"}).status_code == 200
         stop, lock, codes = threading.Event(), threading.Lock(), Counter[int]()
@@ -102,6 +109,7 @@ def test_sixteen_clients_see_no_failure_during_two_swaps(app_factory: Any) -> No
 def test_request_during_swap_waits_and_is_served_by_the_new_model(app_factory: Any) -> None:
     """A request that arrives mid-swap waits, then runs on the model loaded under its name."""
     with TestClient(app_factory()) as client:
+        _quick_settle(client.app)
         assert client.post("/v1/model/load", json={"preset": "echo"}, headers=ADMIN).status_code
         result: dict[str, Any] = {}
 
