@@ -33,7 +33,9 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
+import traceback
 import uuid
 import warnings
 from collections.abc import AsyncGenerator, Mapping, Sequence
@@ -490,12 +492,68 @@ class EngineCoreErrors(logging.Handler):
         super().close()
 
 
+class StderrTee:
+    """Our fd 2 through a pipe while an engine starts, so its processes' last words are kept.
+
+    vLLM starts its engine core (and the core its workers) as processes that inherit fd 2; when
+    the start fails, the cause is only in what they print there (`EngineCore failed to start.`
+    and a traceback ending in e.g. "... Decrease --kv-cache-memory-bytes ..."). A pump thread
+    copies everything on to the real stderr (nothing is lost or reordered) and keeps the last
+    `_CAUSE_BYTES`. `restore()` gives us our fd 2 back; the engine's processes keep writing
+    through the pump until they exit (their end of the pipe closes with them, and so does the
+    thread).
+    """
+
+    def __init__(self) -> None:
+        self._out = os.dup(2)
+        read, write = os.pipe()
+        os.dup2(write, 2)
+        os.close(write)
+        self._read = read
+        self._tail = bytearray()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._pump, name="iw-vllm-stderr", daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        try:
+            while chunk := os.read(self._read, 65536):
+                with contextlib.suppress(OSError):
+                    os.write(self._out, chunk)
+                with self._lock:
+                    self._tail += chunk
+                    del self._tail[:-_CAUSE_BYTES]
+        finally:
+            os.close(self._read)
+            os.close(self._out)
+
+    def restore(self) -> None:
+        """Put our own stderr back on fd 2 (idempotent)."""
+        with self._lock:
+            if self._out >= 0 and self._thread.is_alive():
+                os.dup2(self._out, 2)
+
+    def lines(self, wait_s: float = 0.0) -> list[str]:
+        """What went through so far, by line; `wait_s` lets dying processes finish printing."""
+        if wait_s:
+            self._thread.join(timeout=wait_s)
+        with self._lock:
+            text = self._tail.decode("utf-8", errors="replace")
+        return [" ".join(ln.split()) for ln in text.splitlines() if ln.strip()]
+
+
+_EXCEPTION_LINE = re.compile(r"^(?:[\w.]+\.)?\w*(?:Error|Exception): \S")
+
+
 def _start_failure(exc: BaseException, causes: Sequence[str]) -> str:
     """The most specific text for a failed engine start: the core's own error over the wrapper's."""
     generic = describe(exc)
-    # vLLM's own wrapper lines say only that the core failed; anything else is the cause
+    # vLLM's own wrapper lines say only that the core failed; the last other error is the cause
     specific = [
-        c for c in causes if "initialization failed" not in c and "failed to start." not in c
+        c
+        for c in causes
+        if _EXCEPTION_LINE.match(c) or c.startswith(("ValueError", "RuntimeError"))
+        if "initialization failed" not in c and "failed to start." not in c
     ]
     return specific[-1] if specific else generic
 
@@ -718,6 +776,7 @@ class VllmAdapter(BaseAdapter):
             capture = EngineCoreErrors()
             vllm_logger = logging.getLogger("vllm")
             vllm_logger.addHandler(capture)
+            tee = StderrTee()
             try:
                 return api.AsyncLLM.from_vllm_config(
                     config,
@@ -726,11 +785,16 @@ class VllmAdapter(BaseAdapter):
                     disable_log_stats=False,
                 )
             except Exception as exc:
-                cause = _start_failure(exc, capture.causes())
+                tee.restore()
+                cause = _start_failure(exc, [*capture.causes(), *tee.lines(wait_s=2.0)])
                 failure = f"vllm engine failed to start: {sanitise(cause, source)}"
-                _log.error("vllm engine failed to start: %s", cause, exc_info=exc)
+                # the chain as text: a record holding the exception would keep the half-built
+                # engine client (and its zmq context) alive as long as the record lives
+                chain = "".join(traceback.format_exception(exc))
+                _log.error("vllm engine failed to start: %s\n%s", cause, chain)
                 _release(exc)
             finally:
+                tee.restore()
                 vllm_logger.removeHandler(capture)
                 capture.close()
             raise EngineError(failure)
