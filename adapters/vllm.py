@@ -57,7 +57,7 @@ from adapters.base import (
     parse_model_ref,
 )
 from adapters.bundled import check_model_source, resolve_model_source
-from adapters.kit.context import fit_max_tokens
+from adapters.kit.context import context_exceeded, fit_max_tokens
 from adapters.kit.models import check_reachable
 from schemas.errors import (
     ConflictError,
@@ -938,6 +938,13 @@ class VllmAdapter(BaseAdapter):
                 [conversation], self._chat_params, tok_params
             )
         except api.VLLMClientError as exc:
+            if getattr(exc, "parameter", None) in ("input_text", "input_tokens"):
+                # vLLM's own length refusal: the one context wording instead (kit/context.py)
+                value = getattr(exc, "value", None)
+                # a count equal to the context is vLLM's "at least": the text was cut there
+                exact = isinstance(value, int) and value != self._max_model_len
+                counted = value if exc.parameter == "input_tokens" and exact else None
+                raise context_exceeded(self._max_model_len, counted) from None
             raise InvalidRequestError(sanitise(_message(exc)), param=_param(exc)) from None
         prompt_len = len(engine_input["prompt_token_ids"])
         fit_max_tokens(prompt_len, req.sampling, self._max_model_len)

@@ -23,17 +23,27 @@ from schemas.generation import SamplingOptions
 CODE = "context_length_exceeded"
 
 
-def _refuse(limit: int, prompt_tokens: int, max_tokens: int | None, param: str) -> None:
-    asked = (
-        f"the messages take {prompt_tokens}, which leaves no room for a completion"
-        if max_tokens is None
-        else f"the request asks for {prompt_tokens + max_tokens} ({prompt_tokens} in the "
-        f"messages, max_tokens {max_tokens})"
-    )
-    raise InvalidRequestError(
+def context_exceeded(
+    limit: int, prompt_tokens: int | None, max_tokens: int | None = None
+) -> InvalidRequestError:
+    """The one error for a request that does not fit.
+
+    `prompt_tokens` is None when nobody counted: the engine refused the text as too long before
+    tokenizing all of it.
+    """
+    if max_tokens is not None and prompt_tokens is not None:
+        asked = (
+            f"the request asks for {prompt_tokens + max_tokens} ({prompt_tokens} in the "
+            f"messages, max_tokens {max_tokens})"
+        )
+    elif prompt_tokens is not None:
+        asked = f"the messages take {prompt_tokens}, which leaves no room for a completion"
+    else:
+        asked = "the messages take more, which leaves no room for a completion"
+    return InvalidRequestError(
         f"This model's maximum context length is {limit} tokens; {asked}. "
         "Shorten the messages or lower max_tokens.",
-        param=param,
+        param="messages" if max_tokens is None else "max_tokens",
         code=CODE,
     )
 
@@ -41,14 +51,14 @@ def _refuse(limit: int, prompt_tokens: int, max_tokens: int | None, param: str) 
 def fit_max_tokens(prompt_tokens: int, sampling: SamplingOptions, max_model_len: int) -> int:
     """The `max_tokens` to run with, or a 400 by the module's rule."""
     if prompt_tokens >= max_model_len:
-        _refuse(max_model_len, prompt_tokens, None, "messages")
+        raise context_exceeded(max_model_len, prompt_tokens)
     requested = sampling.max_tokens
     room = max_model_len - prompt_tokens
     if sampling.max_tokens_default:
         return min(requested, room)
     if requested > room:
-        _refuse(max_model_len, prompt_tokens, requested, "max_tokens")
+        raise context_exceeded(max_model_len, prompt_tokens, requested)
     return requested
 
 
-__all__ = ["CODE", "fit_max_tokens"]
+__all__ = ["CODE", "context_exceeded", "fit_max_tokens"]

