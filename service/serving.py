@@ -228,12 +228,12 @@ class ChatServing:
         body = await request.body()
         require_json_body(request.headers.get("content-type"), body)
         req = self.parse(body)
-        loaded = self.manager.ready_model()
-        gen = self.build(req, loaded, ctx.request_id)
-        ticket = self.manager.track(ctx.request_id)
+        # waits (bounded) while a load or swap is under way, instead of a 503
+        loaded, ticket = await self.manager.acquire(ctx.request_id, req.model)
         try:
+            gen = self.build(req, loaded, ctx.request_id)
             slot = self.admission.reserve()
-        except WrapperError:
+        except BaseException:
             self.manager.release(ticket)
             raise
         run = Run(self, req, gen, loaded, ticket, slot, ctx)
