@@ -114,7 +114,7 @@ def _check_seed(_: Any, attribute: Any, value: int | None) -> None:
     # bool is an int to Python but not to a JSON client; the converter already refuses it
     if value is not None and not SEED_MIN <= value <= SEED_MAX:
         raise FieldValueError(
-            attribute.name, f"seed must be a signed 64-bit integer ({SEED_MIN} to {SEED_MAX})"
+            attribute.name, f"must be a signed 64-bit integer ({SEED_MIN} to {SEED_MAX})"
         )
 
 

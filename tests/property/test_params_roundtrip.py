@@ -70,6 +70,7 @@ RANGES: dict[tuple[type[Any], str], tuple[float | None, float | None]] = {
     (ChatCompletionRequest, "min_p"): (0, 1),
     (ChatCompletionRequest, "repetition_penalty"): (0, 10),
     (ChatCompletionRequest, "min_tokens"): (0, None),
+    (ChatCompletionRequest, "seed"): (-(2**63), 2**63 - 1),
 }
 #: list bounds (min items, max items) where a validator or hook sets them
 SIZES: dict[tuple[type[Any], str], tuple[int, int]] = {

@@ -192,7 +192,8 @@ def test_unknown_key_is_named_with_a_suggestion(
 @pytest.mark.parametrize(
     ("extra", "param"),
     [
-        ({"hf_overrides": _nested(400)}, "$.engine_params.extra.hf_overrides"),
+        # under the body's own depth limit (64), over the allowlist's (8)
+        ({"hf_overrides": _nested(40)}, "$.engine_params.extra.hf_overrides"),
         (
             {"compilation_config": "[" * 3000 + "]" * 3000},
             "$.engine_params.extra.compilation_config",
@@ -211,6 +212,18 @@ def test_deep_and_large_values_are_422_never_500(
         assert r.status_code == 422, r.text
         error = r.json()["error"]
         assert error["param"].startswith(param or "$.engine_params.extra.compilation_config")
+
+
+@pytest.mark.parametrize("backend", ["vllm", "vllm-spec"])
+def test_a_400_deep_value_is_refused_at_the_body(
+    client: TestClient[Litestar], backend: str
+) -> None:
+    """A value nested 400 deep (once a RecursionError and a 500) is refused before any parsing."""
+    extra = {"hf_overrides": _nested(400)}
+    body = {"backend": backend, "model": MODEL, "engine_params": {"extra": extra}}
+    for r in _both(client, body):
+        assert r.status_code == 400, r.text
+        assert "nested too deeply" in r.json()["error"]["message"]
 
 
 def test_operator_opt_in_allows_that_key_only(client: TestClient[Litestar]) -> None:
