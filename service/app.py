@@ -21,6 +21,7 @@ from litestar.datastructures import State
 from litestar.di import Provide
 from prometheus_client import CollectorRegistry
 
+from hooks.chain import HookSet
 from registry.manager import ModelManager
 from registry.registry import AdapterRegistry
 from registry.secrets import SecretStore
@@ -150,12 +151,22 @@ async def services_lifespan(app: Litestar) -> AsyncIterator[None]:
     )
     admission = Admission(settings.max_concurrency, settings.max_queue)
     telemetry.bind_gauges(manager, admission)
+    # every hook of adapters.yaml, instantiated once (specs were validated with the registry)
+    hooks = HookSet(state.registry.hook_specs, mask=state.secrets.mask, observer=telemetry)
+    hooks.start()
+    state.hooks = hooks
     state.telemetry = telemetry
     state.watchdog = watchdog
     state.manager = manager
     state.admission = admission
     state.serving = ChatServing(
-        manager, admission, telemetry, settings, state.secrets, RequestMemoryMeter(probe, watchdog)
+        manager,
+        admission,
+        telemetry,
+        settings,
+        state.secrets,
+        RequestMemoryMeter(probe, watchdog),
+        hooks,
     )
     await watchdog.start()
     preload: asyncio.Task[None] | None = None
@@ -169,6 +180,8 @@ async def services_lifespan(app: Litestar) -> AsyncIterator[None]:
             with contextlib.suppress(asyncio.CancelledError):
                 await preload
         await manager.shutdown()
+        # after the requests: their after_response work is queued by then (drain is bounded)
+        await hooks.close()
         await watchdog.stop()
 
 
