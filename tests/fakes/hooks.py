@@ -186,3 +186,16 @@ class NotAHook:
     """A class that is not a hook (start-up must refuse it)."""
 
     params_type = AppendParams
+
+
+class HeaderSpyHook(Hook):
+    """Keeps the headers each request showed the hooks."""
+
+    seen: ClassVar[list[dict[str, str]]] = []
+
+    async def before_request(
+        self, call: HookCall, request: GenerationRequest
+    ) -> GenerationRequest | None:
+        """Remember the headers."""
+        type(self).seen.append(dict(call.headers))
+        return None

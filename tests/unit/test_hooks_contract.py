@@ -11,10 +11,20 @@ import pytest
 from litestar.testing import TestClient
 
 from fakes.hooks import SECRET_TEXT, RecordHook
-from helpers import ADMIN, API, TEST_REGISTRY, chat_body, load, make_registry, sse_events
+from helpers import (
+    ADMIN,
+    API,
+    TEST_REGISTRY,
+    chat_body,
+    load,
+    make_registry,
+    make_settings,
+    sse_events,
+)
 from hooks.chain import HookSet
 from registry.config import RegistryError
 from registry.registry import AdapterRegistry
+from service.app import create_app
 
 ECHO = """
 adapters:
@@ -317,8 +327,10 @@ def test_no_hooks_means_no_chain(tmp_path: Path) -> None:
             "anchors",
         ),
         (
-            "  - {module: system_prompt, params: {text: hi}}\n"
-            "  - module: max_prompt_tokens\n    params: {max_tokens: 10, colour: red}\n",
+            (
+                "  - {module: system_prompt, params: {text: hi}}\n"
+                "  - module: max_prompt_tokens\n    params: {max_tokens: 10, colour: red}\n"
+            ),
             "hooks[1].params",
             9,
             "unknown field(s): colour",
@@ -339,8 +351,10 @@ def test_no_hooks_means_no_chain(tmp_path: Path) -> None:
             "credentials",
         ),
         (
-            "  - {module: system_prompt, params: {text: a}}\n"
-            "  - {module: system_prompt, params: {text: b}}\n",
+            (
+                "  - {module: system_prompt, params: {text: a}}\n"
+                "  - {module: system_prompt, params: {text: b}}\n"
+            ),
             "hooks[1].name",
             8,
             "two hooks named",
@@ -401,9 +415,6 @@ def test_third_party_hook_through_the_entry_point_group(
     assert specs["system_prompt"].source == "built-in"
     with pytest.raises(RegistryError, match="unknown hook 'shout'"):
         make_registry(tmp_path, text)  # entry points off: the short name is unknown
-    from service.app import create_app  # noqa: PLC0415
-    from helpers import make_settings  # noqa: PLC0415
-
     with TestClient(create_app(make_settings(), registry=registry)) as client:
         load(client, preset="echo")
         r = chat(client, "quiet words", stream=True)
