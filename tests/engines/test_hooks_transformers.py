@@ -34,7 +34,7 @@ def template_tokens(text: str) -> int:
 
 
 def test_max_prompt_tokens_uses_the_model_tokenizer(tmp_path: Path) -> None:
-    """A prompt of exactly the limit passes with that many prompt tokens; one more word is refused."""
+    """A prompt of exactly the limit passes with that many tokens; a longer one is refused."""
     limit = template_tokens(SHORT)
     text = (ROOT / "adapters.yaml").read_text() + (
         "  smollm2-limited:\n"
