@@ -28,7 +28,6 @@ from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any, get_args
 
 import anyio
-import attrs
 from litestar import Request
 
 from adapters.base import BaseAdapter, Capabilities
@@ -413,7 +412,7 @@ class Run:
                         text += on_end(call, index, "content")
                         reasoning += on_end(call, index, "reasoning")
                     if text != delta.text or reasoning != delta.reasoning:
-                        delta = attrs.evolve(delta, text=text, reasoning=reasoning)  # noqa: PLW2901
+                        delta = with_text(delta, text, reasoning)  # noqa: PLW2901
                 if sent is not None and text:
                     sent[index].append(text)
                 yield delta
@@ -643,6 +642,29 @@ class Run:
             tags=dict(call.tags) if call is not None else {},
             error=self.error,
         )
+
+
+def with_text(delta: TokenDelta, text: str, reasoning: str) -> TokenDelta:
+    """`delta` with other text: positional, 3x cheaper than `attrs.evolve` on the token path.
+
+    Every field is passed on; tests/unit/test_hooks_contract.py checks that against
+    `attrs.fields(TokenDelta)`, so a new field cannot be dropped silently.
+    """
+    d = delta
+    return TokenDelta(
+        text,
+        d.token_count,
+        d.index,
+        d.finish_reason,
+        d.prompt_tokens,
+        reasoning,
+        d.logprobs,
+        d.engine_queued_at,
+        d.engine_scheduled_at,
+        d.engine_first_token_at,
+        d.engine_last_token_at,
+        d.stop_reason,
+    )
 
 
 #: roles a hook's amended messages may use

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 from litestar.testing import TestClient
 
@@ -24,7 +25,9 @@ from helpers import (
 from hooks.chain import HookSet
 from registry.config import RegistryError
 from registry.registry import AdapterRegistry
+from schemas.generation import TokenDelta
 from service.app import create_app
+from service.serving import with_text
 
 ECHO = """
 adapters:
@@ -419,3 +422,15 @@ def test_third_party_hook_through_the_entry_point_group(
         load(client, preset="echo")
         r = chat(client, "quiet words", stream=True)
         assert '"content":" WORDS"' in r.text
+
+
+def test_with_text_keeps_every_other_field_of_a_delta() -> None:
+    """The token-path copy of a delta changes text and reasoning only, for every field there is."""
+    values: dict[str, Any] = {}
+    for i, f in enumerate(attrs.fields(TokenDelta)):
+        values[f.name] = {"text": "t", "reasoning": "r", "logprobs": ()}.get(f.name, i + 0.5)
+    values["finish_reason"] = "stop"
+    delta = TokenDelta(**values)
+    copy = with_text(delta, "new", "why")
+    assert (copy.text, copy.reasoning) == ("new", "why")
+    assert {**attrs.asdict(copy), "text": "t", "reasoning": "r"} == attrs.asdict(delta)
