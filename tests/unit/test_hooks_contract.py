@@ -427,8 +427,8 @@ def test_third_party_hook_through_the_entry_point_group(
 def test_with_text_keeps_every_other_field_of_a_delta() -> None:
     """The token-path copy of a delta changes text and reasoning only, for every field there is."""
     values: dict[str, Any] = {}
-    for i, f in enumerate(attrs.fields(TokenDelta)):
-        values[f.name] = {"text": "t", "reasoning": "r", "logprobs": ()}.get(f.name, i + 0.5)
+    for i, name in enumerate(attrs.fields_dict(TokenDelta)):
+        values[name] = {"text": "t", "reasoning": "r", "logprobs": ()}.get(name, i + 0.5)
     values["finish_reason"] = "stop"
     delta = TokenDelta(**values)
     copy = with_text(delta, "new", "why")
