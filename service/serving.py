@@ -263,10 +263,12 @@ class ChatServing:
         ctx: RequestContext,
     ) -> HookCall:
         headers: dict[str, str] = {}
+        mask = self.secrets.mask
         for raw_name, raw_value in request.scope["headers"]:
             name = raw_name.decode("latin-1").lower()
             if name not in HIDDEN_HEADERS and name not in headers:
-                headers[name] = raw_value.decode("latin-1")
+                # a key sent in some other header is still a key: hooks log and tag these
+                headers[name] = mask(raw_value.decode("latin-1"))
         adapter = loaded.adapter
         counter = None
         method = getattr(type(adapter), "count_prompt_tokens", None)

@@ -214,13 +214,19 @@ def test_hooks_never_see_credentials(app_factory: Any) -> None:
     """Auth headers are removed before hooks run: a hook cannot tag or log a key."""
     HeaderSpyHook.seen.clear()
     for client in client_with(app_factory, "  - {module: 'fakes.hooks:HeaderSpyHook'}\n"):
-        headers = {"x-api-key": API_KEY, "x-trace": "t1", "cookie": "session=abcdef"}
+        headers = {
+            "x-api-key": API_KEY,
+            "x-trace": "t1",
+            "cookie": "session=abcdef",
+            "x-forwarded-key": ADMIN_KEY,
+        }
         r = post(client, user("hi"), headers=headers)
         assert r.status_code == 200
         assert "tags" not in r.json()["metrics"]
     (seen,) = HeaderSpyHook.seen
     assert seen["x-trace"] == "t1"
     assert not {"authorization", "x-api-key", "cookie"} & set(seen)
+    assert seen["x-forwarded-key"] == "***"
     assert API_KEY not in json.dumps(seen)
 
 
