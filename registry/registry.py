@@ -38,6 +38,7 @@ from registry.hooks import build_hook_specs
 from schemas.converter import StructureError, structure, unstructure
 from schemas.errors import NotFoundError, ParamsValidationError
 from schemas.jsonschema import attrs_json_schema
+from schemas.suggest import unknown
 
 ENTRY_POINT_GROUP = "inference_wrapper.adapters"
 
@@ -99,6 +100,15 @@ def _check_entry(registered: RegisteredAdapter) -> None:
     refused = [k for k in registered.entry.env if is_refused(k)]
     if refused:
         raise RegistryError(f"adapters.{name}.env: {refused[0]} is never allowed")
+    allow = registered.entry.extra_allow
+    check_allow = getattr(registered.adapter_cls, "check_extra_allow", None)
+    if allow and check_allow is None:
+        raise RegistryError(f"adapters.{name}.extra_allow: this backend takes no extra_allow")
+    try:
+        if allow and check_allow is not None:
+            check_allow(allow)
+    except ValueError as exc:
+        raise RegistryError(f"adapters.{name}.extra_allow: {exc}") from None
     try:
         structure(registered.entry.defaults, registered.params_type, path="")
     except StructureError as exc:
@@ -106,8 +116,8 @@ def _check_entry(registered: RegisteredAdapter) -> None:
         real = [e for e in exc.errors if e.message != "required field missing"]
         if real:
             where = f"adapters.{name}.defaults"
-            if real[0].path != "$":
-                where += f".{real[0].path}"
+            if real[0].param is not None:
+                where += f".{real[0].param}"
             raise RegistryError(f"{where}: {real[0].message}") from None
 
 
@@ -138,11 +148,13 @@ class AdapterRegistry:
             _check_entry(registered)
         for alias, preset in config.models.items():
             if preset.backend not in self._adapters:
-                raise RegistryError(f"models.{alias}.backend: unknown backend {preset.backend!r}")
+                raise RegistryError(
+                    f"models.{alias}.backend: {unknown('backend', preset.backend, self.names)}"
+                )
             try:
                 self.build_params(preset.backend, preset.engine_params)
             except ParamsValidationError as exc:
-                raise RegistryError(f"models.{alias}.engine_params: {exc.message}") from None
+                raise RegistryError(f"models.{alias}.{exc.message}") from None
         self.hook_specs: tuple[HookSpec, ...] = build_hook_specs(
             config, text=source_text, source=source, use_entry_points=use_entry_points
         )
@@ -179,7 +191,7 @@ class AdapterRegistry:
             return self._adapters[name]
         except KeyError:
             raise NotFoundError(
-                f"unknown backend {name!r}; known: {', '.join(self.names)}",
+                unknown("backend", name, self.names, listed_by="GET /v1/adapters"),
                 param="$.backend",
                 code="backend_not_found",
             ) from None
@@ -190,7 +202,9 @@ class AdapterRegistry:
             return self.config.models[alias]
         except KeyError:
             raise NotFoundError(
-                f"unknown preset {alias!r}", param="$.preset", code="preset_not_found"
+                unknown("preset", alias, self.config.models, listed_by="GET /v1/adapters"),
+                param="$.preset",
+                code="preset_not_found",
             ) from None
 
     def context(self, name: str) -> AdapterContext:
@@ -200,6 +214,7 @@ class AdapterRegistry:
             name=name,
             trust_remote_code_allowed=entry.trust_remote_code_allowed,
             allowed_hosts=entry.allowed_hosts,
+            extra_allow=entry.extra_allow,
             model_roots=self.model_roots,
             cache_dir=self.cache_dir,
         )
@@ -211,10 +226,11 @@ class AdapterRegistry:
         try:
             return structure(merged, registered.params_type, path="$.engine_params")
         except StructureError as exc:
-            first = exc.errors[0]
-            raise ParamsValidationError(
-                f"{first.message} @ {first.path}", param=first.path
-            ) from None
+            first = exc.first
+            message = first.render()
+            if first.message == "unknown field":  # nothing close, and too many to list here
+                message += f"; GET /v1/adapters lists the params of backend {name!r}"
+            raise ParamsValidationError(message, param=first.param or "$") from None
 
     @staticmethod
     def _effective_defaults(registered: RegisteredAdapter) -> dict[str, Any]:
@@ -241,6 +257,7 @@ class AdapterRegistry:
             "env_allow": list(entry.env_allow),
             "trust_remote_code_allowed": entry.trust_remote_code_allowed,
             "allowed_hosts": list(entry.allowed_hosts),
+            "extra_allow": list(entry.extra_allow),
             "params_schema": attrs_json_schema(registered.params_type),
             "hooks": [
                 describe_spec(s) for s in self.hook_specs if s.scope == f"adapters.{name}.hooks"

@@ -334,9 +334,9 @@ def test_no_hooks_means_no_chain(tmp_path: Path) -> None:
                 "  - {module: system_prompt, params: {text: hi}}\n"
                 "  - module: max_prompt_tokens\n    params: {max_tokens: 10, colour: red}\n"
             ),
-            "hooks[1].params",
+            "hooks[1].params.colour",
             9,
-            "unknown field(s): colour",
+            "unknown field",
         ),
         (
             "  - {module: system_prompt, params: {}}\n",
