@@ -21,9 +21,10 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 
-from attrs import field, frozen
+from attrs import evolve, field, frozen
 
 from adapters.base import BaseAdapter, Capabilities, LoadInfo, MemoryEstimate
+from adapters.kit.context import fit_max_tokens
 from adapters.text import StopMatcher
 from schemas.errors import EngineError
 from schemas.generation import GenerationRequest, TokenDelta
@@ -129,7 +130,10 @@ class EchoAdapter(BaseAdapter):
         user = next((m.content for m in reversed(req.messages) if m.role == "user"), "")
         source = _TOKEN.findall(user)
         prompt_tokens = sum(len(_TOKEN.findall(m.content)) + 1 for m in req.messages)
-        sampling = req.sampling
+        # the same context rule as the real engines, over echo's own token count
+        max_tokens = fit_max_tokens(prompt_tokens, req.sampling, self.params.max_context)
+        sampling = evolve(req.sampling, max_tokens=max_tokens)
+        req = evolve(req, sampling=sampling)
         self.active.add(req.request_id)
         outcome = "cancelled"
         try:

@@ -64,7 +64,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import msgspec
-from attrs import field, frozen
+from attrs import evolve, field, frozen
 
 from adapters.base import (
     BaseAdapter,
@@ -87,6 +87,7 @@ from adapters.kit import (
     clean_error_text,
     no_mask,
 )
+from adapters.kit.context import fit_max_tokens
 from schemas.errors import (
     ConflictError,
     EngineError,
@@ -596,7 +597,12 @@ class SglangAdapter(BaseAdapter):
         prompt_ids = list(
             self._tokenizer.encode(self.render_prompt(req.messages), add_special_tokens=False)
         )
-        params = sampling_params(req.sampling, seed_allowed=self._seed_allowed)
+        sampling = req.sampling
+        if self._max_context:
+            # the one context rule (adapters/kit/context.py), before sglang's own wording
+            max_tokens = fit_max_tokens(len(prompt_ids), sampling, self._max_context)
+            sampling = evolve(sampling, max_tokens=max_tokens)
+        params = sampling_params(sampling, seed_allowed=self._seed_allowed)
         rid = _engine_rid(req.request_id)
         self._inflight.add(rid)
         self._idle.clear()

@@ -11,7 +11,8 @@ concurrently (torch's global generator is shared by every thread); `generate` it
 over the one token that processor leaves.
 
 Must never: import torch or transformers at module level; let a consumer that went away keep a
-generation running past the next token; show a path, traceback or token in an error message;
+generation running past the next token; show a path, traceback or token in a request's error
+message (a failed load's root cause, paths included, goes to the admin-only load response);
 write to `os.environ` (hub credentials such as HF_TOKEN are put there by the registry).
 """
 
@@ -30,8 +31,17 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from attrs import field, frozen
 
-from adapters.base import AdapterContext, BaseAdapter, Capabilities, EngineStats, LoadInfo
+from adapters.base import (
+    AdapterContext,
+    BaseAdapter,
+    Capabilities,
+    EngineStats,
+    LoadInfo,
+    parse_model_ref,
+)
 from adapters.bundled import check_model_source, resolve_model_source
+from adapters.kit.context import fit_max_tokens
+from adapters.kit.models import check_reachable
 from adapters.text import StopMatcher
 from schemas.errors import (
     EngineError,
@@ -348,17 +358,9 @@ class _Engine:
         """Check the request against the model and turn it into a `_Plan` (runs in a thread)."""
         s = req.sampling
         prompt = self.encode(req)
-        limit = self.params.max_model_len
-        if len(prompt) >= limit:
-            raise InvalidRequestError(
-                f"this model's maximum context length is {limit} tokens; the messages use "
-                f"{len(prompt)}, which leaves no room for a completion",
-                param="messages",
-                code="context_length_exceeded",
-            )
-        # as vLLM's server does: max_tokens is clamped to the room the context leaves (a request
-        # without max_tokens asks for the whole context), and such an answer ends with "length"
-        max_tokens = min(s.max_tokens, limit - len(prompt))
+        # the one context rule (adapters/kit/context.py): a 400, or the room left when the
+        # request set no max_tokens
+        max_tokens = fit_max_tokens(len(prompt), s, self.params.max_model_len)
         vocab = int(self.model.config.vocab_size)
         bad = [t for t in s.stop_token_ids if not 0 <= t < vocab]
         if bad:
@@ -495,6 +497,9 @@ class TransformersAdapter(BaseAdapter):
         """Model reference (including the bundled name) and trust_remote_code, nothing loaded."""
         super().check(model, params)
         check_model_source(model, self.context)
+        # reachable now, in about a second, rather than a load that retries for a minute
+        ref = parse_model_ref(model, self.context)
+        check_reachable(ref.kind, ref.value)
 
     def stats(self) -> EngineStats:
         """Generations running now and waiting for a slot."""
@@ -778,11 +783,12 @@ def _from_pretrained(
     try:
         return auto_class.from_pretrained(source, **options)
     except Exception as exc:
-        raise _load_failure(exc, model, kind) from None
+        # chained, not `from None`: the manager reports the root cause and logs the whole chain
+        raise _load_failure(exc, model, kind) from exc
 
 
 def _load_failure(exc: Exception, model: str, kind: str) -> EngineError:
-    """A clean message for a failed `from_pretrained`; the hub id is the user's own text."""
+    """Our summary of a failed `from_pretrained`; the manager adds the engine's root cause."""
     name = type(exc).__name__
     if kind == "hub" and (
         isinstance(exc, OSError) or type(exc).__module__.startswith("huggingface")
@@ -794,7 +800,7 @@ def _load_failure(exc: Exception, model: str, kind: str) -> EngineError:
         return EngineError("the model needs trust_remote_code, which this load did not enable")
     if "OutOfMemory" in name:
         return EngineError("not enough device memory to load the model")
-    return EngineError(f"could not load the model ({name})")
+    return EngineError("could not load the model")
 
 
 def _check_context(config: Any, max_model_len: int) -> None:

@@ -29,7 +29,9 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
+import traceback
 import uuid
 import warnings
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
@@ -46,6 +48,7 @@ from adapters.base import (
     EngineStats,
     LoadInfo,
     check_trust_remote_code,
+    parse_model_ref,
 )
 from adapters.bundled import check_model_source, resolve_model_source
 from adapters.kit import (
@@ -63,6 +66,8 @@ from adapters.kit import (
     clean_error_text,
     no_mask,
 )
+from adapters.kit.context import context_exceeded, fit_max_tokens
+from adapters.kit.models import check_reachable
 from schemas.errors import (
     ConflictError,
     EngineError,
@@ -535,6 +540,132 @@ def _import_vllm() -> _Vllm:
     )
 
 
+# --- load-failure diagnosis -----------------------------------------------------------------------
+
+#: longest engine-core error text kept (the last lines of its traceback hold the cause)
+_CAUSE_BYTES = 64 * 1024
+
+
+class EngineCoreErrors(logging.Handler):
+    """Collects ERROR records of the `vllm` loggers while an engine starts, ours and the core's.
+
+    When the engine core process fails to start, our process only sees vLLM's wrapper
+    ("Engine core initialization failed. See root cause above."); the cause is logged by the
+    core process (`EngineCore failed to start.` with its traceback). The core process is forked
+    from ours while this handler is attached to the `vllm` logger, so it inherits the handler and
+    its file descriptor: both processes append here, and after a failure the last root cause in
+    the file says what to change (e.g. vLLM's "decrease --gpu-memory-utilization"). Where vLLM
+    spawns instead of forking, only our process's records arrive.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.ERROR)
+        handle, self.path = tempfile.mkstemp(prefix="iw-vllm-start-", suffix=".log")
+        os.close(handle)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Append the record's root cause (or its message) as one line; never raise."""
+        try:
+            text = record.getMessage()
+            if record.exc_info and record.exc_info[1] is not None:
+                cause: BaseException = record.exc_info[1]
+                seen = {id(cause)}
+                while (nxt := cause.__cause__ or cause.__context__) is not None:
+                    if id(nxt) in seen:
+                        break
+                    seen.add(id(nxt))
+                    cause = nxt
+                text = f"{type(cause).__name__}: {describe(cause)}"
+            line = " ".join(text.split())[:2000] + "\n"
+            os.write(self._fd, line.encode("utf-8", errors="replace"))
+        except Exception:  # noqa: S110  (a log handler must not fail the logger)
+            pass
+
+    def causes(self) -> list[str]:
+        """The lines recorded so far, oldest first."""
+        try:
+            with open(self.path, "rb") as file:  # noqa: PTH123  (a path from mkstemp)
+                data = file.read()[-_CAUSE_BYTES:]
+        except OSError:
+            return []
+        return [ln for ln in data.decode("utf-8", errors="replace").splitlines() if ln.strip()]
+
+    def close(self) -> None:
+        """Detach the file (a forked engine core keeps its own copy of the descriptor)."""
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)  # noqa: PTH108
+        super().close()
+
+
+class StderrTee:
+    """Our fd 2 through a pipe while an engine starts, so its processes' last words are kept.
+
+    vLLM starts its engine core (and the core its workers) as processes that inherit fd 2; when
+    the start fails, the cause is only in what they print there (`EngineCore failed to start.`
+    and a traceback ending in e.g. "... Decrease --kv-cache-memory-bytes ..."). A pump thread
+    copies everything on to the real stderr (nothing is lost or reordered) and keeps the last
+    `_CAUSE_BYTES`. `restore()` gives us our fd 2 back; the engine's processes keep writing
+    through the pump until they exit (their end of the pipe closes with them, and so does the
+    thread).
+    """
+
+    def __init__(self) -> None:
+        self._out = os.dup(2)
+        read, write = os.pipe()
+        os.dup2(write, 2)
+        os.close(write)
+        self._read = read
+        self._tail = bytearray()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._pump, name="iw-vllm-stderr", daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        try:
+            while chunk := os.read(self._read, 65536):
+                with contextlib.suppress(OSError):
+                    os.write(self._out, chunk)
+                with self._lock:
+                    self._tail += chunk
+                    del self._tail[:-_CAUSE_BYTES]
+        finally:
+            os.close(self._read)
+            os.close(self._out)
+
+    def restore(self) -> None:
+        """Put our own stderr back on fd 2 (idempotent)."""
+        with self._lock:
+            if self._out >= 0 and self._thread.is_alive():
+                os.dup2(self._out, 2)
+
+    def lines(self, wait_s: float = 0.0) -> list[str]:
+        """What went through so far, by line; `wait_s` lets dying processes finish printing."""
+        if wait_s:
+            self._thread.join(timeout=wait_s)
+        with self._lock:
+            text = self._tail.decode("utf-8", errors="replace")
+        return [" ".join(ln.split()) for ln in text.splitlines() if ln.strip()]
+
+
+_EXCEPTION_LINE = re.compile(r"^(?:[\w.]+\.)?\w*(?:Error|Exception): \S")
+
+
+def _start_failure(exc: BaseException, causes: Sequence[str]) -> str:
+    """The most specific text for a failed engine start: the core's own error over the wrapper's."""
+    generic = describe(exc)
+    # vLLM's own wrapper lines say only that the core failed; the last other error is the cause
+    specific = [
+        c
+        for c in causes
+        if _EXCEPTION_LINE.match(c) or c.startswith(("ValueError", "RuntimeError"))
+        if "initialization failed" not in c and "failed to start." not in c
+    ]
+    return specific[-1] if specific else generic
+
+
 # --- processes ------------------------------------------------------------------------------------
 
 
@@ -680,6 +811,8 @@ class VllmAdapter(BaseAdapter):
     def check(self, model: str, params: Any) -> None:
         """Model reference, registry gates and `extra` keys, without importing vLLM."""
         check_model_source(model, self.context)
+        ref = parse_model_ref(model, self.context)
+        check_reachable(ref.kind, ref.value)  # in about a second, not a minute of retries
         check_trust_remote_code(params, self.context)
         check_extra(params.extra, self.context.extra_allow)
 
@@ -753,6 +886,10 @@ class VllmAdapter(BaseAdapter):
                 failure = f"vllm refused the model or its params: {detail}"
             if failure:
                 raise EngineError(failure)
+            capture = EngineCoreErrors()
+            vllm_logger = logging.getLogger("vllm")
+            vllm_logger.addHandler(capture)
+            tee = StderrTee()
             try:
                 return api.AsyncLLM.from_vllm_config(
                     config,
@@ -761,9 +898,19 @@ class VllmAdapter(BaseAdapter):
                     disable_log_stats=False,
                 )
             except Exception as exc:
-                detail = sanitise(describe(exc), source, mask=self.context.mask)
+                tee.restore()
+                cause = _start_failure(exc, [*capture.causes(), *tee.lines(wait_s=2.0)])
+                detail = sanitise(cause, source, mask=self.context.mask)
                 failure = f"vllm engine failed to start: {detail}"
+                # the chain as text: a record holding the exception would keep the half-built
+                # engine client (and its zmq context) alive as long as the record lives
+                chain = "".join(traceback.format_exception(exc))
+                _log.error("vllm engine failed to start: %s\n%s", cause, chain)
                 _release(exc)
+            finally:
+                tee.restore()
+                vllm_logger.removeHandler(capture)
+                capture.close()
             raise EngineError(failure)
 
         future = asyncio.get_running_loop().run_in_executor(None, build)
@@ -897,7 +1044,8 @@ class VllmAdapter(BaseAdapter):
         try:
             tok_params = api.TokenizeParams(
                 max_total_tokens=self._max_model_len,
-                max_output_tokens=req.sampling.max_tokens,
+                # the context rule and its wording are ours (fit_max_tokens), not vLLM's
+                max_output_tokens=min(req.sampling.max_tokens, self._max_model_len),
                 add_special_tokens=False,
                 max_total_tokens_param="max_model_len",
                 max_output_tokens_param="max_tokens",
@@ -906,17 +1054,18 @@ class VllmAdapter(BaseAdapter):
                 [conversation], self._chat_params, tok_params
             )
         except api.VLLMClientError as exc:
+            if getattr(exc, "parameter", None) in ("input_text", "input_tokens"):
+                # vLLM's own length refusal: the one context wording instead (kit/context.py)
+                value = getattr(exc, "value", None)
+                # a count equal to the context is vLLM's "at least": the text was cut there
+                exact = isinstance(value, int) and value != self._max_model_len
+                counted = value if exc.parameter == "input_tokens" and exact else None
+                raise context_exceeded(self._max_model_len, counted) from None
             raise InvalidRequestError(
                 sanitise(_message(exc), mask=self.context.mask), param=_param(exc)
             ) from None
         prompt_len = len(engine_input["prompt_token_ids"])
-        if prompt_len >= self._max_model_len:
-            raise InvalidRequestError(
-                f"This model's maximum context length is {self._max_model_len} tokens; the "
-                f"messages take {prompt_len}, which leaves no room for a completion.",
-                param="messages",
-                code="context_length_exceeded",
-            )
+        fit_max_tokens(prompt_len, req.sampling, self._max_model_len)
         return engine_input, prompt_len
 
     def _sampling_params(self, api: _Vllm, s: SamplingOptions, prompt_len: int) -> Any:
@@ -941,8 +1090,7 @@ class VllmAdapter(BaseAdapter):
                 stop=list(s.stop) or None,
                 stop_token_ids=list(s.stop_token_ids) or None,
                 ignore_eos=s.ignore_eos,
-                # vLLM's server clamps to the room the context leaves (finish "length" there)
-                max_tokens=min(s.max_tokens, self._max_model_len - prompt_len),
+                max_tokens=fit_max_tokens(prompt_len, s, self._max_model_len),
                 min_tokens=s.min_tokens,
                 logprobs=(s.top_logprobs or 0) if s.logprobs else None,
                 output_kind=api.RequestOutputKind.DELTA,

@@ -101,3 +101,22 @@ class EnvScope:
         for key, value in saved.items():
             if os.environ.get(key) != value:
                 os.environ[key] = value
+
+    def take_over(self, previous: EnvScope) -> None:
+        """Inherit what `previous` must put back, after a swap that ran both engines at once.
+
+        The new model's scope was applied over the old one's; once the old engine is gone, its
+        own keys are put back and the new scope becomes the one that restores the environment
+        from before either model (`previous.restore()` is then a no-op).
+        """
+        saved, previous._saved = previous._saved, None
+        if saved is None:
+            return
+        for key in previous.keys:
+            if key in self._env:
+                continue
+            if key in saved:
+                os.environ[key] = saved[key]
+            else:
+                os.environ.pop(key, None)
+        self._saved = saved

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from attrs import field, frozen
 
+from schemas.errors import ErrorDetail
 from schemas.validators import in_range, max_length
 
 ModelStateName = Literal["empty", "loading", "ready", "unloading"]
@@ -32,7 +33,8 @@ class LoadRequest:
     served_model_name: str | None = field(default=None, validator=max_length(256))
     """Name clients send as `model`; defaults to the preset alias or the model reference."""
     replace: bool = False
-    """Drain and unload a loaded model first instead of answering 409."""
+    """Swap out a loaded model instead of answering 409: alongside when memory allows, else
+    unload then load; a failed load restores the previous model (`rolled_back: true`)."""
     drain_timeout_s: float | None = field(default=None, validator=in_range(0, 3600))
     """With `replace`: how long in-flight requests may finish before they are aborted."""
 
@@ -90,15 +92,27 @@ class ValidateResponse:
 
 @frozen
 class LoadResponse:
-    """`POST /v1/model/load` result."""
+    """`POST /v1/model/load` result.
 
-    status: Literal["loaded"]
+    After a failed `replace` the previous model is serving again: `status` is `rolled_back`,
+    `error` says why the requested load failed (the HTTP status is that failure's), and the rest
+    describes the model that is serving.
+    """
+
+    status: Literal["loaded", "rolled_back"]
     plan: LoadPlanView
     timings: LoadTimings
     memory: MemoryChange
     device: str
     max_context: int | None
     details: dict[str, Any]
+    rolled_back: bool = False
+    """True when the requested load failed and the previous model serves again."""
+    swap: Literal["alongside", "unload_first"] | None = None
+    """How a `replace` went: the new engine loaded beside the old one (no outage), or the old
+    one was unloaded first because the memory estimate did not allow both (requests waited)."""
+    error: ErrorDetail | None = None
+    """With `rolled_back`: the failure of the requested load (also in `last_error`)."""
 
 
 @frozen
@@ -115,15 +129,22 @@ class UnloadResponse:
     unload_s: float = 0.0
     memory: MemoryChange | None = None
     memory_settled: bool | None = None
-    """Whether memory came back to the pre-load baseline (within tolerance) before the timeout."""
-    memory_not_returned_mib: float | None = None
-    """RSS (or device memory, on GPU) above the pre-load baseline after settling."""
+    """Whether two memory readings agreed (within 2 MiB) before the settle timeout."""
+    memory_compared: Literal["device", "rss"] | None = None
+    """What the figures below compare: device memory (GPU) or the process tree's RSS."""
+    memory_vs_first_baseline_mib: float | None = None
+    """Memory now minus the backend's first baseline: memory after its first unload in this
+    process (the one-time costs of importing and warming the engine are paid by then)."""
+    memory_vs_previous_unload_mib: float | None = None
+    """Memory now minus memory after the previous unload of the same backend (null on the first)."""
+    memory_vs_pre_load_mib: float | None = None
+    """Memory now minus memory just before this model's load (includes one-time costs)."""
     memory_returned: bool | None = None
-    """False when `memory_not_returned_mib` exceeds the tolerance: a leak to look at. Null on the
-    first unload of a backend in this process, whose baseline (pre-load) cannot separate a leak
-    from one-time costs (engine libraries imported, CUDA context)."""
-    memory_baseline: str | None = None
-    """What `memory_not_returned_mib` is measured against."""
+    """Always the same test: `memory_vs_first_baseline_mib` within the tolerance. False means
+    memory creeps up over load/unload cycles: a leak to report. Null only for the old model of a
+    swap done alongside, whose figures include the new model still loaded."""
+    memory_tolerance_mib: float | None = None
+    """The tolerance `memory_returned` uses."""
 
 
 @frozen
@@ -135,7 +156,10 @@ class ModelStatus:
     plan: LoadPlanView | None = None
     load: LoadResponse | None = None
     last_error: str | None = None
+    """Why the last load failed (the engine's own root cause, secrets masked), or null."""
     last_unload: UnloadResponse | None = None
+    pending: LoadPlanView | None = None
+    """The model being loaded by a `replace` while `plan` still serves (or is being swapped)."""
     state_since: float = 0.0
     """Unix time of the last state change."""
     engine: dict[str, Any] | None = None

@@ -266,6 +266,7 @@ async def services_lifespan(app: Litestar) -> AsyncIterator[None]:
         guard=watchdog,
         listener=_TelemetryListener(telemetry, state.secrets),
         default_drain_timeout_s=settings.drain_timeout_s,
+        swap_wait_s=settings.swap_wait_s,
     )
     admission = Admission(settings.max_concurrency, settings.max_queue)
     telemetry.bind_gauges(manager, admission)

@@ -297,22 +297,21 @@ class ChatServing:
         body = await request.body()
         require_json_body(request.headers.get("content-type"), body)
         req = self.parse(body)
-        loaded = self.manager.ready_model()
-        gen = self.build(req, loaded, ctx.request_id)
+        # waits (bounded) while a load or swap is under way, instead of a 503
+        loaded, ticket = await self.manager.acquire(ctx.request_id, req.model)
         chain: HookChain | None = None
         call: HookCall | None = None
-        if self.hooks is not None:
-            chain = self.hooks.chain_for(loaded.plan.backend.name, loaded.plan.preset)
-        if chain is not None:
-            call = self._hook_call(request, req, loaded, ctx)
-            check = functools.partial(self.check_amended, loaded=loaded)
-            gen = await chain.before_request(call, gen, check)
-            if self.manager.ready_model() is not loaded:  # swapped while the hooks ran
-                raise _unloaded_error()
-        ticket = self.manager.track(ctx.request_id)
         try:
+            gen = self.build(req, loaded, ctx.request_id)
+            if self.hooks is not None:
+                chain = self.hooks.chain_for(loaded.plan.backend.name, loaded.plan.preset)
+            if chain is not None:
+                # the ticket holds the model while hooks run (an unload drains it first)
+                call = self._hook_call(request, req, loaded, ctx)
+                check = functools.partial(self.check_amended, loaded=loaded)
+                gen = await chain.before_request(call, gen, check)
             slot = self.admission.reserve()
-        except WrapperError:
+        except BaseException:
             self.manager.release(ticket)
             raise
         run = Run(self, req, gen, loaded, ticket, slot, ctx, chain, call)

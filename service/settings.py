@@ -65,6 +65,9 @@ class Settings:
     that liveness stays fast when the event loop is busy with many streams."""
     stream_stall_s: float = 30.0
     """A response whose client accepts no bytes for this long is cut (`IW_STREAM_STALL_S`)."""
+    swap_wait_s: float = 60.0
+    """How long a data-plane request waits for a load or swap in progress before its 503
+    (`IW_SWAP_WAIT_S`)."""
     metrics_open: bool = False
     """Serve `/metrics` without a key, for in-pod Prometheus scrapers (`IW_METRICS_OPEN`)."""
     watchdog_interval_s: float = 1.0
@@ -126,6 +129,7 @@ class Settings:
             ("telemetry_records", "IW_TELEMETRY_RECORDS", int),
             ("drain_timeout_s", "IW_DRAIN_TIMEOUT_S", float),
             ("stream_stall_s", "IW_STREAM_STALL_S", float),
+            ("swap_wait_s", "IW_SWAP_WAIT_S", float),
             ("watchdog_interval_s", "IW_WATCHDOG_INTERVAL_S", float),
             ("min_available_mib", "IW_MIN_AVAILABLE_MIB", float),
             ("max_header_bytes", "IW_MAX_HEADER_BYTES", int),

@@ -255,12 +255,12 @@ class TelemetryManager:
         )  # fmt: skip
         self.unload_not_returned = Gauge(
             "iw_unload_memory_not_returned_bytes",
-            "Memory above the pre-load baseline after the last unload settled.",
+            "Memory above the backend's first baseline (after its first unload), last unload.",
             registry=registry,
         )
         self.unload_returned = Gauge(
             "iw_unload_memory_returned",
-            "1 if the last unload returned memory to the pre-load baseline (within tolerance).",
+            "1 if the last unload left memory within tolerance of the backend's first baseline.",
             registry=registry,
         )
         self.hook_error_count = Counter(
@@ -360,8 +360,10 @@ class TelemetryManager:
             self.load_rss_delta.set(memory["rss_delta_mib"] * 1024 * 1024)
             if memory.get("device_delta_mib") is not None:
                 self.load_device_delta.set(memory["device_delta_mib"] * 1024 * 1024)
-        elif event.get("event") == "unload" and event.get("memory_not_returned_mib") is not None:
-            self.unload_not_returned.set(event["memory_not_returned_mib"] * 1024 * 1024)
+        elif (
+            event.get("event") == "unload" and event.get("memory_vs_first_baseline_mib") is not None
+        ):
+            self.unload_not_returned.set(event["memory_vs_first_baseline_mib"] * 1024 * 1024)
             if event.get("memory_returned") is not None:
                 self.unload_returned.set(1 if event["memory_returned"] else 0)
 

@@ -188,7 +188,7 @@ def table(res: dict[str, Any]) -> str:
     lines.append(
         f"device after unload {after} MiB vs post-CUDA-init {base} MiB: {gap} MiB "
         f"({'within' if gap is not None and gap <= 256 else 'NOT within'} 256 MiB); "
-        f"unload says not returned {res['unload'].get('memory_not_returned_mib')} MiB"
+        f"unload says above first baseline {res['unload'].get('memory_vs_first_baseline_mib')} MiB"
     )
     return "\n".join(lines)
 

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency
 
-from registry.manager import ModelManager
+from registry.manager import ModelManager, ReplaceRolledBackError
 from registry.registry import AdapterRegistry
 from registry.secrets import SecretStore
 from schemas.control import LoadRequest, UnloadRequest, ValidateResponse
@@ -59,10 +59,15 @@ class ModelController(Controller):
         """Load a model on a named backend (or preset); 409 while busy or when one is loaded.
 
         Returns the effective params (secrets masked), the load time split and the memory the
-        load took. On engine failure the state is clean (`empty`) and `last_error` says why.
+        load took. On engine failure the state is clean (`empty`) and `last_error` says why;
+        when the failed load was a `replace`, the previous model serves again and the answer
+        (with the failure's status) is its load report with `rolled_back: true` and `error`.
         """
         req = await parse_body(request, LoadRequest, allow_empty=False)
-        return json_response(await manager.load(req))
+        try:
+            return json_response(await manager.load(req))
+        except ReplaceRolledBackError as exc:
+            return json_response(exc.response, exc.status_code, exc.headers or None)
 
     @post("/unload", operation_id="unloadModel", name="model:unload", status_code=200)
     async def unload(

@@ -110,6 +110,11 @@ def test_failed_load_leaves_clean_state_and_next_load_works(client: Any) -> None
     status = client.get("/v1/model/status", headers=ADMIN).json()
     assert status["state"] == "empty"
     assert "no GPU" in status["last_error"]
+    r = client.post("/v1/chat/completions", json=chat_body(), headers=API)
+    assert r.status_code == 503
+    assert r.json()["error"]["message"] == (
+        "no model is loaded: the last load failed: see last_error in GET /v1/model/status"
+    )
     load(client, preset="echo")
     assert client.post("/v1/chat/completions", json=chat_body(), headers=API).status_code == 200
 
@@ -128,6 +133,7 @@ def test_unload_is_idempotent_and_reports_memory(client: Any) -> None:
     r = client.post("/v1/chat/completions", json=chat_body(), headers=API)
     assert r.status_code == 503
     assert r.headers["retry-after"]
+    assert r.json()["error"]["message"] == "no model is loaded: load one with POST /v1/model/load"
 
 
 def test_validate_is_a_dry_run(client: Any) -> None:
@@ -182,7 +188,7 @@ def test_failed_load_restores_env(client: Any) -> None:
 
 
 def test_concurrent_load_gets_409(app_factory: Any) -> None:
-    """While one load runs, another lifecycle call conflicts instead of queueing."""
+    """While one load runs, another lifecycle call conflicts; a chat request waits for it."""
     with TestClient(app_factory()) as client:
         results: dict[str, int] = {}
 
@@ -202,10 +208,16 @@ def test_concurrent_load_gets_409(app_factory: Any) -> None:
             time.sleep(0.02)
         r = client.post("/v1/model/load", json={"preset": "echo"}, headers=ADMIN)
         assert r.status_code == 409
-        assert r.json()["error"]["code"] == "lifecycle_busy"
+        assert r.json()["error"] == {
+            "message": "a load is in progress",
+            "type": "conflict_error",
+            "param": None,
+            "code": "lifecycle_busy",
+        }
         assert client.post("/v1/model/unload", headers=ADMIN).status_code == 409
         r = client.post("/v1/chat/completions", json=chat_body(), headers=API)
-        assert r.status_code == 503
+        assert r.status_code == 200, r.text
+        assert results["first"] == 200
         t.join()
         assert results["first"] == 200
 

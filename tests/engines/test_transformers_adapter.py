@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -234,9 +235,12 @@ async def test_prompt_beyond_context_is_a_400(loaded: Loaded) -> None:
     assert "2048" in info.value.message
 
 
-async def test_max_tokens_is_clamped_to_the_room_left(loaded: Loaded) -> None:
-    """max_tokens beyond the context's room is clamped to it (as vLLM does): finish length."""
-    req = chat("word " * 2000, max_tokens=1200, ignore_eos=True)
+async def test_max_tokens_is_clamped_only_when_the_request_set_none(loaded: Loaded) -> None:
+    """A set max_tokens beyond the room left is a 400; without one the room is used: length."""
+    with pytest.raises(InvalidRequestError) as info:
+        await collect(loaded.adapter, chat("word " * 2000, max_tokens=1200, ignore_eos=True))
+    assert (info.value.param, info.value.code) == ("max_tokens", "context_length_exceeded")
+    req = chat("word " * 2000, max_tokens=2048, max_tokens_default=True, ignore_eos=True)
     deltas = await collect(loaded.adapter, req)
     prompt = next(d.prompt_tokens for d in deltas if d.prompt_tokens is not None)
     assert tokens_of(deltas) == 2048 - prompt
@@ -282,8 +286,8 @@ async def test_load_unload_cycles_do_not_grow_rss() -> None:
     assert loaded_rss - samples[-1] > 300 * MIB
 
 
-async def test_hub_id_offline_is_a_clean_engine_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A hub id that cannot be fetched fails with a short message; the adapter loads fine after."""
+async def test_hub_id_offline_is_refused_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hub id that cannot be fetched is a 422 before any loading; the adapter loads fine after."""
     import huggingface_hub.constants  # noqa: PLC0415  (imported by transformers already)
 
     # this machine is offline either way; offline mode fails at once instead of after retries
@@ -291,12 +295,15 @@ async def test_hub_id_offline_is_a_clean_engine_error(monkeypatch: pytest.Monkey
     canary = "hf_canary_4c1d9e0b7a"
     monkeypatch.setenv("HF_TOKEN", canary)
     adapter = TransformersAdapter(_context())
-    with pytest.raises(EngineError) as info:
+    started = time.monotonic()
+    with pytest.raises(ParamsValidationError) as info:
         await adapter.load("iw-test-org/no-such-model", PARAMS)
+    assert time.monotonic() - started < 5
     message = info.value.message
+    assert info.value.code == "model_unreachable"
     assert message == (
-        "could not fetch model 'iw-test-org/no-such-model' from the Hugging Face hub "
-        "(offline or no access)"
+        "model 'iw-test-org/no-such-model' is not in the local Hugging Face cache and "
+        "HF_HUB_OFFLINE is set"
     )
     assert canary not in message
     await adapter.unload()  # the manager's clean-up after a failed load

@@ -230,6 +230,10 @@ async def test_engine_dying_at_start_leaves_no_process(context: AdapterContext) 
     with pytest.raises(EngineError) as caught:
         await adapter.load(MODEL, too_big)
     assert "failed to start" in caught.value.message
+    # the engine core's own error, not vLLM's wrapper that points at a log
+    assert "initialization failed" not in caught.value.message
+    assert "Decrease --kv-cache-memory-bytes" in caught.value.message
+    assert "See the service log" not in caught.value.message
     assert _child_pids() == before
     assert adapter.stats() == EngineStats()
     await adapter.unload()

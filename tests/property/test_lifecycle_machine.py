@@ -70,7 +70,10 @@ class LifecycleMachine(RuleBasedStateMachine):
     def load(
         self, preset: str, replace: bool, fail: bool, with_env: bool, name: str | None
     ) -> None:
-        """Load a preset: 409 over a loaded model without replace, 500 when asked to fail."""
+        """Load a preset: 409 over a loaded model without replace, 500 when asked to fail.
+
+        A failed load with replace leaves the previous model serving again (`rolled_back`).
+        """
         body: dict[str, Any] = {"preset": preset, "replace": replace}
         if fail:
             self.failures += 1
@@ -89,8 +92,13 @@ class LifecycleMachine(RuleBasedStateMachine):
             error = r.json()["error"]
             assert error["code"] == "engine_error"
             assert f"planned failure {self.failures}" in error["message"]
-            self.model, self.env = None, None
             self.last_error = f"planned failure {self.failures}"
+            if self.model is not None:
+                # a failed replace restores the model that was serving, with its env
+                assert r.json()["rolled_back"] is True
+                assert r.json()["plan"]["served_model_name"] == self.model
+                return
+            self.model, self.env = None, None
             return
         assert r.status_code == 200, r.text
         plan = r.json()["plan"]

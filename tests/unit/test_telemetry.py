@@ -229,7 +229,7 @@ def test_lifecycle_events_are_kept_in_order() -> None:
         "memory": {"rss_delta_mib": 10.0, "device_delta_mib": None},
     }
     manager.record_lifecycle(load)
-    manager.record_lifecycle({"event": "unload", "memory_not_returned_mib": None})
+    manager.record_lifecycle({"event": "unload", "memory_vs_first_baseline_mib": None})
     assert [e["event"] for e in manager.lifecycle] == ["load", "unload"]
     assert manager.lifecycle[0] == load
 
