@@ -20,7 +20,7 @@ from attrs import field, frozen
 
 from adapters.kit.errors import no_mask
 from schemas.errors import ParamsValidationError
-from schemas.generation import GenerationRequest, TokenDelta
+from schemas.generation import GenerationRequest, Message, TokenDelta
 
 ParamsT = TypeVar("ParamsT")
 ParamsT_contra = TypeVar("ParamsT_contra", contravariant=True)
@@ -245,4 +245,12 @@ class BaseAdapter:
 
     def estimate_memory(self, model: str, params: Any) -> MemoryEstimate | None:
         """Unknown by default: the load is not refused on memory grounds."""
+        return None
+
+    def count_prompt_tokens(self, messages: Sequence[Message]) -> int | None:
+        """Prompt tokens of `messages` (chat template included) by the loaded model's tokenizer.
+
+        Optional (hooks such as max_prompt_tokens use it); None when the adapter has no
+        tokenizer at hand. May block (the service calls it in a worker thread).
+        """
         return None

@@ -51,7 +51,13 @@ from schemas.errors import (
     UnsupportedParameterError,
     WrapperError,
 )
-from schemas.generation import FinishReason, GenerationRequest, SamplingOptions, TokenDelta
+from schemas.generation import (
+    FinishReason,
+    GenerationRequest,
+    Message,
+    SamplingOptions,
+    TokenDelta,
+)
 from schemas.validators import FieldValueError, in_range
 
 if TYPE_CHECKING:
@@ -498,6 +504,14 @@ class TransformersAdapter(BaseAdapter):
     def stats(self) -> EngineStats:
         """Generations running now and waiting for a slot."""
         return EngineStats(running=self._running, waiting=self._waiting)
+
+    def count_prompt_tokens(self, messages: Sequence[Message]) -> int | None:
+        """Tokens of the templated prompt, exactly as `generate` would encode it (blocking)."""
+        engine = self._engine
+        if engine is None or engine.tokenizer is None:
+            return None
+        req = GenerationRequest("count", tuple(messages), SamplingOptions(max_tokens=1))
+        return len(engine.encode(req))
 
     # -- load --
 

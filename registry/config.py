@@ -17,7 +17,7 @@ import yaml
 from attrs import field, frozen
 
 from schemas.converter import StructureError, structure
-from schemas.validators import FieldValueError
+from schemas.validators import FieldValueError, in_range
 
 _MODULE_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 BACKEND_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
@@ -45,6 +45,46 @@ def _env_patterns(_: Any, attribute: Any, value: tuple[str, ...]) -> None:
                 attribute.name,
                 f"invalid env pattern {pattern!r} (letters, digits, _ and * only)",
             )
+
+
+_HOOK_REF = re.compile(r"^([A-Za-z_][\w.]*:[A-Za-z_]\w*|[a-z][a-z0-9_-]{0,63})$")
+_HOOK_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+
+
+def _hook_ref(_: Any, attribute: Any, value: str) -> None:
+    if not _HOOK_REF.fullmatch(value):
+        raise FieldValueError(
+            attribute.name,
+            f"{attribute.name} must be a short name (regex_redact) or 'package.module:ClassName'",
+        )
+
+
+def _hook_name(_: Any, attribute: Any, value: str | None) -> None:
+    if value is not None and not _HOOK_NAME.fullmatch(value):
+        raise FieldValueError(attribute.name, f"{attribute.name} must be 1-64 of A-Za-z0-9_.:-")
+
+
+@frozen
+class HookEntry:
+    """One hook: which class, its params, its time budgets (README, "Custom logic (hooks)")."""
+
+    module: str = field(validator=_hook_ref)
+    """A built-in or entry-point short name, or `package.module:Class`; imported at start-up."""
+    name: str | None = field(default=None, validator=_hook_name)
+    """Names the hook in errors, logs and metric labels (default: the short or class name)."""
+    params: dict[str, Any] = field(factory=dict)
+    """The hook's params, validated against its `params_type` at start-up."""
+    budget_ms: float = field(default=50.0, validator=in_range(0.01, 600_000))
+    """before_request / after_response time above which a warning and a counter report it."""
+    chunk_budget_ms: float = field(default=1.0, validator=in_range(0.001, 10_000))
+    """The same for one on_chunk call (the per-token path)."""
+    timeout_ms: float = field(default=5000.0, validator=in_range(1, 600_000))
+    """before_request / after_response time after which the call is cancelled as a failure."""
+
+    @property
+    def label(self) -> str:
+        """The hook's name: `name`, else the short name or class name of `module`."""
+        return self.name or self.module.rpartition(":")[2]
 
 
 def _extra_keys(_: Any, attribute: Any, value: tuple[str, ...]) -> None:
@@ -76,6 +116,8 @@ class AdapterEntry:
     """Whether a load may set `trust_remote_code: true` (runs code shipped with the model)."""
     allowed_hosts: tuple[str, ...] = ()
     """Hosts an adapter may connect to (upstream adapters); empty means none."""
+    hooks: tuple[HookEntry, ...] = ()
+    """Hooks for every model served by this backend (after the global ones)."""
     extra_allow: tuple[str, ...] = field(default=(), validator=_extra_keys)
     """`engine_params.extra` keys (or dotted paths into them) a load may set although the
     adapter refuses them by default because they name code, files, folders, hosts or plugins
@@ -91,6 +133,8 @@ class PresetEntry:
     engine_params: dict[str, Any] = field(factory=dict)
     served_model_name: str | None = None
     description: str = ""
+    hooks: tuple[HookEntry, ...] = ()
+    """Hooks for this preset (after the global and the backend's)."""
 
 
 def _backend_names(_: Any, attribute: Any, value: dict[str, Any]) -> None:
@@ -107,6 +151,8 @@ class RegistryConfig:
 
     adapters: dict[str, AdapterEntry] = field(validator=_backend_names)
     models: dict[str, PresetEntry] = field(factory=dict, validator=_backend_names)
+    hooks: tuple[HookEntry, ...] = ()
+    """Hooks for every request, first in every chain."""
 
 
 def parse_registry(text: str, source: str = "adapters.yaml") -> RegistryConfig:
@@ -123,32 +169,39 @@ def parse_registry(text: str, source: str = "adapters.yaml") -> RegistryConfig:
         return structure(data, RegistryConfig, path="")
     except StructureError as exc:
         first = exc.errors[0]
-        line = _line_of(text, first.path)
+        line = line_of(text, first.path)
         where = f" (line {line})" if line else ""
         raise RegistryError(f"{source}: {first.message} @ {first.path or '$'}{where}") from None
 
 
 def load_registry_file(path: Path) -> RegistryConfig:
     """Read and parse an adapters.yaml file."""
+    return parse_registry(read_registry_text(path), source=str(path))
+
+
+def read_registry_text(path: Path) -> str:
+    """The text of an adapters.yaml file; `RegistryError` when it cannot be read."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except OSError as exc:
         raise RegistryError(f"cannot read registry file {path}: {exc.strerror}") from None
-    return parse_registry(text, source=str(path))
 
 
-def _line_of(text: str, path: str) -> int | None:
-    """Best-effort 1-based line of a dotted key path in the YAML source."""
+def line_of(text: str, path: str) -> int | None:
+    """Best-effort 1-based line of a key path (`hooks[0].params.x`) in the YAML source."""
     try:
         node = yaml.compose(text)
     except yaml.YAMLError:
         return None
     line = None
     for part in re.findall(r"[^.\[\]]+", path):
-        if not isinstance(node, yaml.MappingNode):
-            break
         key = part.strip("'\"")
-        match = next((v for k, v in node.value if getattr(k, "value", None) == key), None)
+        if isinstance(node, yaml.SequenceNode) and key.isdigit() and int(key) < len(node.value):
+            match = node.value[int(key)]
+        elif isinstance(node, yaml.MappingNode):
+            match = next((v for k, v in node.value if getattr(k, "value", None) == key), None)
+        else:
+            break
         if match is None:
             break
         node = match

@@ -23,15 +23,18 @@ from attrs import frozen
 
 from adapters.base import AdapterContext
 from adapters.bundled import default_cache_dir
+from hooks.chain import HookSpec, describe_spec
 from registry.config import (
     BACKEND_NAME,
     AdapterEntry,
     PresetEntry,
     RegistryConfig,
     RegistryError,
-    load_registry_file,
+    parse_registry,
+    read_registry_text,
 )
 from registry.env import is_refused
+from registry.hooks import build_hook_specs
 from schemas.converter import StructureError, structure, unstructure
 from schemas.errors import NotFoundError, ParamsValidationError
 from schemas.jsonschema import attrs_json_schema
@@ -128,6 +131,8 @@ class AdapterRegistry:
         model_roots: tuple[Path, ...] = (),
         cache_dir: Path | None = None,
         use_entry_points: bool = True,
+        source_text: str | None = None,
+        source: str = "adapters.yaml",
     ) -> None:
         self.config = config
         self.model_roots = model_roots
@@ -150,6 +155,9 @@ class AdapterRegistry:
                 self.build_params(preset.backend, preset.engine_params)
             except ParamsValidationError as exc:
                 raise RegistryError(f"models.{alias}.{exc.message}") from None
+        self.hook_specs: tuple[HookSpec, ...] = build_hook_specs(
+            config, text=source_text, source=source, use_entry_points=use_entry_points
+        )
 
     def _add_entry_points(self) -> None:
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
@@ -162,7 +170,10 @@ class AdapterRegistry:
     @classmethod
     def from_file(cls, path: Path, **kwargs: Any) -> AdapterRegistry:
         """Load adapters.yaml from disk and build the registry."""
-        return cls(load_registry_file(path), **kwargs)
+        text = read_registry_text(path)
+        config = parse_registry(text, source=str(path))
+        # the text travels along for the line numbers of hook errors
+        return cls(config, source_text=text, source=str(path), **kwargs)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -248,7 +259,14 @@ class AdapterRegistry:
             "allowed_hosts": list(entry.allowed_hosts),
             "extra_allow": list(entry.extra_allow),
             "params_schema": attrs_json_schema(registered.params_type),
+            "hooks": [
+                describe_spec(s) for s in self.hook_specs if s.scope == f"adapters.{name}.hooks"
+            ],
         }
+
+    def describe_hooks(self, scope: str) -> list[dict[str, Any]]:
+        """The hooks configured at `scope` (`hooks`, `models.<alias>.hooks`) for `/v1/adapters`."""
+        return [describe_spec(s) for s in self.hook_specs if s.scope == scope]
 
 
 __all__ = ["AdapterRegistry", "RegisteredAdapter", "RegistryError"]

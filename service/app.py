@@ -22,6 +22,7 @@ from litestar.datastructures import State
 from litestar.di import Provide
 from prometheus_client import CollectorRegistry
 
+from hooks.chain import HookSet
 from registry.manager import ModelManager
 from registry.registry import AdapterRegistry
 from registry.secrets import SecretStore
@@ -269,12 +270,22 @@ async def services_lifespan(app: Litestar) -> AsyncIterator[None]:
     )
     admission = Admission(settings.max_concurrency, settings.max_queue)
     telemetry.bind_gauges(manager, admission)
+    # every hook of adapters.yaml, instantiated once (specs were validated with the registry)
+    hooks = HookSet(state.registry.hook_specs, mask=state.secrets.mask, observer=telemetry)
+    hooks.start()
+    state.hooks = hooks
     state.telemetry = telemetry
     state.watchdog = watchdog
     state.manager = manager
     state.admission = admission
     state.serving = ChatServing(
-        manager, admission, telemetry, settings, state.secrets, RequestMemoryMeter(probe, watchdog)
+        manager,
+        admission,
+        telemetry,
+        settings,
+        state.secrets,
+        RequestMemoryMeter(probe, watchdog),
+        hooks,
     )
     stopper = GracefulStop(manager, admission, settings.drain_timeout_s)
     state.stopper = stopper
@@ -295,6 +306,8 @@ async def services_lifespan(app: Litestar) -> AsyncIterator[None]:
                 await preload
         await manager.shutdown()
         await stall.stop()
+        # after the requests: their after_response work is queued by then (drain is bounded)
+        await hooks.close()
         await watchdog.stop()
 
 

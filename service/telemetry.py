@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from attrs import asdict, frozen
+from attrs import asdict, field, frozen
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from schemas.telemetry import MemorySnapshot
@@ -39,6 +39,8 @@ LATENCY_BUCKETS = (
     0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0,
     300.0, 600.0,
 )  # fmt: skip
+#: distinct (tag, value) label pairs of `iw_request_tags_total`; later ones count as `other`
+MAX_TAG_SERIES = 256
 TOKEN_BUCKETS = (1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 131072)
 
 
@@ -103,11 +105,15 @@ class RequestRecord:
     device_memory_max_mib: float | None = None
     cpu_percent_mean: float | None = None
     kv_cache_usage: float | None = None
+    hooks_ms: float | None = None
+    """Time this request spent in hooks on its own path (null when it ran none)."""
+    tags: dict[str, str] = field(factory=dict)
+    """Labels hooks set (header_tags), bounded; not part of `metrics`."""
 
     def metrics(self) -> dict[str, Any]:
         """The response's `metrics` object (numbers only; ids and labels live elsewhere)."""
         out = asdict(self)
-        for key in ("request_id", "model", "backend", "stream", "status", "started_at"):
+        for key in ("request_id", "model", "backend", "stream", "status", "started_at", "tags"):
             out.pop(key)
         return out
 
@@ -257,6 +263,23 @@ class TelemetryManager:
             "1 if the last unload left memory within tolerance of the backend's first baseline.",
             registry=registry,
         )
+        self.hook_error_count = Counter(
+            "iw_hook_errors", "Hook failures (the request got 500 hook_failed, or an "
+            "after_response hook failed).", ("hook",), registry=registry,
+        )  # fmt: skip
+        self.hook_budget_count = Counter(
+            "iw_hook_budget_exceeded", "Hook calls slower than their budget_ms.", ("hook",),
+            registry=registry,
+        )  # fmt: skip
+        self.hook_drop_count = Counter(
+            "iw_hook_dropped", "Exchanges an after_response hook never saw (queue full).",
+            ("hook",), registry=registry,
+        )  # fmt: skip
+        self.request_tags = Counter(
+            "iw_request_tags", "Finished requests by hook-set tag (header_tags).",
+            ("tag", "value"), registry=registry,
+        )  # fmt: skip
+        self._tag_pairs: set[tuple[str, str]] = set()
         self.completion_hist = Histogram(
             "iw_request_generation_tokens", "Completion tokens per request.", labels,
             buckets=TOKEN_BUCKETS, registry=registry,
@@ -282,6 +305,27 @@ class TelemetryManager:
         itl = self.itl.labels(*labels)
         for gap in itl_gaps:
             itl.observe(gap)
+        for pair in rec.tags.items():
+            # hooks bound their own values; this bounds the series whatever a hook does
+            if pair not in self._tag_pairs:
+                if len(self._tag_pairs) >= MAX_TAG_SERIES:
+                    pair = (pair[0], "other")  # noqa: PLW2901
+                else:
+                    self._tag_pairs.add(pair)
+            self.request_tags.labels(*pair).inc()
+
+    # the service's HookObserver: failures, overruns and drops per hook (names from adapters.yaml)
+    def hook_error(self, hook: str) -> None:
+        """A hook failed."""
+        self.hook_error_count.labels(hook).inc()
+
+    def hook_over_budget(self, hook: str) -> None:
+        """A hook call took longer than its budget."""
+        self.hook_budget_count.labels(hook).inc()
+
+    def hook_dropped(self, hook: str) -> None:
+        """An exchange was not handed to an after_response hook."""
+        self.hook_drop_count.labels(hook).inc()
 
     def bind_gauges(self, manager: Any, admission: Any) -> None:
         """Gauges read at scrape time from the manager and admission control."""

@@ -113,10 +113,20 @@ class AdapterController(Controller):
 
     @get("/", operation_id="listAdapters", name="adapters:list")
     async def list_adapters(self, registry: NamedDependency[AdapterRegistry]) -> Response[bytes]:
-        """Each backend with its defaults and the JSON Schema of its params; the presets."""
+        """Each backend with its defaults and params JSON Schema; the presets; the hooks.
+
+        Hooks appear where they are configured (top-level `hooks`, each backend's and each
+        preset's `hooks`) with their params and the JSON Schema of their params.
+        """
         presets = {
-            alias: {"backend": p.backend, "model": p.model, "description": p.description}
+            alias: {
+                "backend": p.backend,
+                "model": p.model,
+                "description": p.description,
+                "hooks": registry.describe_hooks(f"models.{alias}.hooks"),
+            }
             for alias, p in registry.presets.items()
         }
         data = [registry.describe(name) for name in registry.names]
-        return json_response({"object": "list", "data": data, "presets": presets})
+        hooks = registry.describe_hooks("hooks")
+        return json_response({"object": "list", "data": data, "presets": presets, "hooks": hooks})

@@ -110,8 +110,9 @@ def test_unknown_key_names_its_path_and_line() -> None:
 
 
 def test_unknown_top_level_key_is_refused() -> None:
-    """A top-level key other than adapters/models is refused by name."""
-    assert "unknown field; known: adapters, models @ extra" in parse_error(ECHO + "extra: 1\n")
+    """A top-level key other than adapters/models/hooks is refused by name."""
+    message = parse_error(ECHO + "extra: 1\n")
+    assert "unknown field; known: adapters, hooks, models @ extra" in message
 
 
 def test_missing_adapters_key_is_named() -> None:
