@@ -65,7 +65,9 @@ class MetricsController(Controller):
         """Request histograms, counters and resource gauges in Prometheus text format."""
         # ours, then the default registry: process collectors and engines' own (vLLM's vllm:*)
         body = generate_latest(telemetry.registry) + generate_latest(REGISTRY)
-        return Response(body, media_type=CONTENT_TYPE_LATEST)
+        # Litestar appends "; charset=utf-8" to text/* itself; prometheus_client's constant
+        # already carries it, and a doubled parameter confuses strict scrapers
+        return Response(body, media_type=CONTENT_TYPE_LATEST.replace("; charset=utf-8", ""))
 
 
 class TelemetryController(Controller):
