@@ -40,6 +40,7 @@ from service.controllers.ops import (
 from service.errors import EXCEPTION_HANDLERS
 from service.gpu import Nvml
 from service.logs import mask_all_handlers
+from service.openapi import OpenAPIController
 from service.serving import ChatServing
 from service.settings import Settings
 from service.telemetry import RequestMemoryMeter, TelemetryManager
@@ -223,6 +224,7 @@ def create_app(
             MetricsController,
             TelemetryController,
             ResourcesController,
+            OpenAPIController,
         ],
         dependencies={
             "manager": Provide(provide_manager, sync_to_thread=False),
@@ -236,6 +238,8 @@ def create_app(
         lifespan=[services_lifespan],
         state=state,
         request_max_body_size=settings.max_body_bytes,
+        # the API description is built from the attrs schemas the handlers really use and
+        # served by OpenAPIController (service/openapi.py); Litestar's would describe raw bytes
         openapi_config=None,
         # logging is configured once by the CLI (masked handlers); Litestar must not replace it
         logging_config=None,

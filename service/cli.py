@@ -7,7 +7,6 @@ log file or pipe gets the path of a 0600 file instead).
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import logging
 import os
 import re
@@ -22,6 +21,7 @@ from registry.config import RegistryError
 from registry.secrets import SecretStore
 from service.logs import configure_logging
 from service.settings import Settings, SettingsError
+from service.version import package_version
 
 logger = logging.getLogger("inference_wrapper")
 
@@ -37,17 +37,9 @@ DESCRIPTION = (
 )
 
 
-def _version() -> str:
-    try:
-        return importlib.metadata.version("inference-wrapper")
-    except importlib.metadata.PackageNotFoundError:
-        # run from a source tree that was never installed
-        return "0+unknown"
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="inference-wrapper", description=DESCRIPTION)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser(
         "serve",
