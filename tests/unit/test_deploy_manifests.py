@@ -29,7 +29,7 @@ PRESTOP_S = 5
 
 def documents() -> list[tuple[str, dict[str, Any]]]:
     """Every YAML document under deploy/k8s, with its file name."""
-    out = []
+    out: list[tuple[str, dict[str, Any]]] = []
     for path in sorted(K8S.glob("*.yaml")):
         out.extend((path.name, doc) for doc in yaml.safe_load_all(path.read_text()) if doc)
     return out
