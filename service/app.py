@@ -59,6 +59,10 @@ class WrapperApp(Litestar):
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         """ASGI entry: HTTP goes through the edge, lifespan and websockets straight through."""
         if scope["type"] == "http":
+            # responses by status code for the dashboards (telemetry exists once lifespan ran)
+            telemetry: TelemetryManager | None = self.state.get("telemetry")
+            if telemetry is not None:
+                send = telemetry.counting(send)
             await edge(super().__call__, scope, receive, send)
         else:
             await super().__call__(scope, receive, send)

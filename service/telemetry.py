@@ -24,7 +24,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 from attrs import asdict, frozen
@@ -407,6 +407,23 @@ class TelemetryManager:
             buckets=TOKEN_BUCKETS, registry=registry,
         )  # fmt: skip
         self.vllm = VllmCompatMetrics()
+        self.http_responses = Counter(
+            "iw_http_responses",
+            "HTTP responses by status code (every route, errors included).",
+            ("code",),
+            registry=registry,
+        )
+
+    def counting(self, send: Callable[[Any], Awaitable[None]]) -> Callable[[Any], Awaitable[None]]:
+        """Wrap an ASGI `send` so that each response's status code is counted once."""
+        responses = self.http_responses
+
+        async def counted(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                responses.labels(str(message["status"])).inc()
+            await send(message)
+
+        return counted
 
     def record(self, rec: RequestRecord, itl_gaps: Iterable[float] = ()) -> None:
         """Store a finished request and update the Prometheus series."""

@@ -5,15 +5,18 @@ from __future__ import annotations
 import ast
 import contextlib
 import importlib.util
+import json
+import re
 from pathlib import Path
 from typing import Any
 
+import httpx
 from litestar import Litestar
 from litestar.testing import TestClient
 from prometheus_client import REGISTRY, Gauge
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import ADMIN, API, chat_body, load
+from helpers import ADMIN, API, ROOT, LiveServer, chat_body, load
 
 
 def test_metrics_content_type_has_one_charset(client: TestClient[Litestar]) -> None:
@@ -112,3 +115,75 @@ def test_vllm_named_series_step_aside_while_vllm_exports_its_own(
         s for s in found["vllm:e2e_request_latency_seconds"].samples if s.name.endswith("_count")
     ]
     assert count == []
+
+
+DASHBOARD = ROOT / "deploy" / "grafana" / "inference-wrapper.json"
+_PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "offset"}
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """Metric names a PromQL expression selects (functions, labels, strings and ranges removed)."""
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"', "", expr)  # strings
+    expr = re.sub(r"\{[^}]*\}", "", expr)  # label matchers
+    expr = re.sub(r"\[[^\]]*\]", "", expr)  # ranges
+    expr = re.sub(r"\b(?:by|without|on|ignoring)\s*\([^)]*\)", "", expr)  # grouping labels
+    names = set()
+    for match in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", expr):
+        rest = expr[match.end() :].lstrip()
+        if rest.startswith("(") or match.group() in _PROMQL_WORDS:
+            continue  # a function or an operator keyword
+        names.add(match.group())
+    return names
+
+
+def dashboard_exprs(dashboard: dict[str, Any]) -> list[str]:
+    """Every query of every panel (rows' nested panels included)."""
+    out: list[str] = []
+    for panel in dashboard["panels"]:
+        for inner in (panel, *panel.get("panels", [])):
+            out.extend(t["expr"] for t in inner.get("targets", []))
+    return out
+
+
+def test_promql_parser_finds_names_and_only_names() -> None:
+    """The name extraction the dashboard test relies on is right on a typical query."""
+    expr = (
+        "histogram_quantile(0.9, sum by (le, model) (rate(iw_e2e_request_latency_seconds_bucket"
+        '{model=~"$model"}[$__rate_interval]))) / on (model) iw_requests_total * 100'
+    )
+    assert promql_metric_names(expr) == {
+        "iw_e2e_request_latency_seconds_bucket",
+        "iw_requests_total",
+    }
+
+
+def exported_names(text: str) -> set[str]:
+    """Sample names and family names (with their sample suffixes) of an exposition."""
+    names = set()
+    for family in text_string_to_metric_families(text):
+        names.add(family.name)
+        names.update(s.name for s in family.samples)
+        suffixes = {
+            "counter": ("_total", "_created"),
+            "histogram": ("_bucket", "_sum", "_count", "_created"),
+        }.get(family.type, ())
+        names.update(family.name + suffix for suffix in suffixes)
+    return names
+
+
+def test_every_dashboard_query_names_an_exported_metric(live: LiveServer) -> None:
+    """Each metric a dashboard panel queries is on a live /metrics after echo traffic."""
+    for _ in range(3):
+        r = httpx.post(f"{live.url}/v1/chat/completions", json=chat_body(), headers=API)
+        assert r.status_code == 200
+    assert httpx.get(f"{live.url}/v1/nope", headers=API).status_code == 404
+    unload = httpx.post(f"{live.url}/v1/model/unload", headers=ADMIN)
+    assert unload.status_code == 200
+    text = httpx.get(f"{live.url}/metrics", headers=ADMIN).text
+    exported = exported_names(text)
+    dashboard = json.loads(DASHBOARD.read_text())
+    queried = set().union(*(promql_metric_names(e) for e in dashboard_exprs(dashboard)))
+    assert queried, "the dashboard queries nothing"
+    assert queried - exported == set()
+    # the three areas the dashboard is for are all there
+    assert {"iw_model_state", "iw_process_cpu_percent", "iw_http_responses_total"} <= queried
