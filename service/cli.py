@@ -14,12 +14,13 @@ import secrets as pysecrets
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import IO
 
 from attrs import evolve
 
 from registry.config import RegistryError
 from registry.secrets import SecretStore
-from service.logs import configure_logging
+from service.logs import capture_output_as_json, configure_logging
 from service.settings import Settings, SettingsError
 from service.version import package_version
 
@@ -83,14 +84,16 @@ def _validate(path: Path | None) -> int:
     return 0
 
 
-def _announce_admin_key(key: str, cache_dir: Path) -> None:
+def _announce_admin_key(
+    key: str, cache_dir: Path, *, tty: bool | None = None, terminal: IO[str] | None = None
+) -> None:
     """Show a generated admin key on a terminal; elsewhere write it to a 0600 file."""
-    if sys.stdout.isatty():
+    if sys.stdout.isatty() if tty is None else tty:
         # the only place a key is ever shown: the operator needs it to call the control plane
-        print(  # noqa: T201
+        print(
             f"\nNo IW_ADMIN_KEY set: generated an admin key for this run:\n\n    {key}\n\n"
             "Send it as 'X-API-Key: <key>' to /v1/model/*. Set IW_ADMIN_KEY to choose your own.\n",
-            file=sys.stderr,
+            file=terminal or sys.stderr,
             flush=True,
         )
         return
@@ -133,12 +136,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     for key, value in os.environ.items():
         if _SECRET_ENV.search(key):
             store.add(value)
-    configure_logging(store, fmt=settings.log_format, level=settings.log_level)
+    tty = sys.stdout.isatty()
+    # JSON logs: whatever engines print to fd 1/2 is wrapped into JSON lines from here on
+    stream = capture_output_as_json(store) if settings.log_format == "json" else None
+    configure_logging(store, fmt=settings.log_format, level=settings.log_level, stream=stream)
     if not settings.admin_keys:
         generated = pysecrets.token_urlsafe(24)
         settings = evolve(settings, admin_keys=(generated,))
         store.add(generated)
-        _announce_admin_key(generated, settings.cache_dir)
+        # on a terminal, straight to it (the capture would mask the key it has just learnt)
+        _announce_admin_key(generated, settings.cache_dir, tty=tty, terminal=stream)
     if not settings.api_keys:
         logger.warning(
             "IW_API_KEY is not set: the data plane (/v1/chat/completions, /v1/models) is OPEN "
