@@ -15,9 +15,10 @@ BIN := $(VENV)/bin
 # "Location ... is ignored" warnings are noise, everything else is shown.
 PIP := $(BIN)/pip --disable-pip-version-check -q
 QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
-# what `make serve` runs: pip's own progress (the first install downloads ~1 GB of torch)
+# what `make serve` runs: pip's own progress (the first install downloads ~1 GB of torch); only
+# stderr is filtered, so stdout stays the terminal and pip keeps drawing its progress bars
 PIP_SHOW := $(BIN)/pip --disable-pip-version-check --progress-bar on
-SHOWN := 2>&1 | { grep --line-buffered -v "is ignored: it is neither a file nor a directory" || true; }
+SHOWN := 2> >(grep --line-buffered -v "is ignored: it is neither a file nor a directory" >&2; true)
 # one line per phase, so the first `make serve` is never silent
 PHASE = @printf '\n==> %s\n' 
 # torch 2.13.0 is the CPU build these machines carry locally; asking for it first keeps pip from

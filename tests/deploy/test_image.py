@@ -220,15 +220,22 @@ def test_cpu_image_builds_and_serves_from_inside(tmp_path: Path) -> None:
             )  # fmt: skip
             assert chat.status_code == 200, chat.text
             assert chat.json()["usage"]["completion_tokens"] >= 1
-            # the entrypoint exec'd the server: SIGTERM reaches it and it exits cleanly
+            # chroot and the entrypoint exec'd: the process we started is the server itself
+            cmdline = Path(f"/proc/{server.pid}/cmdline").read_bytes().split(b"\0")
+            assert any(part.endswith(b"inference-wrapper") for part in cmdline), cmdline
+            # so SIGTERM reaches it and it shuts down gracefully (lifespan ends, engine unloaded)
             server.send_signal(signal.SIGTERM)
-            assert server.wait(timeout=60) == 0
+            code = server.wait(timeout=60)
+            # uvicorn.run re-raises the signal after a graceful shutdown (-15); a server that
+            # exits 0 after draining (DESIGN.md) is as good
+            assert code in (0, -signal.SIGTERM), code
         finally:
             if server.poll() is None:
                 server.kill()
                 server.wait(timeout=30)
-    for line in log.read_text().splitlines():
-        assert json.loads(line), line
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    messages = [str(line.get("message")) for line in lines]
+    assert "Application shutdown complete." in messages
     size_mb = int(inspect["Size"]) / 1e6
     assert size_mb < 4000, f"image is {size_mb:.0f} MB"
     assert build_s < BUILD_TIMEOUT_S
