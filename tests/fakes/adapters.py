@@ -8,7 +8,10 @@ reasoning on, for the `reasoning_content` rules.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import sys
+import warnings
 from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 
@@ -74,3 +77,25 @@ class ReasoningEchoAdapter(EchoAdapter):
         yield TokenDelta("", 0, 0, reasoning=self.REASONING)
         async for delta in super().generate(req):
             yield delta
+class NoisyAdapter(CrashingAdapter):
+    """Loads like an engine that writes to stdout/stderr behind logging's back.
+
+    print(), a raw write to fd 2 (C code), a warning, a tqdm-style bar redrawn with carriage
+    returns, and a subprocess writing to the stderr it inherited (an engine core process).
+    """
+
+    async def load(self, model: str, params: Any) -> LoadInfo:
+        """Make every kind of noise, then succeed."""
+        print("engine banner on stdout")  # noqa: T201
+        print("engine note on stderr", file=sys.stderr)  # noqa: T201
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.write(2, b"raw C-level line on fd 2\n")
+        warnings.warn("an engine future warning", FutureWarning, stacklevel=1)
+        sys.stderr.write("Loading:  10%|#  |\rLoading:  50%|## |\rLoading: 100%|###|\n")
+        sys.stderr.flush()
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", "import sys; sys.stderr.write('engine subprocess line\\n')"
+        )
+        await asyncio.wait_for(child.wait(), 30)
+        return LoadInfo()
