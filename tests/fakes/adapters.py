@@ -77,6 +77,8 @@ class ReasoningEchoAdapter(EchoAdapter):
         yield TokenDelta("", 0, 0, reasoning=self.REASONING)
         async for delta in super().generate(req):
             yield delta
+
+
 class NoisyAdapter(CrashingAdapter):
     """Loads like an engine that writes to stdout/stderr behind logging's back.
 
