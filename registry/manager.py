@@ -331,11 +331,11 @@ class ModelManager:
 
     async def load(self, req: LoadRequest) -> LoadResponse:
         """Load a model (see the module docstring for the state machine)."""
-        for value in req.env.values():
-            self.secrets.add(value)
         self._begin()
         try:
             plan = self.plan(req)
+            # only values of env keys the plan accepted; past IW_MAX_SECRETS the load is refused
+            self.secrets.add_many(req.env.values())
             if self._state is ModelState.READY:
                 if not req.replace:
                     loaded = self.current.plan.served_model_name if self.current else "?"

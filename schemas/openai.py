@@ -18,7 +18,7 @@ import attrs
 from attrs import field, frozen
 
 from schemas.converter import converter
-from schemas.validators import in_range, min_items
+from schemas.validators import FieldValueError, in_range, min_items
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
@@ -85,16 +85,40 @@ class StreamOptions:
 
 
 StopField = str | list[str] | None
+#: most stop strings one request may give (OpenAI allows 4; vLLM takes more, so we allow 16)
+MAX_STOPS = 16
+#: longest stop string, in characters (matching is linear, but held-back text is up to this)
+MAX_STOP_CHARS = 1024
+#: `seed` is a signed 64-bit integer, as OpenAI documents it and vLLM checks it
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 
 
 def _structure_stop(value: Any, _: Any) -> StopField:
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, list) and all(isinstance(s, str) for s in value):
-        if len(value) > 16:
-            raise ValueError("stop accepts at most 16 strings")
-        return value
-    raise TypeError("stop must be a string or an array of strings")
+    if value is None:
+        return None
+    strings: list[str]
+    if isinstance(value, str):
+        strings = [value]
+    elif isinstance(value, list) and all(isinstance(s, str) for s in value):
+        if len(value) > MAX_STOPS:
+            raise ValueError(f"stop accepts at most {MAX_STOPS} strings")
+        strings = value
+    else:
+        raise TypeError("stop must be a string or an array of strings")
+    if any(len(s) > MAX_STOP_CHARS for s in strings):
+        raise ValueError(f"each stop string must be at most {MAX_STOP_CHARS} characters")
+    return value if isinstance(value, str) else strings
+
+
+def _check_seed(_: Any, attribute: Any, value: int | None) -> None:
+    # bool is an int to Python but not to a JSON client; the converter already refuses it
+    if value is not None and not SEED_MIN <= value <= SEED_MAX:
+        raise FieldValueError(
+            attribute.name, f"seed must be a signed 64-bit integer ({SEED_MIN} to {SEED_MAX})"
+        )
+
+
+_check_seed.json_schema = {"minimum": SEED_MIN, "maximum": SEED_MAX}  # type: ignore[attr-defined]
 
 
 converter.register_structure_hook_func(lambda t: t == StopField, _structure_stop)
@@ -114,7 +138,7 @@ class ChatCompletionRequest:
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: StopField = None
-    seed: int | None = None
+    seed: int | None = field(default=None, validator=_check_seed)
     presence_penalty: float | None = field(default=None, validator=in_range(-2, 2))
     frequency_penalty: float | None = field(default=None, validator=in_range(-2, 2))
     logprobs: bool = False

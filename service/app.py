@@ -197,7 +197,7 @@ def create_app(
     """Build the application. Registry problems raise `RegistryError` before anything binds."""
     settings = settings or Settings.from_env()
     if secrets is None:
-        secrets = SecretStore()
+        secrets = SecretStore(settings.max_secrets)
     for key in (*settings.admin_keys, *settings.api_keys):
         secrets.add(key)
     if registry is None:

@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # vLLM installs its own stdout handler (propagate off) unless told not to; its lines must
     # go through our masked handler like everyone else's
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
-    store = SecretStore()
+    store = SecretStore(settings.max_secrets)
     for key, value in os.environ.items():
         if _SECRET_ENV.search(key):
             store.add(value)
@@ -88,12 +88,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import uvicorn  # noqa: PLC0415
 
+    from service.http_limits import server_options  # noqa: PLC0415  (imports uvicorn)
+
     uvicorn.run(
         app,
         host=settings.host,
         port=settings.port,
         log_config=None,
         timeout_graceful_shutdown=int(settings.drain_timeout_s),
+        **server_options(settings),  # header/body limits and timeouts, connection cap
     )
     return 0
 

@@ -11,6 +11,9 @@ Must never: put exception text of an unexpected error, a path or a stack trace i
 from __future__ import annotations
 
 import logging
+import re
+from array import array
+from itertools import accumulate
 from typing import Any
 
 import msgspec
@@ -32,16 +35,69 @@ _HTTP_TYPES = {
     404: ("not_found_error", "not_found"),
     405: ("invalid_request_error", "method_not_allowed"),
     413: ("invalid_request_error", "request_too_large"),
+    415: ("invalid_request_error", "unsupported_media_type"),
     429: ("rate_limit_error", None),
 }
+
+
+#: deepest JSON nesting a request body may have; real requests stay under ten
+MAX_JSON_DEPTH = 64
+#: a JSON string, unrolled so that it matches in one pass without backtracking
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+#: opening brackets become +1, closing ones -1 (as signed bytes); everything else is deleted
+_BRACKETS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+class UnsupportedMediaTypeError(InvalidRequestError):
+    """A POST body that is not declared `application/json`."""
+
+    status_code = 415
+    default_code = "unsupported_media_type"
+
+
+def json_depth(raw: bytes) -> int:
+    """Deepest bracket nesting of a JSON text, strings skipped, all in C-speed passes.
+
+    A body with fewer brackets than the limit cannot be deeper than it, so most bodies stop at
+    the counts.
+    """
+    if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:
+        return 0
+    steps = array("b", _JSON_STRING.sub(b"", raw).translate(_BRACKETS, _NOT_BRACKETS))
+    return max(accumulate(steps), default=0)
+
+
+def require_json_body(content_type: str | None, raw: bytes) -> None:
+    """415 unless a body is declared `application/json` (parameters such as charset allowed).
+
+    Browsers send `text/plain` and form bodies cross-origin without a preflight; refusing them
+    keeps a web page from driving a wrapper on localhost. An empty body with no type is fine
+    (`POST /v1/model/unload` needs none).
+    """
+    if content_type is None or not content_type.strip():
+        if not raw.strip():
+            return
+        media = ""
+    else:
+        media = content_type.split(";", 1)[0].strip().lower()
+    if media != "application/json":
+        raise UnsupportedMediaTypeError(
+            "Content-Type must be application/json", param="Content-Type"
+        )
 
 
 def decode_json(raw: bytes) -> Any:
     """Parse a request body; anything that is not JSON is a 400, never a 500.
 
-    msgspec raises more than `DecodeError`: invalid UTF-8 inside a string is a
-    `UnicodeDecodeError`, nesting a few thousand levels deep a `RecursionError`.
+    Nesting deeper than `MAX_JSON_DEPTH` is refused before decoding: every later step (the
+    converter, masking, rendering) walks the value recursively. msgspec raises more than
+    `DecodeError`: invalid UTF-8 inside a string is a `UnicodeDecodeError`.
     """
+    if json_depth(raw) > MAX_JSON_DEPTH:
+        raise InvalidRequestError(
+            f"request body is nested too deeply (more than {MAX_JSON_DEPTH} levels)"
+        )
     try:
         return msgspec.json.decode(raw)
     except msgspec.DecodeError as exc:
@@ -94,6 +150,7 @@ def handle_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -
         404: f"no route for {request.method} {request.url.path}",
         405: f"method {request.method} is not allowed on {request.url.path}",
         413: "request body is larger than the configured limit (IW_MAX_BODY_BYTES)",
+        415: "Content-Type must be application/json",
     }.get(status, _secrets(request).mask(str(exc.detail)))
     headers = dict(exc.headers) if exc.headers else None
     return error_response(ErrorDetail(message, error_type, None, code), status, headers)

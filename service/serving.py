@@ -47,7 +47,7 @@ from schemas.openai import (
 )
 from service.admission import Admission, Slot
 from service.context import RequestContext
-from service.errors import decode_json
+from service.errors import decode_json, require_json_body
 from service.settings import Settings
 from service.sse import DONE, ChunkEncoder, SSEStream, error_event
 from service.telemetry import (
@@ -219,7 +219,9 @@ class ChatServing:
 
     async def handle(self, request: Request[Any, Any, Any], ctx: RequestContext) -> Any:
         """Serve one chat request: a JSON response or an SSE stream."""
-        req = self.parse(await request.body())
+        body = await request.body()
+        require_json_body(request.headers.get("content-type"), body)
+        req = self.parse(body)
         loaded = self.manager.ready_model()
         gen = self.build(req, loaded, ctx.request_id)
         ticket = self.manager.track(ctx.request_id)

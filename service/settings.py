@@ -69,6 +69,23 @@ class Settings:
     """Per-request records kept for `GET /v1/telemetry` (`IW_TELEMETRY_RECORDS`)."""
     preload: str | None = None
     """Preset loaded at start-up (`IW_PRELOAD`)."""
+    max_header_bytes: int = 64 * 1024
+    """Largest request header block, request line included (`IW_MAX_HEADER_BYTES`); 431."""
+    max_headers: int = 100
+    """Most header fields in one request (`IW_MAX_HEADERS`); more gets 431."""
+    header_timeout_s: float = 10.0
+    """Time a client has to send a whole header block (`IW_HEADER_TIMEOUT_S`); then 408."""
+    body_timeout_s: float = 60.0
+    """Time a client has to send a whole body after its headers (`IW_BODY_TIMEOUT_S`); 408."""
+    keepalive_s: float = 5.0
+    """An idle keep-alive connection is closed after this (`IW_KEEPALIVE_S`)."""
+    max_connections: int = 1024
+    """Open connections at most (`IW_MAX_CONNECTIONS`); the next one gets 503 and is closed."""
+    max_secrets: int = 1000
+    """Secret values the masking store holds at most (`IW_MAX_SECRETS`); a load that would pass
+    it is refused (422) rather than left unmasked."""
+    audit_log: Path | None = None
+    """File control-plane audit lines are appended to (`IW_AUDIT_LOG`, created 0600)."""
 
     @classmethod
     def from_env(  # noqa: C901  (one flat pass over the variables)
@@ -103,6 +120,13 @@ class Settings:
             ("drain_timeout_s", "IW_DRAIN_TIMEOUT_S", float),
             ("watchdog_interval_s", "IW_WATCHDOG_INTERVAL_S", float),
             ("min_available_mib", "IW_MIN_AVAILABLE_MIB", float),
+            ("max_header_bytes", "IW_MAX_HEADER_BYTES", int),
+            ("max_headers", "IW_MAX_HEADERS", int),
+            ("header_timeout_s", "IW_HEADER_TIMEOUT_S", float),
+            ("body_timeout_s", "IW_BODY_TIMEOUT_S", float),
+            ("keepalive_s", "IW_KEEPALIVE_S", float),
+            ("max_connections", "IW_MAX_CONNECTIONS", int),
+            ("max_secrets", "IW_MAX_SECRETS", int),
         ]:
             parsed = number(name, kind)
             if parsed is not None:
@@ -120,6 +144,8 @@ class Settings:
         values["log_format"] = fmt
         values["log_level"] = env.get("IW_LOG_LEVEL", "INFO").upper()
         values["metrics_open"] = env.get("IW_METRICS_OPEN", "").lower() in ("1", "true", "yes")
+        if env.get("IW_AUDIT_LOG"):
+            values["audit_log"] = Path(env["IW_AUDIT_LOG"]).expanduser()
         if env.get("IW_PRELOAD"):
             values["preload"] = env["IW_PRELOAD"]
         values.update({k: v for k, v in overrides.items() if v is not None})

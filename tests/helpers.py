@@ -22,6 +22,7 @@ import uvicorn
 from litestar import Litestar
 
 from registry.registry import AdapterRegistry
+from service.http_limits import server_options
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,7 +100,9 @@ class LiveServer:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, log_config=None, lifespan="on", access_log=True)
+        # the same edge limits `inference-wrapper serve` runs with
+        limits = server_options(app.state.settings)
+        config = uvicorn.Config(app, log_config=None, lifespan="on", access_log=True, **limits)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True

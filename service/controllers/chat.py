@@ -55,7 +55,8 @@ class ChatController(Controller):
         if manager.state is ModelState.READY and current is not None:
             cards.append(
                 ModelCard(
-                    id=current.plan.served_model_name,
+                    # the name is the operator's or the loader's choice: a secret there stays masked
+                    id=manager.secrets.mask(current.plan.served_model_name),
                     object="model",
                     created=int(current.loaded_at),
                     owned_by="inference-wrapper",

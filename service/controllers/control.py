@@ -1,8 +1,8 @@
 """Control plane: load, unload, validate and status of the one model, plus the adapter registry.
 
 Thin handlers: parse the body into attrs classes (422 naming the field), call the ModelManager,
-render. Env values in a request body are registered as secrets before anything else looks at the
-body, so that no later error or log line can carry them.
+render. Env values are registered as secrets once the plan has accepted their keys (a refused
+key's value is never stored: the store is bounded); errors name env keys, never values.
 
 Must never: echo an env value; accept a module path from a request.
 """
@@ -20,27 +20,23 @@ from registry.secrets import SecretStore
 from schemas.control import LoadRequest, UnloadRequest, ValidateResponse
 from schemas.converter import StructureError, structure
 from schemas.errors import InvalidRequestError, ParamsValidationError
+from service.audit import audit_middleware, note_request
 from service.auth import require_admin
-from service.errors import decode_json, json_response
+from service.errors import decode_json, json_response, require_json_body
 
 T = TypeVar("T")
 
 
-async def parse_body(
-    request: Request[Any, Any, Any], cls: type[T], secrets: SecretStore, *, allow_empty: bool
-) -> T:
+async def parse_body(request: Request[Any, Any, Any], cls: type[T], *, allow_empty: bool) -> T:
     """Body → attrs instance; 400 for bad JSON, 422 naming the field for a bad shape."""
     raw = await request.body()
+    require_json_body(request.headers.get("content-type"), raw)
     if not raw.strip():
         if allow_empty:
             return cls()
         raise InvalidRequestError("request body is required (JSON object)")
     payload = decode_json(raw)
-    env = payload.get("env") if isinstance(payload, dict) else None
-    if isinstance(env, dict):
-        for value in env.values():
-            if isinstance(value, str):
-                secrets.add(value)
+    note_request(request.scope, payload)
     try:
         return structure(payload, cls, path="$")
     except StructureError as exc:
@@ -54,34 +50,29 @@ class ModelController(Controller):
     path = "/v1/model"
     guards = [require_admin]  # noqa: RUF012
     tags = ["control plane"]  # noqa: RUF012
+    middleware = [audit_middleware]  # noqa: RUF012  (outside the guard: refusals are audited)
 
     @post("/load", operation_id="loadModel", name="model:load", status_code=200)
     async def load(
-        self,
-        request: Request[Any, Any, Any],
-        manager: NamedDependency[ModelManager],
-        secrets: NamedDependency[SecretStore],
+        self, request: Request[Any, Any, Any], manager: NamedDependency[ModelManager]
     ) -> Response[bytes]:
         """Load a model on a named backend (or preset); 409 while busy or when one is loaded.
 
         Returns the effective params (secrets masked), the load time split and the memory the
         load took. On engine failure the state is clean (`empty`) and `last_error` says why.
         """
-        req = await parse_body(request, LoadRequest, secrets, allow_empty=False)
+        req = await parse_body(request, LoadRequest, allow_empty=False)
         return json_response(await manager.load(req))
 
     @post("/unload", operation_id="unloadModel", name="model:unload", status_code=200)
     async def unload(
-        self,
-        request: Request[Any, Any, Any],
-        manager: NamedDependency[ModelManager],
-        secrets: NamedDependency[SecretStore],
+        self, request: Request[Any, Any, Any], manager: NamedDependency[ModelManager]
     ) -> Response[bytes]:
         """Drain in-flight requests (then abort the rest), unload, report memory freed.
 
         Idempotent: with nothing loaded it answers `status: empty`.
         """
-        req = await parse_body(request, UnloadRequest, secrets, allow_empty=True)
+        req = await parse_body(request, UnloadRequest, allow_empty=True)
         return json_response(await manager.unload(req.drain_timeout_s))
 
     @post("/validate", operation_id="validateLoad", name="model:validate", status_code=200)
@@ -95,8 +86,10 @@ class ModelController(Controller):
 
         Nothing is imported or loaded; the answer shows what a load would use.
         """
-        req = await parse_body(request, LoadRequest, secrets, allow_empty=False)
+        req = await parse_body(request, LoadRequest, allow_empty=False)
         plan = manager.plan(req)
+        # the dry run registers what a load would: values of the env keys it accepted
+        secrets.add_many(req.env.values())
         return json_response(ValidateResponse(valid=True, plan=plan.view(secrets)))
 
     @get("/status", operation_id="modelStatus", name="model:status")
@@ -111,6 +104,7 @@ class AdapterController(Controller):
     path = "/v1/adapters"
     guards = [require_admin]  # noqa: RUF012
     tags = ["control plane"]  # noqa: RUF012
+    middleware = [audit_middleware]  # noqa: RUF012  (outside the guard: refusals are audited)
 
     @get("/", operation_id="listAdapters", name="adapters:list")
     async def list_adapters(self, registry: NamedDependency[AdapterRegistry]) -> Response[bytes]:

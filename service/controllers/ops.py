@@ -50,7 +50,9 @@ class HealthController(Controller):
             raise ServiceUnavailableError(
                 f"not ready (state: {manager.state.value})", headers={"Retry-After": "5"}
             )
-        return json_response({"status": "ready", "model": manager.current.plan.served_model_name})
+        # unauthenticated: a served name that equals a secret must not leak here
+        served = manager.secrets.mask(manager.current.plan.served_model_name)
+        return json_response({"status": "ready", "model": served})
 
 
 class MetricsController(Controller):

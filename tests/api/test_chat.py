@@ -175,7 +175,8 @@ def test_bad_messages(echo: Any) -> None:
 def test_not_json_and_not_object(echo: Any) -> None:
     """Bodies that are not JSON objects are 400, not 500."""
     for raw in (b"", b"nope", b"[1,2]", b'"x"', b"{"):
-        r = echo.post("/v1/chat/completions", content=raw, headers=API)
+        headers = {**API, "Content-Type": "application/json"}
+        r = echo.post("/v1/chat/completions", content=raw, headers=headers)
         assert r.status_code == 400, raw
 
 

@@ -86,7 +86,8 @@ def test_unknown_backend_and_preset_are_404(client: Any) -> None:
 
 def test_malformed_load_bodies(client: Any) -> None:
     """Bad JSON is 400; both or neither of backend/preset, or a missing model, is 422."""
-    r = client.post("/v1/model/load", content=b"{not json", headers=ADMIN)
+    json_type = {**ADMIN, "Content-Type": "application/json"}
+    r = client.post("/v1/model/load", content=b"{not json", headers=json_type)
     assert r.status_code == 400
     r = client.post("/v1/model/load", json={"backend": "echo"}, headers=ADMIN)
     assert (r.status_code, r.json()["error"]["param"]) == (422, "$.model")

@@ -488,7 +488,7 @@ def test_undecodable_json_is_a_client_error(
 ) -> None:
     """Bodies the JSON decoder cannot take (too deep, invalid UTF-8 in a string) are a 400."""
     client = one_app
-    headers = {"x-api-key": ADMIN_KEY.encode()}
+    headers = {"x-api-key": ADMIN_KEY.encode(), "content-type": b"application/json"}
     r = post(client, path, body, headers)
     check(r, headers, nothing)
     assert r.status_code == 400
