@@ -212,10 +212,8 @@ class DeepseekAdapter(BaseAdapter):
         try:
             return structure(params.engine_params, params_type, path=f"$.engine_params.{_NESTED}")
         except StructureError as exc:
-            first = exc.errors[0]
-            raise ParamsValidationError(
-                f"{first.message} @ {first.path}", param=first.path
-            ) from None
+            first = exc.first
+            raise ParamsValidationError(first.render(), param=first.param or "$") from None
 
     def check(self, model: str, params: Any) -> None:
         """The inner adapter's checks (model, registry gates), reported under our params path."""

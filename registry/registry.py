@@ -35,6 +35,7 @@ from registry.env import is_refused
 from schemas.converter import StructureError, structure, unstructure
 from schemas.errors import NotFoundError, ParamsValidationError
 from schemas.jsonschema import attrs_json_schema
+from schemas.suggest import unknown
 
 ENTRY_POINT_GROUP = "inference_wrapper.adapters"
 
@@ -103,8 +104,8 @@ def _check_entry(registered: RegisteredAdapter) -> None:
         real = [e for e in exc.errors if e.message != "required field missing"]
         if real:
             where = f"adapters.{name}.defaults"
-            if real[0].path != "$":
-                where += f".{real[0].path}"
+            if real[0].param is not None:
+                where += f".{real[0].param}"
             raise RegistryError(f"{where}: {real[0].message}") from None
 
 
@@ -133,11 +134,13 @@ class AdapterRegistry:
             _check_entry(registered)
         for alias, preset in config.models.items():
             if preset.backend not in self._adapters:
-                raise RegistryError(f"models.{alias}.backend: unknown backend {preset.backend!r}")
+                raise RegistryError(
+                    f"models.{alias}.backend: {unknown('backend', preset.backend, self.names)}"
+                )
             try:
                 self.build_params(preset.backend, preset.engine_params)
             except ParamsValidationError as exc:
-                raise RegistryError(f"models.{alias}.engine_params: {exc.message}") from None
+                raise RegistryError(f"models.{alias}.{exc.message}") from None
 
     def _add_entry_points(self) -> None:
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
@@ -168,7 +171,7 @@ class AdapterRegistry:
             return self._adapters[name]
         except KeyError:
             raise NotFoundError(
-                f"unknown backend {name!r}; known: {', '.join(self.names)}",
+                unknown("backend", name, self.names, listed_by="GET /v1/adapters"),
                 param="$.backend",
                 code="backend_not_found",
             ) from None
@@ -179,7 +182,9 @@ class AdapterRegistry:
             return self.config.models[alias]
         except KeyError:
             raise NotFoundError(
-                f"unknown preset {alias!r}", param="$.preset", code="preset_not_found"
+                unknown("preset", alias, self.config.models, listed_by="GET /v1/adapters"),
+                param="$.preset",
+                code="preset_not_found",
             ) from None
 
     def context(self, name: str) -> AdapterContext:
@@ -200,10 +205,11 @@ class AdapterRegistry:
         try:
             return structure(merged, registered.params_type, path="$.engine_params")
         except StructureError as exc:
-            first = exc.errors[0]
-            raise ParamsValidationError(
-                f"{first.message} @ {first.path}", param=first.path
-            ) from None
+            first = exc.first
+            message = first.render()
+            if first.message == "unknown field":  # nothing close, and too many to list here
+                message += f"; GET /v1/adapters lists the params of backend {name!r}"
+            raise ParamsValidationError(message, param=first.param or "$") from None
 
     @staticmethod
     def _effective_defaults(registered: RegisteredAdapter) -> dict[str, Any]:

@@ -3,8 +3,13 @@
 Strict by design: JSON `"5"` is not an int, `true` is not an int, `1.5` is not an int, unknown keys
 are refused. cattrs' stock hooks coerce (`int("5")`, `int(1.9) == 1`), which would let a typo load
 an engine with a silently different value. Every failure comes back as `FieldError`s that carry a
-path (`$.engine_params.max_model_len`, or `messages[0].role` for the data plane) and a message a
-user can act on; a validator's own message survives unchanged.
+path (`$.engine_params.max_model_len`, or `messages[0].role` for the data plane) and a reason a
+user can act on; a validator's own reason survives (less a leading repeat of its field's name).
+
+Field errors are rendered in one place, `FieldError.render()`: `<field>: <reason>`, the field
+named once (the path without its `$.` root: `engine_params.max_model_len: must be at least 1`,
+`max_tokens: must be at least 1`), and the path itself goes to the error's `param`. An unknown
+key is reported at its own path with the closest known name (`schemas.suggest`).
 
 Must never: import anything from `service`, `registry` or `adapters`.
 """
@@ -24,18 +29,36 @@ from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, Iterabl
 from cattrs.gen import make_dict_structure_fn
 from cattrs.preconf.json import make_converter
 
+from schemas.suggest import NAME_LIMIT, closest, hint, shown
+
 T = TypeVar("T")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+_VERBS = ("must ", "needs ", "is ", "accepts ", "cannot ", "should ")
 
 __all__ = ["FieldError", "StructureError", "converter", "structure", "unstructure"]
 
 
 @attrs.frozen
 class FieldError:
-    """One reason a value did not fit its schema."""
+    """One reason a value did not fit its schema: where (`path`) and why (`message`).
+
+    `message` is the reason alone (`must be at least 1`); `render()` names the field.
+    """
 
     path: str
     message: str
+
+    @property
+    def param(self) -> str | None:
+        """The OpenAI error's `param`: the path, or None for the body as a whole."""
+        return None if self.path in ("", "$") else self.path
+
+    def render(self) -> str:
+        """`<field>: <reason>`, the field named once; the reason alone for the whole body."""
+        param = self.param
+        if param is None:
+            return f"request body: {self.message}"
+        return f"{param.removeprefix('$.')}: {self.message}"
 
 
 class StructureError(ValueError):
@@ -43,7 +66,12 @@ class StructureError(ValueError):
 
     def __init__(self, errors: list[FieldError]) -> None:
         self.errors = errors
-        super().__init__("; ".join(f"{e.message} @ {e.path}" for e in errors))
+        super().__init__("; ".join(e.render() for e in errors))
+
+    @property
+    def first(self) -> FieldError:
+        """The error a response reports (one field at a time, as OpenAI does)."""
+        return self.errors[0]
 
 
 def _strict_int(value: Any, _: type) -> int:
@@ -182,13 +210,38 @@ converter: cattrs.Converter = _build()
 def _format(exc: BaseException) -> str:
     if isinstance(exc, KeyError):
         return "required field missing"
-    if isinstance(exc, ForbiddenExtraKeysError):
-        return "unknown field(s): " + ", ".join(sorted(exc.extra_fields))
     if isinstance(exc, AttributeError) and str(exc).endswith("has no attribute 'items'"):
         return "expected an object"
     # our hooks and attrs validators raise ValueError/TypeError with a message meant for users
     text = str(exc).strip()
     return text or f"invalid value ({type(exc).__name__})"
+
+
+def _field_error(path: str, exc: BaseException) -> FieldError:
+    """The error at `path`; a reason that starts by naming the field loses that repeat."""
+    path = path or "$"
+    reason = _format(exc)
+    # validators (ours before, third-party adapters' still) write "device must be ...": the
+    # rendered message names the field already, so "device: device must be ..." would say it twice
+    # (only before a verb: "content part type 'x' is not supported" keeps its subject)
+    name = re.split(r"[.\[]", path)[-1]
+    rest = reason[len(name) + 1 :]
+    if name and reason.startswith(name + " ") and rest.startswith(_VERBS):
+        reason = rest
+    return FieldError(path, reason)
+
+
+def _unknown_keys(exc: ForbiddenExtraKeysError, path: str, out: list[FieldError]) -> None:
+    """One error per unknown key, at the key's own path, with the closest known field."""
+    known = [a.name for a in attrs.fields(exc.cl)] if attrs.has(exc.cl) else []
+    for key in sorted(exc.extra_fields, key=str):
+        name = str(key)
+        # the known list only when nothing is close: a suggestion alone reads best
+        more = hint(name, known, list_known=closest(name, known) is None)
+        reason = "unknown field" + (f"; {more}" if more else "")
+        # a key too long to be a field name is not echoed whole, in the path either
+        where = _index(path, name) if len(name) <= NAME_LIMIT else _join(path, shown(name))
+        out.append(FieldError(where, reason))
 
 
 def _walk(exc: BaseException, path: str, out: list[FieldError]) -> None:
@@ -197,19 +250,24 @@ def _walk(exc: BaseException, path: str, out: list[FieldError]) -> None:
         for sub, note in with_notes:
             _walk(sub, _join(path, note.name), out)
         for sub in without:
+            if isinstance(sub, ForbiddenExtraKeysError):
+                _unknown_keys(sub, path, out)
+                continue
             # validators run in __init__, after cattrs lost track of fields: ours name theirs
             field = getattr(sub, "field", None)
-            out.append(FieldError(_join(path, field) if field else path or "$", _format(sub)))
+            out.append(_field_error(_join(path, field) if field else path, sub))
     elif isinstance(exc, IterableValidationError):
         with_notes_i, without_i = exc.group_exceptions()
         for sub, note_i in with_notes_i:
             _walk(sub, _index(path, note_i.index), out)
-        out.extend(FieldError(path or "$", _format(sub)) for sub in without_i)
+        out.extend(_field_error(path, sub) for sub in without_i)
     elif isinstance(exc, ExceptionGroup):
         for sub in exc.exceptions:
             _walk(sub, path, out)
+    elif isinstance(exc, ForbiddenExtraKeysError):
+        _unknown_keys(exc, path, out)
     else:
-        out.append(FieldError(path or "$", _format(exc)))
+        out.append(_field_error(path, exc))
 
 
 def _index(path: str, index: Any) -> str:
@@ -241,7 +299,7 @@ def structure(data: Any, cls: type[T], *, path: str = "$") -> T:
         raise StructureError(errors) from None
     except (TypeError, ValueError, KeyError, AttributeError) as exc:
         # a hook on the root itself failed (e.g. the payload is not an object)
-        raise StructureError([FieldError(path or "$", _format(exc))]) from None
+        raise StructureError([_field_error(path, exc)]) from None
 
 
 def unstructure(obj: Any) -> Any:

@@ -9,8 +9,9 @@ raiser masks engine text through the secret store before it builds one of these)
     │   ├── UnsupportedParameterError     400   code=unsupported_parameter
     │   ├── ParamsValidationError         422   code=invalid_params
     │   └── RequestTooLargeError          413   code=request_too_large
-    ├── AuthenticationError               401 authentication_error
-    ├── PermissionDeniedError             403 permission_error
+    ├── AuthenticationError               401 authentication_error  code=invalid_api_key |
+    │                                         missing_api_key | malformed_authorization
+    ├── PermissionDeniedError             403 permission_error      code=insufficient_permissions
     ├── NotFoundError                     404 not_found_error
     ├── ConflictError                     409 conflict_error
     ├── RateLimitError                    429 rate_limit_error
@@ -102,7 +103,7 @@ class RequestTooLargeError(InvalidRequestError):
 
 
 class AuthenticationError(WrapperError):
-    """No key, or a key that matches none configured for this route."""
+    """No key (`missing_api_key`), a malformed header, or a key that matches none configured."""
 
     status_code = 401
     error_type = "authentication_error"
@@ -114,6 +115,7 @@ class PermissionDeniedError(WrapperError):
 
     status_code = 403
     error_type = "permission_error"
+    default_code = "insufficient_permissions"
 
 
 class NotFoundError(WrapperError):

@@ -183,11 +183,28 @@ class Usage:
 
 @frozen
 class AssistantMessage:
-    """The generated message of a non-streaming choice."""
+    """The generated message of a non-streaming choice.
+
+    `reasoning_content` is sent only when the backend produces reasoning (`with_reasoning`),
+    as vLLM's server sends it only with a reasoning parser on: OpenAI's schema has no such key,
+    and a `null` on every message of every backend would only mislead.
+    """
 
     role: Literal["assistant"]
     content: str | None
     reasoning_content: str | None = None
+    with_reasoning: bool = False
+    """The backend produces reasoning: send the key (`null` when there was none this time)."""
+
+
+def _unstructure_message(message: AssistantMessage) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.with_reasoning:
+        out["reasoning_content"] = message.reasoning_content
+    return out
+
+
+converter.register_unstructure_hook(AssistantMessage, _unstructure_message)
 
 
 @frozen

@@ -3,7 +3,8 @@
 attrs runs validators inside `__init__`, after cattrs has structured every field, so cattrs cannot
 tell which field a validator's `ValueError` belongs to. These raise `FieldValueError`, which
 carries the field name; `schemas.converter` turns it into the field's path. Use them (not
-`attrs.validators.ge` and friends) on every request and params class.
+`attrs.validators.ge` and friends) on every request and params class. Messages are the reason
+alone (`must be at least 1`): the converter's renderer names the field, once.
 
 Must never: put the offending value in the message when it could be a secret (only numbers and
 enum members are echoed).
@@ -39,7 +40,7 @@ def in_range(lo: float | None = None, hi: float | None = None) -> Validator:
                 bounds = f"at least {lo:g}"
             else:
                 bounds = f"at most {hi:g}"
-            raise FieldValueError(attribute.name, f"{attribute.name} must be {bounds}")
+            raise FieldValueError(attribute.name, f"must be {bounds}")
 
     # read by schemas.jsonschema, so /v1/adapters shows the bounds too
     check.json_schema = {  # type: ignore[attr-defined]
@@ -53,7 +54,9 @@ def min_items(n: int) -> Validator:
 
     def check(_: Any, attribute: Any, value: Collection[Any]) -> None:
         if len(value) < n:
-            raise FieldValueError(attribute.name, f"{attribute.name} needs at least {n} item(s)")
+            raise FieldValueError(
+                attribute.name, "must not be empty" if n == 1 else f"must have at least {n} items"
+            )
 
     return check
 
@@ -63,6 +66,6 @@ def max_length(n: int) -> Validator:
 
     def check(_: Any, attribute: Any, value: str | None) -> None:
         if value is not None and len(value) > n:
-            raise FieldValueError(attribute.name, f"{attribute.name} is longer than {n}")
+            raise FieldValueError(attribute.name, f"must be at most {n} characters long")
 
     return check

@@ -6,11 +6,17 @@ configured key (no early exit, so timing does not reveal which key or how much o
 Admin keys also open the data plane and ops routes; API keys open the data plane and ops routes.
 With no API key configured the data plane is open (the CLI says so loudly at start).
 
+A refusal says which of four it is, by `code`: `missing_api_key` (no key in either header),
+`malformed_authorization` (an Authorization header that is not `Bearer <key>`, e.g. the key
+alone), `invalid_api_key` (401, a key that matches none) and `insufficient_permissions` (403, a
+data-plane key on the control plane).
+
 Must never: echo a presented key; log a header.
 """
 
 from __future__ import annotations
 
+import enum
 import hmac
 
 from attrs import frozen
@@ -19,7 +25,16 @@ from litestar.handlers.base import BaseRouteHandler
 
 from schemas.errors import AuthenticationError, PermissionDeniedError
 
-_AUTH_HINT = "provide a key in the X-API-Key header or as 'Authorization: Bearer <key>'"
+# the codes tell a program which refusal it got; the messages tell a person what to send
+_HOW = "send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
+MALFORMED = "Authorization must be 'Bearer <key>' (or send the key alone in X-API-Key)"
+
+
+class _NoKey(enum.Enum):
+    """Why no key could be read: none sent, or an Authorization header not `Bearer <key>`."""
+
+    MISSING = "missing"
+    MALFORMED = "malformed"
 
 
 @frozen
@@ -51,15 +66,32 @@ def _matches(presented: bytes, keys: tuple[bytes, ...]) -> bool:
 
 
 def presented_key(connection: ASGIConnection) -> bytes | None:  # type: ignore[type-arg]
-    """The key a client sent, if any."""
+    """The key a client sent, if any (None for a missing or malformed header)."""
+    found = _read_key(connection)
+    return found if isinstance(found, bytes) else None
+
+
+def _read_key(connection: ASGIConnection) -> bytes | _NoKey:  # type: ignore[type-arg]
     value = connection.headers.get("x-api-key")
     if value:
         return value.encode("latin-1")
-    auth = connection.headers.get("authorization", "")
-    scheme, _, token = auth.partition(" ")
+    auth = connection.headers.get("authorization")
+    if auth is None or not auth.strip():
+        return _NoKey.MISSING
+    scheme, _, token = auth.strip().partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         return token.strip().encode("latin-1")
-    return None
+    return _NoKey.MALFORMED
+
+
+def _require_key(connection: ASGIConnection, kind: str) -> bytes:  # type: ignore[type-arg]
+    """The presented key, or 401 saying whether it is missing or the header is malformed."""
+    found = _read_key(connection)
+    if found is _NoKey.MISSING:
+        raise AuthenticationError(f"no {kind}: {_HOW}", code="missing_api_key")
+    if found is _NoKey.MALFORMED:
+        raise AuthenticationError(MALFORMED, code="malformed_authorization")
+    return found
 
 
 def _ring(connection: ASGIConnection) -> KeyRing:  # type: ignore[type-arg]
@@ -70,14 +102,15 @@ def _ring(connection: ASGIConnection) -> KeyRing:  # type: ignore[type-arg]
 def require_admin(connection: ASGIConnection, _: BaseRouteHandler) -> None:  # type: ignore[type-arg]
     """Control plane: an admin key."""
     ring = _ring(connection)
-    key = presented_key(connection)
-    if key is None:
-        raise AuthenticationError(f"missing admin key: {_AUTH_HINT}")
+    key = _require_key(connection, "admin key")
     if _matches(key, ring.admin):
         return
     if _matches(key, ring.api):
-        raise PermissionDeniedError("this key does not grant the control plane")
-    raise AuthenticationError("invalid admin key")
+        raise PermissionDeniedError(
+            "this key does not grant the control plane: use an admin key (IW_ADMIN_KEY)",
+            code="insufficient_permissions",
+        )
+    raise AuthenticationError("invalid admin key: it matches no key in IW_ADMIN_KEY")
 
 
 def require_api(connection: ASGIConnection, _: BaseRouteHandler) -> None:  # type: ignore[type-arg]
@@ -85,23 +118,21 @@ def require_api(connection: ASGIConnection, _: BaseRouteHandler) -> None:  # typ
     ring = _ring(connection)
     if ring.data_plane_open:
         return
-    key = presented_key(connection)
-    if key is None:
-        raise AuthenticationError(f"missing API key: {_AUTH_HINT}")
+    key = _require_key(connection, "API key")
     # evaluate both so the time taken does not say which kind of key it was
     ok = _matches(key, ring.api) | _matches(key, ring.admin)
     if not ok:
-        raise AuthenticationError("invalid API key")
+        raise AuthenticationError(
+            "invalid API key: it matches no key in IW_API_KEY (or IW_ADMIN_KEY)"
+        )
 
 
 def require_ops(connection: ASGIConnection, _: BaseRouteHandler) -> None:  # type: ignore[type-arg]
     """Telemetry routes: any configured key (admin or API)."""
     ring = _ring(connection)
-    key = presented_key(connection)
-    if key is None:
-        raise AuthenticationError(f"missing key: {_AUTH_HINT}")
+    key = _require_key(connection, "key")
     if not (_matches(key, ring.api) | _matches(key, ring.admin)):
-        raise AuthenticationError("invalid key")
+        raise AuthenticationError("invalid key: it matches no key in IW_API_KEY or IW_ADMIN_KEY")
 
 
 def require_metrics(connection: ASGIConnection, handler: BaseRouteHandler) -> None:  # type: ignore[type-arg]

@@ -45,6 +45,7 @@ from schemas.openai import (
     Choice,
     Usage,
 )
+from schemas.suggest import NAME_LIMIT, closest
 from service.admission import Admission, Slot
 from service.context import RequestContext
 from service.errors import decode_json, require_json_body
@@ -107,18 +108,19 @@ class ChatServing:
             raise InvalidRequestError("request body must be a JSON object")
         unknown = sorted(k for k in payload if k not in CHAT_REQUEST_FIELDS)
         if unknown:
+            # OpenAI's own wording, plus the nearest field a typo was probably meant to be
+            name = unknown[0][:NAME_LIMIT]
+            best = closest(name, CHAT_REQUEST_FIELDS)
+            more = f". Did you mean {best!r}?" if best else ""
             raise InvalidRequestError(
-                f"Unrecognized request argument supplied: {unknown[0]}",
-                param=unknown[0],
+                f"Unrecognized request argument supplied: {name}{more}",
+                param=name,
                 code="unknown_parameter",
             )
         try:
             return structure(payload, ChatCompletionRequest, path="")
         except StructureError as exc:
-            first = exc.errors[0]
-            param = None if first.path == "$" else first.path
-            message = first.message if param is None else f"{param}: {first.message}"
-            raise InvalidRequestError(message, param=param) from None
+            raise InvalidRequestError(exc.first.render(), param=exc.first.param) from None
 
     def build(  # noqa: C901, PLR0912  (a flat checklist of refusals reads best as one)
         self, req: ChatCompletionRequest, loaded: LoadedModel, request_id: str
@@ -181,14 +183,17 @@ class ChatServing:
                 )
         if len(req.messages) > self.settings.max_messages:
             raise InvalidRequestError(
-                f"too many messages ({len(req.messages)} > {self.settings.max_messages})",
+                f"messages: at most {self.settings.max_messages} messages"
+                f" (the server's limit, IW_MAX_MESSAGES), got {len(req.messages)}",
                 param="messages",
             )
         max_tokens = req.max_completion_tokens or req.max_tokens
         cap = self.settings.max_tokens_cap
         if max_tokens is not None and max_tokens > cap:
             param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
-            raise InvalidRequestError(f"{param} must be at most {cap}", param=param)
+            raise InvalidRequestError(
+                f"{param}: must be at most {cap} (the server's limit, IW_MAX_TOKENS)", param=param
+            )
         default_max = max_tokens is None
         if max_tokens is None:
             max_tokens = min(cap, caps.max_context) if caps.max_context else cap
@@ -258,6 +263,8 @@ class Run:
         self.req = req
         self.gen = gen
         self.adapter = loaded.adapter
+        # the message carries `reasoning_content` only when the backend produces reasoning
+        self.with_reasoning = loaded.adapter.capabilities.reasoning
         self.engine_pids = loaded.info.engine_pids
         self.mem_mark: MemoryMark | None = None
         self.backend = loaded.plan.backend.name
@@ -445,11 +452,12 @@ class Run:
         self._check_end()
         self.status = "ok"
         metrics = self._metrics()
+        with_reasoning = self.with_reasoning
         choices = [
             Choice(
                 index=i,
                 message=AssistantMessage(
-                    "assistant", "".join(texts[i]), "".join(reasoning[i]) or None
+                    "assistant", "".join(texts[i]), "".join(reasoning[i]) or None, with_reasoning
                 ),
                 logprobs={"content": logprobs[i]} if self.req.logprobs else None,
                 finish_reason=self.finish[i],

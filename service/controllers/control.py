@@ -40,8 +40,8 @@ async def parse_body(request: Request[Any, Any, Any], cls: type[T], *, allow_emp
     try:
         return structure(payload, cls, path="$")
     except StructureError as exc:
-        first = exc.errors[0]
-        raise ParamsValidationError(f"{first.message} @ {first.path}", param=first.path) from None
+        first = exc.first
+        raise ParamsValidationError(first.render(), param=first.param or "$") from None
 
 
 class ModelController(Controller):

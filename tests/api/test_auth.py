@@ -27,7 +27,7 @@ def test_every_route_needs_a_key(client: Any, method: str, path: str) -> None:
     assert r.status_code == 401
     err = r.json()["error"]
     assert err["type"] == "authentication_error"
-    assert err["code"] == "invalid_api_key"
+    assert err["code"] == "missing_api_key"
 
 
 def test_health_and_ready_are_open(client: Any) -> None:
@@ -38,9 +38,11 @@ def test_health_and_ready_are_open(client: Any) -> None:
 
 @pytest.mark.parametrize(("method", "path"), CONTROL)
 def test_api_key_does_not_open_control_plane(client: Any, method: str, path: str) -> None:
-    """A valid data-plane key on the control plane is 403, a wrong key 401."""
-    assert client.request(method, path, json={}, headers=API).status_code == 403
-    assert client.request(method, path, json={}, headers={"X-API-Key": "nope"}).status_code == 401
+    """A valid data-plane key on the control plane is 403, a wrong key 401, each with a code."""
+    r = client.request(method, path, json={}, headers=API)
+    assert (r.status_code, r.json()["error"]["code"]) == (403, "insufficient_permissions")
+    r = client.request(method, path, json={}, headers={"X-API-Key": "nope"})
+    assert (r.status_code, r.json()["error"]["code"]) == (401, "invalid_api_key")
 
 
 def test_key_forms(client: Any) -> None:
@@ -56,15 +58,16 @@ def test_key_forms(client: Any) -> None:
             client.post("/v1/chat/completions", json=chat_body(), headers=headers).status_code
             == 200
         )
-    for headers in (
-        {"Authorization": API_KEY},
-        {"Authorization": "Bearer "},
-        {"Authorization": f"Basic {API_KEY}"},
-        {"X-API-Key": API_KEY + "x"},
-        {"X-API-Key": API_KEY[:-1]},
+    for headers, code in (
+        ({"Authorization": API_KEY}, "malformed_authorization"),
+        ({"Authorization": "Bearer "}, "malformed_authorization"),
+        ({"Authorization": f"Basic {API_KEY}"}, "malformed_authorization"),
+        ({"X-API-Key": API_KEY + "x"}, "invalid_api_key"),
+        ({"X-API-Key": API_KEY[:-1]}, "invalid_api_key"),
     ):
         r = client.post("/v1/chat/completions", json=chat_body(), headers=headers)
-        assert r.status_code == 401, headers
+        assert (r.status_code, r.json()["error"]["code"]) == (401, code), headers
+        assert API_KEY not in r.text  # a refusal never echoes what was sent
 
 
 def test_open_data_plane_when_no_api_key(app_factory: Any) -> None:

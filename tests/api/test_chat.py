@@ -37,7 +37,7 @@ def test_non_streaming_shape_and_usage(echo: Any) -> None:
     (choice,) = body["choices"]
     assert choice == {
         "index": 0,
-        "message": {"role": "assistant", "content": "one two three", "reasoning_content": None},
+        "message": {"role": "assistant", "content": "one two three"},
         "logprobs": None,
         "finish_reason": "stop",
     }

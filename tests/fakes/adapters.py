@@ -2,7 +2,8 @@
 
 `CrashingAdapter` fails its load with an engine-style exception whose text quotes the injected
 HF_TOKEN (the way a real HTTP client error quotes a URL with a token in it), so tests can prove
-the text is masked everywhere and the manager cleans up.
+the text is masked everywhere and the manager cleans up. `ReasoningEchoAdapter` is echo with
+reasoning on, for the `reasoning_content` rules.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ import os
 from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 
+import attrs
 from attrs import frozen
 
 from adapters.base import BaseAdapter, Capabilities, LoadInfo
+from adapters.echo import EchoAdapter
 from schemas.generation import GenerationRequest, TokenDelta
 
 
@@ -54,3 +57,20 @@ class CrashingAdapter(BaseAdapter):
     async def unload(self) -> None:
         """Count cleanups."""
         type(self).unloads += 1
+
+
+class ReasoningEchoAdapter(EchoAdapter):
+    """Echo that declares reasoning: first a reasoning delta (`REASONING`), then the echo."""
+
+    REASONING: ClassVar[str] = "thinking it over"
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """Echo's, plus reasoning deltas."""
+        return attrs.evolve(super().capabilities, reasoning=True)
+
+    async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenDelta]:
+        """One reasoning delta (no token counted), then what echo yields."""
+        yield TokenDelta("", 0, 0, reasoning=self.REASONING)
+        async for delta in super().generate(req):
+            yield delta

@@ -157,7 +157,7 @@ def test_defaults_are_vllm_and_the_r1_recommendations() -> None:
 @pytest.mark.parametrize(
     ("engine", "inner", "param"),
     [
-        ("vllm", {"max_model_lenn": 4096}, "$.engine_params.engine_params"),
+        ("vllm", {"max_model_lenn": 4096}, "$.engine_params.engine_params.max_model_lenn"),
         ("vllm", {"max_model_len": 2}, "$.engine_params.engine_params.max_model_len"),
         (
             "sglang",

@@ -106,14 +106,12 @@ def test_unknown_key_names_its_path_and_line() -> None:
             module: adapters.echo:EchoAdapter
             defualts: {}
         """)
-    assert "unknown field(s): defualts" in message
-    assert "adapters.echo" in message
-    assert "(line 3)" in message
+    assert "unknown field; did you mean 'defaults'? @ adapters.echo.defualts (line 4)" in message
 
 
 def test_unknown_top_level_key_is_refused() -> None:
     """A top-level key other than adapters/models is refused by name."""
-    assert "unknown field(s): extra" in parse_error(ECHO + "extra: 1\n")
+    assert "unknown field; known: adapters, models @ extra" in parse_error(ECHO + "extra: 1\n")
 
 
 def test_missing_adapters_key_is_named() -> None:
@@ -263,8 +261,8 @@ def test_class_without_adapter_methods(tmp_path: Path, monkeypatch: pytest.Monke
     ("defaults", "expected"),
     [
         ("{token_delay_ms: fast}", "adapters.echo.defaults.token_delay_ms: expected a number"),
-        ("{max_n: 0}", "adapters.echo.defaults.max_n: max_n must be between 1 and 16"),
-        ("{bogus: 1}", "adapters.echo.defaults: unknown field(s): bogus"),
+        ("{max_n: 0}", "adapters.echo.defaults.max_n: must be between 1 and 16"),
+        ("{bogus: 1}", "adapters.echo.defaults.bogus: unknown field; known: "),
     ],
 )
 def test_defaults_are_checked_against_the_params_schema(defaults: str, expected: str) -> None:
@@ -276,7 +274,7 @@ def test_defaults_are_checked_against_the_params_schema(defaults: str, expected:
 def test_preset_naming_an_unknown_backend() -> None:
     """A preset whose backend is not registered names the preset's backend key."""
     message = build_error(ECHO + "models:\n  p:\n    backend: nope\n    model: m\n")
-    assert message == "models.p.backend: unknown backend 'nope'"
+    assert message == "models.p.backend: unknown backend 'nope'; known: echo"
 
 
 def test_preset_params_are_checked_over_the_defaults() -> None:
@@ -284,8 +282,7 @@ def test_preset_params_are_checked_over_the_defaults() -> None:
     message = build_error(
         ECHO + "models:\n  p:\n    backend: echo\n    model: m\n    engine_params: {max_n: 99}\n"
     )
-    assert message.startswith("models.p.engine_params: max_n must be between 1 and 16")
-    assert "$.engine_params.max_n" in message
+    assert message == "models.p.engine_params.max_n: must be between 1 and 16"
 
 
 def test_registry_resolves_builds_and_describes() -> None:
