@@ -17,8 +17,9 @@ spends little CPU of its own) warms every connection up, then runs a fixed numbe
 requests and a fixed number of non-streaming `max_tokens: 1` requests. Printed per server and
 level:
 
-- server CPU µs per streamed token: the server process's CPU time (user + system, from psutil)
-  over the streamed phase, divided by the token frames the client received;
+- server CPU µs per streamed token: the server process's CPU time (all its threads, from
+  `/proc/<pid>/task/*/schedstat`, nanosecond resolution) over the streamed phase, divided by
+  the token frames the client received;
 - TTFT (request written → first token frame parsed) and E2E (→ `[DONE]`) p50/p99, client-side;
 - non-streaming requests/s with `max_tokens: 1`;
 - the ratios to the floor (CPU x, TTFT/E2E +ms, req/s x), and the wrapper's streamed tokens per
@@ -264,16 +265,31 @@ async def _client(
             e2e.append(end)
             frames[0] += got
 
-    proc = psutil.Process(server_pid)
-    cpu0 = proc.cpu_times()
+    cpu0 = server_cpu_s(server_pid)
     t0 = time.perf_counter()
     await asyncio.gather(*(worker(r, w) for r, w in conns))
     wall = time.perf_counter() - t0
-    cpu1 = proc.cpu_times()
+    cpu = server_cpu_s(server_pid) - cpu0
     for _, writer in conns:
         writer.close()
-    cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
     return {"wall_s": wall, "cpu_s": cpu, "frames": frames[0], "ttft": ttft, "e2e": e2e}
+
+
+def server_cpu_s(pid: int) -> float:
+    """CPU seconds the process's threads have run, in ns resolution where Linux gives it.
+
+    `/proc/<pid>/task/*/schedstat` counts nanoseconds on the CPU per thread; psutil's user +
+    system times tick in 10 ms steps, too coarse for the short phases at concurrency 1.
+    """
+    total = 0
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                total += int((task / "schedstat").read_text().split()[0])
+    except OSError:
+        times = psutil.Process(pid).cpu_times()
+        return float(times.user + times.system)
+    return total / 1e9
 
 
 def client_main(argv: list[str]) -> None:
@@ -333,10 +349,11 @@ class Server:
             f"{self.name} not ready in {timeout:.0f} s:\n{self.log.read_text()[-3000:]}"
         )
 
-    def sample(self, stream: bool = True) -> bytes:
+    def sample(self, stream: bool = True, max_tokens: int = 4) -> bytes:
         """One whole response (headers and body), raw."""
+        request = _request_bytes(stream, max_tokens).replace(b"HTTP/1.1", b"HTTP/1.0", 1)
         with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
-            sock.sendall(_request_bytes(stream, 4).replace(b"HTTP/1.1", b"HTTP/1.0", 1))
+            sock.sendall(request)
             data = b""
             while chunk := sock.recv(65536):
                 data += chunk
@@ -371,10 +388,11 @@ def running(names: list[str], logs: Path) -> Iterator[dict[str, Server]]:
             server.stop()
 
 
-def _normalise(raw: bytes) -> bytes:
-    """A response's body, chunk by chunk, with what differs per request blanked out.
+def _normalise(raw: bytes) -> tuple[bytes, int]:
+    """A response's body with what differs per request blanked out, and its number of chunks.
 
-    Ids, timestamps and metric values differ; the chunks sent and everything else must not.
+    Ids, timestamps and metric values differ; the event bytes must not. How the events are cut
+    into writes may differ (the wrapper joins frames that are ready together).
     """
     head, body = raw.split(b"\r\n\r\n", 1)
     chunks = [body]
@@ -384,19 +402,20 @@ def _normalise(raw: bytes) -> bytes:
             size, _, body = body.partition(b"\r\n")
             chunks.append(body[: int(size, 16)])
             body = body[int(size, 16) + 2 :]
-    out = b"\n--chunk--\n".join(chunks)
+    out = b"".join(chunks)
     out = re.sub(rb"chatcmpl-[0-9a-f]{32}", b"chatcmpl-ID", out)
     out = re.sub(rb'"created":\d+', b'"created":0', out)
-    return re.sub(rb'":(-?[0-9][0-9.e+-]*|null)', b'":#', out)
+    return re.sub(rb'":(-?[0-9][0-9.e+-]*|null)', b'":#', out), len([c for c in chunks if c])
 
 
 def check_identical(servers: dict[str, Server]) -> str:
     """Compare the floor's stream and response with the wrapper's (after `_normalise`)."""
     if "floor" not in servers or "wrapper" not in servers:
         return "not checked (floor and wrapper are not both running)"
+    writes = ""
     for stream in (True, False):
-        floor = _normalise(servers["floor"].sample(stream))
-        wrapper = _normalise(servers["wrapper"].sample(stream))
+        floor, floor_chunks = _normalise(servers["floor"].sample(stream, TOKENS))
+        wrapper, wrapper_chunks = _normalise(servers["wrapper"].sample(stream, TOKENS))
         if floor != wrapper:
             kind = "stream" if stream else "response"
             at = next(
@@ -408,7 +427,9 @@ def check_identical(servers: dict[str, Server]) -> str:
                 f"DIFFERENT {kind} at byte {at}:\nfloor:   {floor[lo : at + 300]!r}\n"
                 f"wrapper: {wrapper[lo : at + 300]!r}"
             )
-    return "identical (ids, timestamps and metric values aside)"
+        if stream:
+            writes = f"; body chunks per stream: floor {floor_chunks}, wrapper {wrapper_chunks}"
+    return f"identical (ids, timestamps and metric values aside){writes}"
 
 
 def phase(server: Server, concurrency: int, requests: int, stream: bool) -> dict[str, Any]:
@@ -574,8 +595,8 @@ def main() -> None:
     report = (
         f"{md}\n\n" + "\n".join(f"- {line}" for line in checks) + "\n\n"
         f"{TOKENS} tokens per streamed request (echo backend, no delay, `ignore_eos`); "
-        f"CPU = the server process's user + system time over the streamed phase / token frames "
-        f"received; latencies measured by the client; floor vs wrapper bytes: "
+        "CPU = the server process's CPU time (all threads, /proc schedstat) over the streamed "
+        f"phase / token frames received; latencies measured by the client; floor vs wrapper bytes: "
         f"{identical.splitlines()[0]}. {host}; {elapsed:.0f} s in all. On a shared machine the "
         "absolute figures move from run to run: the ratios within one run are what counts.\n"
     )

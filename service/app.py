@@ -37,6 +37,7 @@ from service.controllers.ops import (
     ResourcesController,
     TelemetryController,
 )
+from service.datapath import CHAT_PATH, ChatRoute
 from service.errors import EXCEPTION_HANDLERS
 from service.gpu import Nvml
 from service.logs import mask_all_handlers
@@ -55,10 +56,21 @@ class WrapperApp(Litestar):
     clock late; overriding `__call__` is the one place that sees every request first.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._chat = ChatRoute(self.state)
+
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        """ASGI entry: HTTP goes through the edge, lifespan and websockets straight through."""
+        """ASGI entry: HTTP goes through the edge, lifespan and websockets straight through.
+
+        `POST /v1/chat/completions` is served by `service.datapath` without Litestar's layers
+        (it stamps its own context and request id the same way the edge does).
+        """
         if scope["type"] == "http":
-            await edge(super().__call__, scope, receive, send)
+            if scope["path"] == CHAT_PATH and scope["method"] == "POST":
+                await self._chat(scope, receive, send)
+            else:
+                await edge(super().__call__, scope, receive, send)
         else:
             await super().__call__(scope, receive, send)
 

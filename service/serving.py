@@ -22,6 +22,7 @@ from typing import Any
 
 import anyio
 from litestar import Request
+from litestar.types import Receive
 
 from adapters.base import Capabilities
 from registry.manager import InflightTicket, LoadedModel, ModelManager, sanitize_exception
@@ -222,10 +223,9 @@ class ChatServing:
 
     # --- entry points --------------------------------------------------------------------------
 
-    async def handle(self, request: Request[Any, Any, Any], ctx: RequestContext) -> Any:
-        """Serve one chat request: a JSON response or an SSE stream."""
-        body = await request.body()
-        require_json_body(request.headers.get("content-type"), body)
+    def open_run(self, body: bytes, content_type: str | None, ctx: RequestContext) -> Run:
+        """Check a request and reserve its place: a `Run` whose `close()` the caller owes."""
+        require_json_body(content_type, body)
         req = self.parse(body)
         loaded = self.manager.ready_model()
         gen = self.build(req, loaded, ctx.request_id)
@@ -235,13 +235,21 @@ class ChatServing:
         except WrapperError:
             self.manager.release(ticket)
             raise
-        run = Run(self, req, gen, loaded, ticket, slot, ctx)
-        if req.stream:
+        return Run(self, req, gen, loaded, ticket, slot, ctx)
+
+    async def handle(self, request: Request[Any, Any, Any], ctx: RequestContext) -> Any:
+        """Serve one chat request through Litestar: a JSON response or an SSE stream.
+
+        `service.datapath` serves the route without Litestar; this stays for mounts it skips.
+        """
+        body = await request.body()
+        run = self.open_run(body, request.headers.get("content-type"), ctx)
+        if run.req.stream:
             frames = run.frames()
             run.attach(frames)
             return SSEStream(frames, on_close=run.close)
         try:
-            return await run.complete(request)
+            return await run.complete(request.receive)
         finally:
             await run.close()
 
@@ -469,10 +477,10 @@ class Run:
             self.completion_id, "chat.completion", self.created, self.model, choices, usage, metrics
         )
 
-    async def complete(self, request: Request[Any, Any, Any]) -> ChatCompletion:
+    async def complete(self, receive: Receive) -> ChatCompletion:
         """Run to the end, unless the client goes away first (then stop the engine's work)."""
         work = asyncio.ensure_future(self._collect())
-        gone = asyncio.ensure_future(_disconnected(request))
+        gone = asyncio.ensure_future(_disconnected(receive))
         try:
             await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -507,10 +515,10 @@ class Run:
         self.serving.telemetry.record(self._record, self.timer.gaps)
 
 
-async def _disconnected(request: Request[Any, Any, Any]) -> None:
+async def _disconnected(receive: Receive) -> None:
     """Return when the client closes the connection (the body has been read already)."""
     while True:
-        message = await request.receive()
+        message = await receive()
         if message["type"] == "http.disconnect":
             return
 
