@@ -150,7 +150,7 @@ async def floor_app(scope: Any, receive: Any, send: Any) -> None:
                  "total_tokens": prompt_tokens + n}  # fmt: skip
         body = (
             head + b',"choices":[{"index":0,"message":{"role":"assistant","content":'
-            + _encode(text) + b',"reasoning_content":null},"logprobs":null,'
+            + _encode(text) + b'},"logprobs":null,'
             b'"finish_reason":"length"}],"usage":' + _encode(usage)
             + b',"metrics":' + _encode(metrics) + b',"system_fingerprint":null}'
         )  # fmt: skip

@@ -393,10 +393,16 @@ class Run:
         try:
             agen = await self._start()
             try:
+                text_frame = enc.text
                 async for delta in agen:
                     self._observe(delta)
                     text, reasoning = delta.text, delta.reasoning
                     index = delta.index
+                    if text and role_sent[index] and not reasoning and not delta.logprobs:
+                        chunk = text_frame(index, text)  # the common frame, built in one go
+                        frame()
+                        yield chunk
+                        continue
                     # a first token without text (a special token, or text held back for a stop
                     # string) still sends the role chunk, as vLLM does: clients time TTFT on it
                     if (
