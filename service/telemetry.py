@@ -29,7 +29,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from attrs import asdict, frozen
+from attrs import fields, frozen
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from schemas.telemetry import MemorySnapshot
@@ -123,10 +123,13 @@ class RequestRecord:
 
     def metrics(self) -> dict[str, Any]:
         """The response's `metrics` object (numbers only; ids and labels live elsewhere)."""
-        out = asdict(self)
-        for key in ("request_id", "model", "backend", "stream", "status", "started_at"):
-            out.pop(key)
-        return out
+        # every field is a scalar: read them by name, in field order, instead of attrs' asdict
+        return {name: getattr(self, name) for name in _METRIC_FIELDS}
+
+
+_LABEL_FIELDS = ("request_id", "model", "backend", "stream", "status", "started_at")
+#: the fields of `RequestRecord.metrics()`, in declaration order
+_METRIC_FIELDS = tuple(f.name for f in fields(RequestRecord) if f.name not in _LABEL_FIELDS)
 
 
 def _ms(seconds: float | None) -> float | None:
