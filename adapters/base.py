@@ -12,12 +12,13 @@ write to `os.environ` (the registry's env scope owns that).
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 from attrs import field, frozen
 
+from adapters.kit.errors import no_mask
 from schemas.errors import ParamsValidationError
 from schemas.generation import GenerationRequest, TokenDelta
 
@@ -71,6 +72,13 @@ class AdapterContext:
     allowed_hosts: tuple[str, ...] = ()
     model_roots: tuple[Path, ...] = ()
     cache_dir: Path = Path(".cache")
+    extra_allow: tuple[str, ...] = ()
+    """`extra` keys (or dotted key paths) the operator opted in to, past the engine's allowlist."""
+    mask: Callable[[str], str] = field(default=no_mask, eq=False)
+    """The secret store's mask: engine text is masked with it before it is cut short."""
+    load_env: Mapping[str, str] = field(factory=dict, eq=False)
+    """This load's own `env` (already allowlisted): the only place an adapter takes a secret
+    from; never `os.environ`, which holds the server's own secrets."""
 
 
 @frozen
@@ -217,6 +225,19 @@ class BaseAdapter:
         """Validate the model reference and registry-gated params."""
         parse_model_ref(model, self.context)
         check_trust_remote_code(params, self.context)
+
+    @classmethod
+    def check_extra_allow(cls, entries: Sequence[str]) -> None:
+        """Refuse (`ValueError`) adapters.yaml `extra_allow` entries this adapter cannot honour.
+
+        Adapters with an `engine_params.extra` declare its allowlist as `extra_policy` (a
+        `adapters.kit.ParamPolicy`); the others take no `extra_allow` at all.
+        """
+        policy = getattr(cls, "extra_policy", None)
+        for entry in entries:
+            if policy is None:
+                raise ValueError(f"this backend has no engine_params.extra to allow {entry!r} in")
+            policy.check_allow_entry(entry)
 
     def stats(self) -> EngineStats:
         """No engine-side figures by default."""

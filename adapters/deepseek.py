@@ -36,6 +36,7 @@ import attrs
 from attrs import field, frozen
 
 from adapters.base import BaseAdapter, Capabilities, EngineStats, LoadInfo
+from adapters.kit import ParamPolicy
 from adapters.reasoning import OPEN_TAG, ReasoningSplitter
 from schemas.converter import StructureError, structure
 from schemas.errors import EngineError, ParamsValidationError
@@ -202,6 +203,22 @@ class DeepseekAdapter(BaseAdapter):
         base = self._inner.capabilities if self._inner is not None else Capabilities()
         return attrs.evolve(base, reasoning=True)
 
+    @classmethod
+    def check_extra_allow(cls, entries: Sequence[str]) -> None:
+        """`extra_allow` applies to the inner engine's `extra`: each entry must fit one engine."""
+        for entry in entries:
+            problems = []
+            for engine in _INNER:
+                policy = getattr(inner_adapter_class(engine), "extra_policy", None)
+                try:
+                    if policy is not None:
+                        policy.check_allow_entry(entry)
+                        break
+                except ValueError as exc:
+                    problems.append(str(exc))
+            else:
+                raise ValueError("; ".join(problems) or f"no inner engine allows {entry!r}")
+
     def _make_inner(self, engine: str) -> Any:
         if self._given_inner is not None:
             return self._given_inner
@@ -216,9 +233,21 @@ class DeepseekAdapter(BaseAdapter):
             raise ParamsValidationError(first.render(), param=first.param or "$") from None
 
     def check(self, model: str, params: Any) -> None:
-        """The inner adapter's checks (model, registry gates), reported under our params path."""
+        """The inner engine's `extra` allowlist and the inner adapter's checks, under our path."""
+        inner_params = self._inner_params(params)
+        # the inner engine's allowlist, applied here too: it holds whichever inner adapter runs
+        policy: ParamPolicy | None = getattr(
+            inner_adapter_class(params.engine), "extra_policy", None
+        )
+        extra = getattr(inner_params, "extra", None)
+        if policy is not None and extra is not None:
+            policy.check(
+                extra,
+                allow=self.context.extra_allow,
+                path=f"$.engine_params.{_NESTED}.extra",
+            )
         try:
-            self._make_inner(params.engine).check(model, self._inner_params(params))
+            self._make_inner(params.engine).check(model, inner_params)
         except ParamsValidationError as exc:
             raise _reparam(exc) from None
 

@@ -10,16 +10,16 @@ Token counts: the upstream's final usage chunk (we always ask for `include_usage
 what we report. An upstream that ignores `stream_options` gets one token counted per content
 chunk, which is exact for vLLM and OpenAI and an approximation elsewhere.
 
-Must never: send the key anywhere but the allowed host's Authorization header; put upstream
+Must never: read a key from the server's environment (only from the load's own `env`); send the
+key anywhere but the allowed host's Authorization header; put upstream
 response text in an error without masking (the manager and service mask again); follow
 redirects (they could leave the allowlist).
 """
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
@@ -28,6 +28,7 @@ import msgspec
 from attrs import field, frozen
 
 from adapters.base import BaseAdapter, Capabilities, EngineStats, LoadInfo
+from adapters.kit import clean_error_text, no_mask
 from schemas.errors import (
     EngineError,
     InvalidRequestError,
@@ -56,7 +57,8 @@ class OpenAIUpstreamParams:
     base_url: str = field(validator=max_length(2048))
     """Upstream API root, e.g. `https://api.deepseek.com/v1`; its host must be allowed."""
     api_key_env: str | None = field(default=None, validator=max_length(128))
-    """Env variable (set through the load's `env`) holding the upstream key; none: no key."""
+    """Key of this load's own `env` holding the upstream key (never the server's environment:
+    a name the load's `env` does not set is refused); none: no key."""
     timeout_s: float = field(default=120.0, validator=in_range(0.1, 3600))
     """Longest wait for the upstream's next byte (first token included)."""
     connect_timeout_s: float = field(default=10.0, validator=in_range(0.1, 300))
@@ -129,19 +131,33 @@ class OpenAIUpstreamAdapter(BaseAdapter):
                 "model (the upstream's model name) is empty", param="$.model"
             )
         _check_url(params.base_url, self.context.allowed_hosts)
+        self._api_key(params)
+
+    def _api_key(self, params: OpenAIUpstreamParams) -> str | None:
+        """The key named by `api_key_env`, from this load's own `env` only.
+
+        Never from `os.environ`: that holds the server's own secrets (`IW_ADMIN_KEY`, cloud
+        credentials), and a request naming one would have it sent to the upstream host.
+        """
+        name = params.api_key_env
+        if name is None:
+            return None
+        key = self.context.load_env.get(name)
+        if not key:
+            raise ParamsValidationError(
+                "api_key_env must name a key of this load's own env (set it in the load's env)",
+                param="$.engine_params.api_key_env",
+                code="param_refused",
+            )
+        return key
 
     async def load(self, model: str, params: Any) -> LoadInfo:
         """Open a pooled client and ask the upstream's /models (connectivity and key check)."""
         started = time.perf_counter()
         base = _check_url(params.base_url, self.context.allowed_hosts)
         headers = {"Accept": "application/json"}
-        if params.api_key_env is not None:
-            key = os.environ.get(params.api_key_env)
-            if not key:
-                raise ParamsValidationError(
-                    f"env {params.api_key_env} is not set; pass it in the load's env",
-                    param="$.env",
-                )
+        key = self._api_key(params)
+        if key is not None:
             headers["Authorization"] = f"Bearer {key}"
         self._client = httpx.AsyncClient(
             base_url=base,
@@ -178,7 +194,7 @@ class OpenAIUpstreamAdapter(BaseAdapter):
         if r.status_code == 404:
             return None
         if r.status_code >= 400:
-            raise _status_error(r.status_code, r.content)
+            raise _status_error(r.status_code, r.content, self.context.mask)
         data = msgspec.json.decode(r.content).get("data", [])
         return {str(m.get("id")) for m in data if isinstance(m, dict)}
 
@@ -218,7 +234,7 @@ class OpenAIUpstreamAdapter(BaseAdapter):
         client = self._client
         if client is None:
             raise EngineError("upstream adapter is not loaded")
-        state = _StreamState(req.sampling.n)
+        state = _StreamState(req.sampling.n, self.context.mask)
         headers = {"x-request-id": req.request_id}
         self._running += 1
         try:
@@ -226,7 +242,7 @@ class OpenAIUpstreamAdapter(BaseAdapter):
                 "POST", "chat/completions", json=self._body(req), headers=headers
             ) as r:
                 if r.status_code >= 400:
-                    raise _status_error(r.status_code, await r.aread())
+                    raise _status_error(r.status_code, await r.aread(), self.context.mask)
                 async for line in r.aiter_lines():
                     payload = line[5:].strip() if line.startswith("data:") else ""
                     if payload == "[DONE]":
@@ -265,7 +281,8 @@ _FINISH: dict[str, FinishReason] = {
 class _StreamState:
     """Turns upstream chunks into deltas; keeps finish reasons and usage for the end."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, mask: Callable[[str], str] = no_mask) -> None:
+        self.mask = mask
         self.finish: list[FinishReason] = ["stop"] * n
         self.text_chunks = [0] * n
         self.usage: dict[str, int] | None = None
@@ -273,7 +290,8 @@ class _StreamState:
     def feed(self, chunk: dict[str, Any]) -> list[TokenDelta]:
         """Deltas carried by one chunk (text counts come at the end)."""
         if "error" in chunk:
-            raise UpstreamError(f"upstream stream error: {_message(chunk['error'])}")
+            detail = clean_error_text(_message(chunk["error"]), self.mask)
+            raise UpstreamError(f"upstream stream error: {detail}")
         if chunk.get("usage"):
             self.usage = chunk["usage"]
         out = []
@@ -304,15 +322,18 @@ class _StreamState:
 
 
 def _message(error: Any) -> str:
+    """The whole message of an upstream error object (cut only after masking)."""
     if isinstance(error, dict):
-        return str(error.get("message", ""))[:300]
-    return str(error)[:300]
+        return str(error.get("message", ""))
+    return str(error)
 
 
-def _status_error(status: int, content: bytes) -> WrapperError:
-    """Map an upstream HTTP error onto our hierarchy (the text is masked by the caller)."""
+def _status_error(
+    status: int, content: bytes, mask: Callable[[str], str] = no_mask
+) -> WrapperError:
+    """Map an upstream HTTP error onto our hierarchy; its text masked whole, then cut short."""
     try:
-        detail = _message(msgspec.json.decode(content).get("error", ""))
+        detail = clean_error_text(_message(msgspec.json.decode(content).get("error", "")), mask)
     except (msgspec.DecodeError, AttributeError):
         detail = ""
     suffix = f": {detail}" if detail else ""

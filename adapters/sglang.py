@@ -60,7 +60,7 @@ import re
 import signal
 import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import msgspec
@@ -74,6 +74,19 @@ from adapters.base import (
     check_trust_remote_code,
 )
 from adapters.bundled import check_model_source, resolve_model_source
+from adapters.kit import (
+    Bool,
+    Float,
+    Int,
+    ListOf,
+    Obj,
+    OneOf,
+    ParamPolicy,
+    Refused,
+    Reserved,
+    clean_error_text,
+    no_mask,
+)
 from schemas.errors import (
     ConflictError,
     EngineError,
@@ -81,12 +94,18 @@ from schemas.errors import (
     ParamsValidationError,
 )
 from schemas.generation import FinishReason, GenerationRequest, Message, TokenDelta
-from schemas.validators import FieldValueError, in_range
+from schemas.validators import FieldValueError, in_range, max_length
 
 if TYPE_CHECKING:
     from adapters.base import AdapterContext
 
-__all__ = ["SERVER_ARGS_FIELDS", "SGLANG_VERSION", "SglangAdapter", "SglangParams"]
+__all__ = [
+    "SERVER_ARGS_FIELDS",
+    "SGLANG_EXTRA",
+    "SGLANG_VERSION",
+    "SglangAdapter",
+    "SglangParams",
+]
 
 log = logging.getLogger(__name__)
 
@@ -130,22 +149,116 @@ _TYPED_PARAMS = (
     "trust_remote_code",
 )
 
-#: ServerArgs fields `extra` may not set, and why (the message a 422 carries)
-EXTRA_DENIED: Mapping[str, str] = {
-    **{name: f"set it as engine_params.{name}" for name in _TYPED_PARAMS},
-    "model_path": "the model comes from the load request (checked against the model roots)",
-    "tokenizer_path": "the tokenizer comes with the model of the load request",
-    "skip_tokenizer_init": "the adapter renders prompts with the engine's tokenizer",
-    "tokenizer_worker_num": "multi-process tokenizers are not supported by this adapter",
-    "custom_weight_loader": "it imports code named by a string",
-    "forward_hooks": "it imports code named by a string",
-    "api_key": "secrets are not engine params (they would show in status)",
-    "admin_api_key": "secrets are not engine params (they would show in status)",
-    "ssl_keyfile_password": "secrets are not engine params (they would show in status)",
-    "watermark_key": "secrets are not engine params (they would show in status)",
-    "watermark_key_b": "secrets are not engine params (they would show in status)",
-    "watermark_config": "it carries watermark secrets (they would show in status)",
-}
+_CREDENTIAL = "secrets are not engine params (they would show in status)"
+_FOLDER = "names a model, a tokenizer, a file, a folder or a host"
+_CODE = "names code to import, a plugin or a parser"
+
+#: what `engine_params.extra` may carry to sglang 0.5.23 `ServerArgs` (names pinned in
+#: `SERVER_ARGS_FIELDS`; a contract test checks every key here is one); all else is refused
+SGLANG_EXTRA = ParamPolicy(
+    "sglang",
+    Obj(
+        {
+            # memory and scheduling
+            "kv_cache_dtype": OneOf(
+                frozenset({"auto", "fp8_e5m2", "fp8_e4m3", "bf16", "bfloat16", "fp4_e2m1"})
+            ),
+            "max_total_tokens": Int(1, 100_000_000),
+            "max_prefill_tokens": Int(1, 10_000_000),
+            "max_queued_requests": Int(1, 1_000_000),
+            "page_size": Int(1, 4096),
+            "schedule_policy": OneOf(
+                frozenset({"lpm", "random", "fcfs", "dfs-weight", "lof", "priority"})
+            ),
+            "schedule_conservativeness": Float(0.0, 10.0),
+            "disable_radix_cache": Bool(),
+            "disable_chunked_prefix_cache": Bool(),
+            "enable_mixed_chunk": Bool(),
+            "disable_overlap_schedule": Bool(),
+            "num_continuous_decode_steps": Int(1, 1024),
+            "stream_interval": Int(1, 1024),
+            "incremental_streaming_output": Bool(),
+            "allow_auto_truncate": Bool(),
+            "cpu_offload_gb": Float(0, 1_000_000),
+            "enable_hierarchical_cache": Bool(),
+            "hicache_ratio": Float(0.0, 100.0),
+            "enable_memory_saver": Bool(),
+            # parallelism and kernels
+            "pp_size": Int(1, 64),
+            "ep_size": Int(1, 1024),
+            "enable_dp_attention": Bool(),
+            "device": OneOf(frozenset({"cuda", "cpu", "xpu", "hpu", "npu"})),
+            "sampling_backend": OneOf(frozenset({"flashinfer", "pytorch"})),
+            "grammar_backend": OneOf(frozenset({"xgrammar", "outlines", "llguidance", "none"})),
+            "disable_cuda_graph": Bool(),
+            "cuda_graph_max_bs_decode": Int(1, 65_536),
+            "cuda_graph_bs_decode": ListOf(Int(1, 65_536), max_items=128),
+            "enable_torch_compile": Bool(),
+            "torch_compile_max_bs": Int(1, 65_536),
+            # behaviour
+            "random_seed": Int(0, 2**63 - 1),
+            "enable_deterministic_inference": Bool(),
+            "log_level": OneOf(frozenset({"debug", "info", "warning", "error", "critical"})),
+            "watchdog_timeout": Float(1.0, 86_400.0),
+            # set by a typed param, the registry, the adapter; or a secret
+            **{name: Reserved(f"set it as engine_params.{name}") for name in _TYPED_PARAMS},
+            "model_path": Reserved("the model comes from the load request (model roots)"),
+            "tokenizer_path": Reserved("the tokenizer comes with the model of the load request"),
+            "skip_tokenizer_init": Reserved("the adapter renders prompts with its tokenizer"),
+            "tokenizer_worker_num": Reserved("multi-process tokenizers are not supported here"),
+            **dict.fromkeys(
+                (
+                    "api_key",
+                    "admin_api_key",
+                    "ssl_keyfile_password",
+                    "watermark_key",
+                    "watermark_key_b",
+                    "watermark_config",
+                ),
+                Reserved(_CREDENTIAL),
+            ),
+            # known, refused unless adapters.yaml opts in (extra_allow)
+            **dict.fromkeys(
+                (
+                    "download_dir",
+                    "load_format",
+                    "revision",
+                    "speculative_algorithm",
+                    "speculative_draft_model_path",
+                    "json_model_override_args",
+                    "lora_paths",
+                    "enable_lora",
+                    "chat_template",
+                    "host",
+                    "port",
+                    "dist_init_addr",
+                    "nnodes",
+                    "node_rank",
+                    "file_storage_path",
+                    "decrypted_config_file",
+                    "crash_dump_folder",
+                    "hicache_storage_backend",
+                    "disaggregation_mode",
+                    "served_model_name",
+                    "tokenizer_mode",
+                ),
+                Refused(_FOLDER),
+            ),
+            **dict.fromkeys(
+                (
+                    "custom_weight_loader",
+                    "forward_hooks",
+                    "model_loader_extra_config",
+                    "reasoning_parser",
+                    "tool_call_parser",
+                    "preferred_sampling_params",
+                    "custom_sigquit_handler",
+                ),
+                Refused(_CODE),
+            ),
+        }
+    ),
+)
 
 _PATHLIKE = re.compile(r"(?:[A-Za-z]:)?(?:/[^\s/'\"():,]+){2,}/?")
 
@@ -165,15 +278,6 @@ def _one_of(choices: frozenset[str]) -> Any:
 def _chunked_prefill(_: Any, attribute: Any, value: int | None) -> None:
     if value is not None and value != -1 and value < 1:
         raise FieldValueError(attribute.name, f"{attribute.name} must be -1 (off) or at least 1")
-
-
-def _extra_fields(_: Any, attribute: Any, value: dict[str, Any]) -> None:
-    for key in value:
-        where = f"{attribute.name}.{key}"
-        if key in EXTRA_DENIED:
-            raise FieldValueError(where, f"{key} cannot be set through extra: {EXTRA_DENIED[key]}")
-        if key.startswith("_") or key not in SERVER_ARGS_FIELDS:
-            raise FieldValueError(where, f"unknown sglang {SGLANG_VERSION} server arg {key!r}")
 
 
 @frozen
@@ -202,9 +306,11 @@ class SglangParams:
     """Attention kernels (e.g. flashinfer, fa3, triton); unset lets sglang pick for the GPU."""
     trust_remote_code: bool = False
     """Run modelling code shipped with the model; refused unless adapters.yaml allows it."""
-    extra: dict[str, Any] = field(factory=dict, validator=_extra_fields)
-    """Any other sglang 0.5.23 `ServerArgs` field by name (e.g. `kv_cache_dtype`,
-    `enable_deterministic_inference`); unknown names are refused."""
+    extra: dict[str, Any] = field(factory=dict, validator=max_length(64))
+    """Further sglang 0.5.23 `ServerArgs` fields from a vetted allowlist, each typed (e.g.
+    `kv_cache_dtype`, `enable_deterministic_inference`); unknown names are refused, and so are
+    names that set a typed param, a secret, code, files, folders or hosts (unless adapters.yaml
+    `extra_allow` lists them)."""
 
 
 def _engine_rid(request_id: str) -> str:
@@ -213,10 +319,14 @@ def _engine_rid(request_id: str) -> str:
     return f"{len(request_id)}:{request_id}"
 
 
-def _describe(exc: BaseException) -> str:
-    """First line of an engine exception, paths masked, short: safe to show a client."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    text = _PATHLIKE.sub("<path>", text)[:300]
+def _clean(text: str, mask: Callable[[str], str] = no_mask) -> str:
+    """Engine text masked whole, paths replaced, then cut short (the kit's one cleaner)."""
+    return clean_error_text(text, lambda t: _PATHLIKE.sub("<path>", mask(t)))
+
+
+def _describe(exc: BaseException, mask: Callable[[str], str] = no_mask) -> str:
+    """First line of an engine exception, masked, paths replaced, short: safe to show a client."""
+    text = _clean(str(exc), mask)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
@@ -252,7 +362,9 @@ def sampling_params(options: Any, *, seed_allowed: bool) -> dict[str, Any]:
     return params
 
 
-def finish_reason(raw: Any) -> tuple[FinishReason | None, str | int | None]:
+def finish_reason(
+    raw: Any, mask: Callable[[str], str] = no_mask
+) -> tuple[FinishReason | None, str | int | None]:
     """Map sglang's `finish_reason` dict to ours and the matched stop; raise for error aborts."""
     if raw is None:
         return None, None
@@ -263,7 +375,7 @@ def finish_reason(raw: Any) -> tuple[FinishReason | None, str | int | None]:
         status = raw.get("status_code")
         if status is None:
             return "abort", None
-        message = _PATHLIKE.sub("<path>", str(raw.get("message") or "aborted"))[:300]
+        message = _clean(str(raw.get("message") or "aborted"), mask)
         if 400 <= int(status) < 500:
             raise InvalidRequestError(f"sglang refused the request: {message}")
         raise EngineError(f"sglang aborted the request: {message}")
@@ -275,6 +387,8 @@ class SglangAdapter(BaseAdapter):
     """SGLang's offline `Engine` in this process; its scheduler runs in processes of its own."""
 
     params_type: ClassVar[type[Any]] = SglangParams
+    #: the `extra` allowlist (DeepSeek applies it to its nested params too)
+    extra_policy: ClassVar[ParamPolicy] = SGLANG_EXTRA
 
     def __init__(self, context: AdapterContext) -> None:
         super().__init__(context)
@@ -340,18 +454,19 @@ class SglangAdapter(BaseAdapter):
             )
         except Exception as exc:
             # template errors ("roles must alternate") are the request's fault and safe to show
+            detail = _describe(exc, self.context.mask)
             raise InvalidRequestError(
-                f"the model's chat template refused the messages: {_describe(exc)}",
-                param="messages",
+                f"the model's chat template refused the messages: {detail}", param="messages"
             ) from None
         return str(rendered)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     def check(self, model: str, params: Any) -> None:
-        """Model reference (bundled names too) and the registry-gated trust_remote_code."""
+        """Model reference (bundled names too), registry gates and the `extra` allowlist."""
         check_model_source(model, self.context)
         check_trust_remote_code(params, self.context)
+        SGLANG_EXTRA.check(params.extra, allow=self.context.extra_allow)
 
     async def load(self, model: str, params: Any) -> LoadInfo:
         """Resolve the model, import sglang, build the engine off the event loop, take its loop."""
@@ -367,7 +482,7 @@ class SglangAdapter(BaseAdapter):
             from sglang.version import __version__ as version  # noqa: PLC0415
         except ImportError as exc:
             raise EngineError(
-                f"sglang is not importable here ({_describe(exc)}); install "
+                f"sglang is not importable here ({_describe(exc, self.context.mask)}); install "
                 f"'inference-wrapper[sglang]' (sglang=={SGLANG_VERSION}) on a CUDA machine"
             ) from None
         imported = time.perf_counter()
@@ -382,7 +497,9 @@ class SglangAdapter(BaseAdapter):
                 )
         # blocking for minutes (weights, KV cache, CUDA graphs); off the main thread it also
         # skips the SIGQUIT handler that would kill this whole process if a child failed
-        building = asyncio.ensure_future(asyncio.to_thread(Engine, **engine_kwargs(source, params)))
+        building = asyncio.ensure_future(
+            asyncio.to_thread(Engine, **engine_kwargs(source, params, self.context.extra_allow))
+        )
         try:
             self._engine = await asyncio.shield(building)
         except asyncio.CancelledError:
@@ -390,7 +507,9 @@ class SglangAdapter(BaseAdapter):
             building.add_done_callback(_shut_down_when_built)
             raise
         except Exception as exc:
-            raise EngineError(f"sglang failed to start: {_describe(exc)}") from None
+            raise EngineError(
+                f"sglang failed to start: {_describe(exc, self.context.mask)}"
+            ) from None
         built = time.perf_counter()
         manager = self._engine.tokenizer_manager
         self._tokenizer = manager.tokenizer
@@ -433,7 +552,7 @@ class SglangAdapter(BaseAdapter):
         try:
             await asyncio.to_thread(engine.shutdown)
         except Exception as exc:
-            log.warning("sglang shutdown failed: %s", _describe(exc))
+            log.warning("sglang shutdown failed: %s", _describe(exc, self.context.mask))
         finally:
             if manager is not None:
                 # its receive loop lives on our event loop and would outlive the engine
@@ -495,7 +614,9 @@ class SglangAdapter(BaseAdapter):
             except ValueError as exc:
                 # sglang validates requests (length, sampling ranges) with ValueError
                 finished = True
-                raise InvalidRequestError(f"sglang refused the request: {_describe(exc)}") from None
+                raise InvalidRequestError(
+                    f"sglang refused the request: {_describe(exc, self.context.mask)}"
+                ) from None
             if not finished:
                 raise EngineError("sglang ended the stream without a finish reason")
         finally:
@@ -529,7 +650,7 @@ class SglangAdapter(BaseAdapter):
             total = int(meta.get("completion_tokens") or 0)
             pending_tokens += max(total - seen_tokens, 0)
             seen_tokens = max(seen_tokens, total)
-            reason, matched = finish_reason(meta.get("finish_reason"))
+            reason, matched = finish_reason(meta.get("finish_reason"), self.context.mask)
             if not piece and reason is None:
                 continue  # tokens that made no text yet (held back): count them with the next
             prompt = int(meta.get("prompt_tokens", prompt_len))
@@ -547,7 +668,7 @@ class SglangAdapter(BaseAdapter):
                 return
 
 
-def engine_kwargs(source: str, params: SglangParams) -> dict[str, Any]:
+def engine_kwargs(source: str, params: SglangParams, allow: Sequence[str] = ()) -> dict[str, Any]:
     """`sglang.Engine(**kwargs)`: 0.5.23 `ServerArgs` names; unset params keep sglang's default."""
     kwargs: dict[str, Any] = {
         "model_path": source,
@@ -567,7 +688,8 @@ def engine_kwargs(source: str, params: SglangParams) -> dict[str, Any]:
         value = getattr(params, name)
         if value is not None:
             kwargs[name] = value
-    kwargs.update(params.extra)  # disjoint from the above: `_extra_fields` refuses overlaps
+    # disjoint from the above: the allowlist reserves the typed names
+    kwargs.update(SGLANG_EXTRA.check(params.extra, allow=allow))
     return kwargs
 
 

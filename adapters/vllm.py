@@ -21,13 +21,9 @@ model (those keys are refused); leave an engine process behind after `unload()` 
 
 from __future__ import annotations
 
-import ast
 import asyncio
 import contextlib
-import difflib
-import functools
 import gc
-import importlib.util
 import logging
 import os
 import re
@@ -36,11 +32,9 @@ import tempfile
 import time
 import uuid
 import warnings
-from collections.abc import AsyncGenerator, Mapping, Sequence
-from pathlib import Path
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
-import attrs
 import psutil
 from attrs import define, field, frozen
 
@@ -54,6 +48,21 @@ from adapters.base import (
     check_trust_remote_code,
 )
 from adapters.bundled import check_model_source, resolve_model_source
+from adapters.kit import (
+    Bool,
+    Float,
+    Int,
+    ListOf,
+    Name,
+    Nullable,
+    Obj,
+    OneOf,
+    ParamPolicy,
+    Refused,
+    Reserved,
+    clean_error_text,
+    no_mask,
+)
 from schemas.errors import (
     ConflictError,
     EngineError,
@@ -82,14 +91,31 @@ _REAP_TIMEOUT_S = 10.0
 _ABORT_TIMEOUT_S = 5.0
 
 
-def _quantization(_: Any, attribute: Any, value: str | None) -> None:
-    if value is not None and not re.fullmatch(r"[a-z0-9_\-]{1,40}", value):
-        raise FieldValueError(attribute.name, f"{attribute.name} must be a vLLM method name")
+#: vLLM 0.32's 39 `QuantizationMethods` (model_executor/layers/quantization/__init__.py)
+QUANTIZATION_METHODS = frozenset(
+    """
+    awq auto_awq fp8 fbgemm_fp8 fp_quant modelopt modelopt_fp4 modelopt_mxfp8 modelopt_mixed
+    auto_gptq gptq gptq_marlin awq_marlin humming compressed-tensors experts_int8 quark moe_wna16
+    torchao inc mxfp4 gpt_oss_mxfp4 deepseek_v4_fp8 online fp8_per_tensor fp8_per_block
+    fp8_per_channel int8_per_channel_weight_only nvfp4_per_token mxfp8
+    """.split()  # noqa: SIM905
+)
+#: vLLM 0.32 `CacheDType` (config/cache.py)
+CACHE_DTYPES = frozenset(
+    """
+    auto float16 bfloat16 fp8 fp8_e4m3 fp8_e5m2 fp8_inc fp8_ds_mla nvfp4_ds_mla turboquant_k8v4
+    turboquant_4bit_nc turboquant_k3v4_nc turboquant_3bit_nc ultraquant_4bit int4_per_token_head
+    int8_per_token_head fp8_per_token_head nvfp4 nvfp4_4over6
+    """.split()  # noqa: SIM905
+)
 
 
-def _kv_cache_dtype(_: Any, attribute: Any, value: str) -> None:
-    if not re.fullmatch(r"[a-z0-9_]{1,40}", value):
-        raise FieldValueError(attribute.name, f"{attribute.name} must be a vLLM cache dtype name")
+def _choice(choices: frozenset[str], what: str) -> Any:
+    def check(_: Any, attribute: Any, value: str | None) -> None:
+        if value is not None and value not in choices:
+            raise FieldValueError(attribute.name, f"{attribute.name} must be a vLLM 0.32 {what}")
+
+    return check
 
 
 @frozen
@@ -118,150 +144,232 @@ class VllmParams:
     """Most tokens processed in one step; unset takes vLLM's default for the device."""
     enable_prefix_caching: bool | None = None
     """Reuse the KV cache of shared prompt prefixes; unset takes vLLM's default."""
-    quantization: str | None = field(default=None, validator=_quantization)
+    quantization: str | None = field(
+        default=None, validator=_choice(QUANTIZATION_METHODS, "quantization method")
+    )
     """vLLM quantisation method (`awq`, `gptq`, `fp8`, ...); unset reads it from the checkpoint."""
-    kv_cache_dtype: str = field(default="auto", validator=_kv_cache_dtype)
+    kv_cache_dtype: str = field(default="auto", validator=_choice(CACHE_DTYPES, "KV cache dtype"))
     """KV cache dtype (`auto` follows the model; `fp8`, `fp8_e4m3`, `fp8_e5m2`, `bfloat16`...)."""
     seed: int | None = field(default=None, validator=in_range(0))
     """Engine random seed; unset takes vLLM's default. Per-request seeds are sampling options."""
     trust_remote_code: bool = False
     """Run code shipped with the model; refused unless adapters.yaml allows it for this backend."""
     extra: dict[str, Any] = field(factory=dict, validator=max_length(64))
-    """Further `AsyncEngineArgs` fields, passed through as given (e.g. `kv_cache_memory_bytes`,
-    `block_size`). Unknown names are refused, and so are names that duplicate a field above or
-    that name code to import, files, hosts, credentials or another model."""
+    """Further `AsyncEngineArgs` fields from a vetted allowlist, each typed, nested values too
+    (e.g. `kv_cache_memory_bytes`, `block_size`, `compilation_config.mode`). Unknown names are
+    refused, and so are names that duplicate a field above or that name code to import, files,
+    hosts, credentials or another model (unless adapters.yaml `extra_allow` lists them)."""
 
 
-#: `extra` keys refused outright, with the reason a user sees
-_EXTRA_REFUSED: Mapping[str, str] = {
-    **dict.fromkeys(
-        (
-            "model",
-            "model_weights",
-            "tokenizer",
-            "hf_config_path",
-            "served_model_name",
-            "download_dir",
-            "speculative_config",
-            "spec_model",
-            "generation_config",
+_MODEL_OR_FOLDER = "names a model, a tokenizer, a file or a folder"
+_CODE = "names code to import, a plugin or an external connector"
+_HOST_OR_FILE = "names a credential, a file or a host"
+_OWN = "is set by the adapter (stats, no prompt logging, chat rendering)"
+_DEDICATED = frozenset(
+    {
+        "dtype",
+        "max_model_len",
+        "gpu_memory_utilization",
+        "tensor_parallel_size",
+        "pipeline_parallel_size",
+        "distributed_executor_backend",
+        "enforce_eager",
+        "max_num_seqs",
+        "max_num_batched_tokens",
+        "enable_prefix_caching",
+        "quantization",
+        "kv_cache_dtype",
+        "seed",
+        "trust_remote_code",
+    }
+)
+_SIZES = ListOf(Int(1, 65_536), max_items=128)
+
+#: `extra.compilation_config`: vLLM 0.32 `CompilationConfig` fields that are numbers, enums or
+#: flags. `backend` and `inductor_passes` are resolved with importlib; `debug_dump_path` and
+#: `cache_dir` are folders vLLM writes; `inductor_compile_config`/`pass_config` are free-form.
+_COMPILATION = Obj(
+    {
+        "mode": OneOf(frozenset({0, 1, 2, 3})),
+        "cudagraph_mode": OneOf(
+            frozenset({"NONE", "PIECEWISE", "FULL", "FULL_DECODE_ONLY", "FULL_AND_PIECEWISE"})
         ),
-        "names a model or a folder; the model comes from the load request",
-    ),
-    **dict.fromkeys(
-        (
-            "worker_cls",
-            "worker_extension_cls",
-            "scheduler_cls",
-            "logits_processors",
-            "reasoning_parser_plugin",
-            "io_processor_plugin",
-            "model_class_overrides",
-            "model_loader_extra_config",
-            "kv_transfer_config",
-            "ec_transfer_config",
-            "ec_manager_config",
-            "kv_events_config",
-            "weight_transfer_config",
+        "cudagraph_capture_sizes": _SIZES,
+        "max_cudagraph_capture_size": Int(1, 65_536),
+        "cudagraph_num_of_warmups": Int(0, 64),
+        "cudagraph_copy_inputs": Bool(),
+        "cudagraph_specialize_lora": Bool(),
+        "compile_sizes": _SIZES,
+        "compile_mm_encoder": Bool(),
+        "cudagraph_mm_encoder": Bool(),
+        "custom_ops": ListOf(Name(r"[+-]?[a-z][a-z0-9_]{0,63}|all|none"), max_items=64),
+        "use_inductor_graph_partition": Bool(),
+        "fast_moe_cold_start": Nullable(Bool()),
+        "compile_cache_save_format": OneOf(frozenset({"binary", "unpacked"})),
+        "backend": Refused(_CODE),
+        "inductor_passes": Refused(_CODE),
+        "inductor_compile_config": Refused(_CODE),
+        "pass_config": Refused(_CODE),
+        "splitting_ops": Refused(_CODE),
+        "debug_dump_path": Refused(_MODEL_OR_FOLDER),
+        "cache_dir": Refused(_MODEL_OR_FOLDER),
+    },
+    json_string=True,
+)
+
+#: `extra.structured_outputs_config` (vLLM 0.32 config/structured_outputs.py): the grammar
+#: backend and flags; the reasoning parser plugin is a file or module vLLM imports
+_STRUCTURED_OUTPUTS = Obj(
+    {
+        "backend": OneOf(
+            frozenset({"auto", "xgrammar", "guidance", "outlines", "lm-format-enforcer"})
         ),
-        "names code to import or an external connector",
+        "disable_any_whitespace": Bool(),
+        "disable_additional_properties": Bool(),
+        "enable_in_reasoning": Bool(),
+        "reasoning_parser": Refused(_CODE),
+        "reasoning_parser_plugin": Refused(_CODE),
+    },
+    json_string=True,
+)
+
+#: what `engine_params.extra` may carry to `AsyncEngineArgs` (vLLM 0.32 `EngineArgs` names and
+#: types, engine/arg_utils.py); everything not declared here is refused
+VLLM_EXTRA = ParamPolicy(
+    "vllm",
+    Obj(
+        {
+            # capacity and scheduling
+            "block_size": Int(1, 4096),
+            "kv_cache_memory_bytes": Int(1, 1 << 50),
+            "num_gpu_blocks_override": Int(1, 100_000_000),
+            "enable_chunked_prefill": Bool(),
+            "max_num_scheduled_tokens": Int(1, 10_000_000),
+            "long_prefill_token_threshold": Int(0, 10_000_000),
+            "max_num_active_seqs": Int(1, 65_536),
+            "scheduling_policy": OneOf(frozenset({"fcfs", "priority"})),
+            "async_scheduling": Bool(),
+            "stream_interval": Int(1, 1024),
+            "prefix_caching_hash_algo": OneOf(
+                frozenset({"sha256", "sha256_cbor", "xxhash", "xxhash_cbor"})
+            ),
+            "cpu_offload_gb": Float(0, 1_000_000),
+            "max_logprobs": Int(-1, 100_000),
+            "disable_sliding_window": Bool(),
+            "disable_cascade_attn": Nullable(Bool()),
+            "mamba_cache_dtype": OneOf(frozenset({"auto", "float32", "float16", "bfloat16"})),
+            "mamba_ssm_cache_dtype": OneOf(frozenset({"auto", "float32", "float16", "bfloat16"})),
+            # parallelism on this host
+            "data_parallel_size": Int(1, 1024),
+            "enable_expert_parallel": Bool(),
+            "enable_eplb": Bool(),
+            "disable_custom_all_reduce": Bool(),
+            "max_parallel_loading_workers": Int(1, 256),
+            # compilation and CUDA graphs
+            "compilation_config": _COMPILATION,
+            "structured_outputs_config": _STRUCTURED_OUTPUTS,
+            "cudagraph_capture_sizes": _SIZES,
+            "max_cudagraph_capture_size": Int(1, 65_536),
+            "optimization_level": OneOf(frozenset({0, 1, 2, 3})),
+            "performance_mode": OneOf(frozenset({"balanced", "interactivity", "throughput"})),
+            # typed params have a field of their own
+            **{name: Reserved(f"set it as engine_params.{name}") for name in _DEDICATED},
+            **dict.fromkeys(
+                ("disable_log_stats", "enable_log_requests", "skip_tokenizer_init", "tokens_only"),
+                Reserved(_OWN),
+            ),
+            "model": Reserved("the model comes from the load request"),
+            "served_model_name": Reserved("the adapter names the model as the request did"),
+            # known, refused unless adapters.yaml opts in (extra_allow)
+            **dict.fromkeys(
+                (
+                    "model_weights",
+                    "tokenizer",
+                    "hf_config_path",
+                    "download_dir",
+                    "speculative_config",
+                    "spec_model",
+                    "generation_config",
+                    "hf_overrides",
+                    "load_format",
+                    "revision",
+                    "code_revision",
+                    "tokenizer_revision",
+                    "ignore_patterns",
+                    "pt_load_map_location",
+                    "allowed_local_media_path",
+                ),
+                Refused(_MODEL_OR_FOLDER),
+            ),
+            **dict.fromkeys(
+                (
+                    "worker_cls",
+                    "worker_extension_cls",
+                    "scheduler_cls",
+                    "logits_processors",
+                    "reasoning_parser",
+                    "reasoning_parser_plugin",
+                    "io_processor_plugin",
+                    "model_class_overrides",
+                    "model_loader_extra_config",
+                    "model_impl",
+                    "kv_transfer_config",
+                    "ec_transfer_config",
+                    "ec_manager_config",
+                    "kv_events_config",
+                    "weight_transfer_config",
+                    "additional_config",
+                    "quantization_config",
+                    "attention_config",
+                    "kernel_config",
+                    "override_generation_config",
+                    "mm_processor_kwargs",
+                    "media_io_kwargs",
+                ),
+                Refused(_CODE),
+            ),
+            **dict.fromkeys(
+                (
+                    "hf_token",
+                    "allowed_media_domains",
+                    "otlp_traces_endpoint",
+                    "log_config_file",
+                    "logging_config",
+                    "profiler_config",
+                    "master_addr",
+                    "master_port",
+                    "data_parallel_address",
+                    "data_parallel_rpc_port",
+                ),
+                Refused(_HOST_OR_FILE),
+            ),
+        }
     ),
-    **dict.fromkeys(
-        (
-            "hf_token",
-            "allowed_local_media_path",
-            "allowed_media_domains",
-            "otlp_traces_endpoint",
-            "log_config_file",
-            "logging_config",
-            "profiler_config",
-            "mm_encoder_fp8_scale_path",
-            "mm_encoder_fp8_scale_save_path",
-            "master_addr",
-            "master_port",
-            "data_parallel_address",
-            "data_parallel_rpc_port",
-        ),
-        "names a credential, a file or a host",
-    ),
-    **dict.fromkeys(
-        ("disable_log_stats", "enable_log_requests", "skip_tokenizer_init", "tokens_only"),
-        "is set by the adapter (stats, no prompt logging, chat rendering)",
-    ),
-}
-#: keys inside `extra.compilation_config` that vLLM resolves with importlib
-_COMPILATION_REFUSED = frozenset({"backend", "inductor_passes"})
+)
 
 
-@functools.cache
-def _engine_arg_names(source: Path, mtime_ns: int) -> frozenset[str]:
-    """`AsyncEngineArgs` field names read from vLLM's source, without importing vLLM (~30 ms).
+def check_extra(
+    extra: Mapping[str, Any], allow: Sequence[str] = (), known: frozenset[str] | None = None
+) -> dict[str, Any]:
+    """`extra` checked against `VLLM_EXTRA` (422 per key path); what may go to `AsyncEngineArgs`.
 
-    Importing `vllm.engine.arg_utils` takes seconds and pulls torch into the service process, too
-    much for a dry run; the dataclass fields are the annotated names of the two class bodies.
+    `known`: the installed vLLM's engine argument names; a key the operator opted in to that the
+    installed vLLM does not know is refused here rather than failing the engine start.
     """
-    del mtime_ns  # part of the cache key only
-    tree = ast.parse(source.read_text(encoding="utf-8"))
-    names: set[str] = set()
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef) and node.name in {"EngineArgs", "AsyncEngineArgs"}:
-            for item in node.body:
-                if (
-                    isinstance(item, ast.AnnAssign)
-                    and isinstance(item.target, ast.Name)
-                    and "ClassVar" not in ast.unparse(item.annotation)
-                ):
-                    names.add(item.target.id)
-    return frozenset(names)
-
-
-def _installed_engine_arg_names() -> frozenset[str]:
-    spec = importlib.util.find_spec("vllm")
-    locations = list(spec.submodule_search_locations or ()) if spec is not None else []
-    if not locations:
-        raise EngineError("the vllm package is not installed in this image", code="engine_missing")
-    source = Path(locations[0]) / "engine" / "arg_utils.py"
-    try:
-        return _engine_arg_names(source, source.stat().st_mtime_ns)
-    except (OSError, SyntaxError):
-        raise EngineError("cannot read the installed vllm's engine arguments") from None
-
-
-def check_extra(extra: Mapping[str, Any], known: frozenset[str]) -> None:
-    """Refuse `extra` keys that are unknown to `AsyncEngineArgs` or not allowed (422 per key)."""
-    dedicated = {a.name for a in attrs.fields(VllmParams)} - {"extra"}
-    for key, value in extra.items():
-        if not _NAME.fullmatch(key):
+    checked = VLLM_EXTRA.check(extra, allow=allow)
+    for key in checked:
+        if known is not None and key not in known:
             raise ParamsValidationError(
-                "extra keys are vLLM engine argument names (lowercase, digits, _)",
-                param="$.engine_params.extra",
+                f"'{key}' is not an engine argument of the installed vllm",
+                param=f"$.engine_params.extra.{key}",
+                code="unknown_param",
             )
-        param = f"$.engine_params.extra.{key}"
-        if key in dedicated:
-            raise ParamsValidationError(
-                f"set {key} as engine_params.{key}, not in extra", param=param
-            )
-        if key in _EXTRA_REFUSED:
-            raise ParamsValidationError(
-                f"extra.{key} is not allowed: it {_EXTRA_REFUSED[key]}",
-                param=param,
-                code="param_refused",
-            )
-        if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ParamsValidationError(f"'{key}' is not a vLLM engine argument{hint}", param=param)
-        if key == "compilation_config" and isinstance(value, Mapping):
-            bad = sorted(_COMPILATION_REFUSED & set(value))
-            if bad:
-                raise ParamsValidationError(
-                    f"extra.compilation_config.{bad[0]} is not allowed: it names code to import",
-                    param=f"{param}.{bad[0]}",
-                    code="param_refused",
-                )
+    return checked
 
 
-def engine_kwargs(model_source: str, params: VllmParams) -> dict[str, Any]:
+def engine_kwargs(
+    model_source: str, params: VllmParams, allow: Sequence[str] = ()
+) -> dict[str, Any]:
     """The `AsyncEngineArgs` keyword arguments for `params` (unset optionals left to vLLM)."""
     kwargs: dict[str, Any] = {
         "model": model_source,
@@ -286,7 +394,8 @@ def engine_kwargs(model_source: str, params: VllmParams) -> dict[str, Any]:
         "seed": params.seed,
     }
     kwargs.update({k: v for k, v in optional.items() if v is not None})
-    kwargs.update(params.extra)
+    # checked again (cheap): JSON-string args reach vLLM parsed, as they were checked
+    kwargs.update(check_extra(params.extra, allow))
     return kwargs
 
 
@@ -300,15 +409,14 @@ def describe(exc: BaseException) -> str:
     return str(exc)
 
 
-def sanitise(text: str, *secrets: str) -> str:
-    """One short line of engine text, without local paths (or `secrets`) in it."""
-    line = next((ln.strip() for ln in str(text).splitlines() if ln.strip()), "")
+def sanitise(text: str, *secrets: str, mask: Callable[[str], str] = no_mask) -> str:
+    """One short line of engine text: masked whole first, without local paths (or `secrets`)."""
+    text = str(text)
     for secret in secrets:
         if secret:
-            line = line.replace(secret, "<model>")
-    line = re.sub(r"(?<![\w<])(/|~/)[^\s'\",)]*", "<path>", line)
-    line = line.replace("See root cause above.", "See the service log.")
-    return line[:300] or "no detail"
+            text = text.replace(secret, "<model>")
+    text = text.replace("See root cause above.", "See the service log.")
+    return clean_error_text(text, mask) or "no detail"
 
 
 # --- engine-side figures --------------------------------------------------------------------------
@@ -521,6 +629,8 @@ class VllmAdapter(BaseAdapter):
     """vLLM's `AsyncLLM` behind the adapter contract; see the module docstring."""
 
     params_type: ClassVar[type[Any]] = VllmParams
+    #: the `extra` allowlist (DeepSeek applies it to its nested params too)
+    extra_policy: ClassVar[ParamPolicy] = VLLM_EXTRA
 
     def __init__(self, context: AdapterContext) -> None:
         super().__init__(context)
@@ -571,7 +681,7 @@ class VllmAdapter(BaseAdapter):
         """Model reference, registry gates and `extra` keys, without importing vLLM."""
         check_model_source(model, self.context)
         check_trust_remote_code(params, self.context)
-        check_extra(params.extra, _installed_engine_arg_names())
+        check_extra(params.extra, self.context.extra_allow)
 
     async def load(self, model: str, params: Any) -> LoadInfo:
         """Import vLLM, start the engine, warm it up; on failure leave nothing running."""
@@ -583,10 +693,12 @@ class VllmAdapter(BaseAdapter):
         try:
             api = await asyncio.to_thread(_import_vllm)
         except ImportError as exc:
-            raise EngineError(f"vllm cannot be imported: {sanitise(str(exc))}") from None
+            raise EngineError(
+                f"vllm cannot be imported: {sanitise(str(exc), mask=self.context.mask)}"
+            ) from None
         import_s = time.perf_counter() - started
         # the authoritative check, against the imported dataclass, before any process starts
-        check_extra(params.extra, api.engine_arg_fields)
+        check_extra(params.extra, self.context.extra_allow, api.engine_arg_fields)
         self._api = api
         # vLLM names its ZMQ IPC socket files under VLLM_RPC_BASE_PATH (default: the temp dir)
         # and leaves them there when its processes stop; a folder of our own per engine is
@@ -597,7 +709,7 @@ class VllmAdapter(BaseAdapter):
         self._children_before = _child_pids()
         started = time.perf_counter()
         try:
-            kwargs = engine_kwargs(source, params)
+            kwargs = engine_kwargs(source, params, self.context.extra_allow)
             # metric labels and logs name the model as the request did, not by its cache path
             kwargs["served_model_name"] = model
             engine = await self._start_engine(api, kwargs, source)
@@ -637,7 +749,8 @@ class VllmAdapter(BaseAdapter):
             try:
                 config = api.AsyncEngineArgs(**kwargs).create_engine_config()
             except Exception as exc:
-                failure = f"vllm refused the model or its params: {sanitise(describe(exc), source)}"
+                detail = sanitise(describe(exc), source, mask=self.context.mask)
+                failure = f"vllm refused the model or its params: {detail}"
             if failure:
                 raise EngineError(failure)
             try:
@@ -648,7 +761,8 @@ class VllmAdapter(BaseAdapter):
                     disable_log_stats=False,
                 )
             except Exception as exc:
-                failure = f"vllm engine failed to start: {sanitise(describe(exc), source)}"
+                detail = sanitise(describe(exc), source, mask=self.context.mask)
+                failure = f"vllm engine failed to start: {detail}"
                 _release(exc)
             raise EngineError(failure)
 
@@ -755,11 +869,13 @@ class VllmAdapter(BaseAdapter):
                 yield TokenDelta("", 0, index, "abort", prompt_len)
             open_choices.clear()
         except api.VLLMClientError as exc:
-            raise InvalidRequestError(sanitise(_message(exc)), param=_param(exc)) from None
+            raise InvalidRequestError(
+                sanitise(_message(exc), mask=self.context.mask), param=_param(exc)
+            ) from None
         except api.EngineDeadError:
             raise EngineError("the vllm engine process died", code="engine_dead") from None
         except api.EngineGenerateError as exc:
-            detail = sanitise(str(exc.__cause__ or exc))
+            detail = sanitise(str(exc.__cause__ or exc), mask=self.context.mask)
             raise EngineError(f"vllm failed this request: {detail}") from None
         finally:
             self._inflight.discard(rid)
@@ -790,7 +906,9 @@ class VllmAdapter(BaseAdapter):
                 [conversation], self._chat_params, tok_params
             )
         except api.VLLMClientError as exc:
-            raise InvalidRequestError(sanitise(_message(exc)), param=_param(exc)) from None
+            raise InvalidRequestError(
+                sanitise(_message(exc), mask=self.context.mask), param=_param(exc)
+            ) from None
         prompt_len = len(engine_input["prompt_token_ids"])
         if prompt_len >= self._max_model_len:
             raise InvalidRequestError(
@@ -831,7 +949,9 @@ class VllmAdapter(BaseAdapter):
                 skip_clone=True,
             )
         except (api.VLLMClientError, ValueError) as exc:
-            raise InvalidRequestError(sanitise(_message(exc)), param=_param(exc)) from None
+            raise InvalidRequestError(
+                sanitise(_message(exc), mask=self.context.mask), param=_param(exc)
+            ) from None
 
     async def unload(self) -> None:
         """Abort in-flight requests (their streams end with `abort`), shut the engine down, reap."""
@@ -854,7 +974,7 @@ class VllmAdapter(BaseAdapter):
             try:
                 await asyncio.to_thread(engine.shutdown)
             except Exception as exc:
-                _log.warning("vllm shutdown failed: %s", sanitise(str(exc)))
+                _log.warning("vllm shutdown failed: %s", sanitise(str(exc), mask=self.context.mask))
             # shutdown() from a thread closes the client's sockets through a loop callback
             await asyncio.sleep(0)
             _close_zmq_context(engine)

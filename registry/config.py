@@ -22,6 +22,9 @@ from schemas.validators import FieldValueError
 _MODULE_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 BACKEND_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 _ENV_PATTERN = re.compile(r"^[A-Za-z_*][A-Za-z0-9_*]*$")
+#: an `extra_allow` item: an engine argument name or a dotted path into one (no wildcards: an
+#: opt-in names exactly what the operator vetted)
+_EXTRA_KEY = re.compile(r"^[a-z_][a-z0-9_]{0,63}(\.[a-z_][a-z0-9_]{0,63}){0,7}$")
 
 
 class RegistryError(Exception):
@@ -44,6 +47,16 @@ def _env_patterns(_: Any, attribute: Any, value: tuple[str, ...]) -> None:
             )
 
 
+def _extra_keys(_: Any, attribute: Any, value: tuple[str, ...]) -> None:
+    for key in value:
+        if not _EXTRA_KEY.fullmatch(key):
+            raise FieldValueError(
+                attribute.name,
+                f"invalid extra_allow entry {key!r} (an engine argument name or a dotted path "
+                "into one, e.g. speculative_config or compilation_config.backend)",
+            )
+
+
 @frozen
 class AdapterEntry:
     """One backend: which class implements it and what the operator allows it."""
@@ -63,6 +76,10 @@ class AdapterEntry:
     """Whether a load may set `trust_remote_code: true` (runs code shipped with the model)."""
     allowed_hosts: tuple[str, ...] = ()
     """Hosts an adapter may connect to (upstream adapters); empty means none."""
+    extra_allow: tuple[str, ...] = field(default=(), validator=_extra_keys)
+    """`engine_params.extra` keys (or dotted paths into them) a load may set although the
+    adapter refuses them by default because they name code, files, folders, hosts or plugins
+    (e.g. `speculative_config`); each stays bounded in size and depth."""
 
 
 @frozen

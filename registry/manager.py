@@ -25,9 +25,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+import attrs
 from attrs import define, frozen
 
 from adapters.base import Adapter, LoadInfo, MemoryEstimate
+from adapters.kit import clean_error_text
 from registry.env import EnvScope, check_env
 from registry.memory import (
     MemoryProbe,
@@ -59,6 +61,9 @@ from schemas.errors import (
 from schemas.telemetry import MemorySnapshot
 
 logger = logging.getLogger(__name__)
+
+#: nesting `_mask_tree` walks before it cuts a value short
+_MASK_DEPTH = 32
 
 #: Retry-After (seconds) suggested to data-plane clients while no model is ready
 RETRY_AFTER_S = 5
@@ -143,25 +148,28 @@ class InflightTicket:
         self.aborted = False
 
 
-def _mask_tree(value: Any, secrets: SecretStore) -> Any:
+def _mask_tree(value: Any, secrets: SecretStore, depth: int = 0) -> Any:
+    # capped: params are bounded at depth 8 before they get here; a deeper value is cut, not
+    # walked (a RecursionError here once turned a bad load request into a 500)
+    if depth > _MASK_DEPTH:
+        return "…"
     if isinstance(value, str):
         return secrets.mask(value)
     if isinstance(value, dict):
-        return {k: _mask_tree(v, secrets) for k, v in value.items()}
+        return {k: _mask_tree(v, secrets, depth + 1) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_mask_tree(v, secrets) for v in value]
+        return [_mask_tree(v, secrets, depth + 1) for v in value]
     return value
 
 
 def sanitize_exception(exc: BaseException, secrets: SecretStore, limit: int = 300) -> str:
     """A short, secret-free description of an engine exception for clients and status."""
     if isinstance(exc, WrapperError):
-        text = exc.message
-    else:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        text = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-    text = secrets.mask(text)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+        # already one cleaned line; masked again whole before it is cut
+        return clean_error_text(exc.message, secrets.mask, limit=limit, paths=False)
+    text = clean_error_text(str(exc), secrets.mask, limit=limit)
+    name = type(exc).__name__
+    return clean_error_text(f"{name}: {text}" if text else name, limit=limit, paths=False)
 
 
 class ModelManager:
@@ -310,7 +318,11 @@ class ModelManager:
         params = self.registry.build_params(backend_name, overrides)
         check_env(req.env, backend.entry.env_allow, backend_name)
         env = {**backend.entry.env, **req.env}
-        adapter = backend.adapter_cls(self.registry.context(backend_name))
+        # the adapter masks engine text with the store, and takes secrets from this load's env
+        context = attrs.evolve(
+            self.registry.context(backend_name), mask=self.secrets.mask, load_env=dict(req.env)
+        )
+        adapter = backend.adapter_cls(context)
         adapter.check(model, params)
         return LoadPlan(
             backend=backend,

@@ -97,6 +97,15 @@ def _check_entry(registered: RegisteredAdapter) -> None:
     refused = [k for k in registered.entry.env if is_refused(k)]
     if refused:
         raise RegistryError(f"adapters.{name}.env: {refused[0]} is never allowed")
+    allow = registered.entry.extra_allow
+    check_allow = getattr(registered.adapter_cls, "check_extra_allow", None)
+    if allow and check_allow is None:
+        raise RegistryError(f"adapters.{name}.extra_allow: this backend takes no extra_allow")
+    try:
+        if allow and check_allow is not None:
+            check_allow(allow)
+    except ValueError as exc:
+        raise RegistryError(f"adapters.{name}.extra_allow: {exc}") from None
     try:
         structure(registered.entry.defaults, registered.params_type, path="")
     except StructureError as exc:
@@ -194,6 +203,7 @@ class AdapterRegistry:
             name=name,
             trust_remote_code_allowed=entry.trust_remote_code_allowed,
             allowed_hosts=entry.allowed_hosts,
+            extra_allow=entry.extra_allow,
             model_roots=self.model_roots,
             cache_dir=self.cache_dir,
         )
@@ -236,6 +246,7 @@ class AdapterRegistry:
             "env_allow": list(entry.env_allow),
             "trust_remote_code_allowed": entry.trust_remote_code_allowed,
             "allowed_hosts": list(entry.allowed_hosts),
+            "extra_allow": list(entry.extra_allow),
             "params_schema": attrs_json_schema(registered.params_type),
         }
 

@@ -153,6 +153,14 @@ async def test_extra_typo_is_refused_before_anything_starts(context: AdapterCont
             "$.engine_params.extra.compilation_config.backend",
         ),
         ({"dtype": "float16"}, "$.engine_params.extra.dtype"),
+        (
+            {"structured_outputs_config": {"reasoning_parser_plugin": "/srv/p.py"}},
+            "$.engine_params.extra.structured_outputs_config.reasoning_parser_plugin",
+        ),
+        (
+            {"compilation_config": '{"backend": "evil.fn"}'},
+            "$.engine_params.extra.compilation_config.backend",
+        ),
     ],
 )
 async def test_extra_refuses_code_paths_hosts_and_duplicates(
@@ -162,10 +170,11 @@ async def test_extra_refuses_code_paths_hosts_and_duplicates(
     with pytest.raises(ParamsValidationError) as caught:
         VllmAdapter(context).check(MODEL, VllmParams(extra=extra))
     assert caught.value.param == param
+    assert caught.value.code == "param_refused"
 
 
 async def test_check_validates_extra_without_importing_vllm() -> None:
-    """A dry run checks `extra` against vLLM's engine arguments without importing vLLM or torch."""
+    """A dry run checks `extra` against the vLLM allowlist without importing vLLM or torch."""
     script = (
         "import sys\n"
         "from adapters.base import AdapterContext\n"

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from adapters.echo import EchoParams
 from registry.config import (
     _ENV_PATTERN,
+    _EXTRA_KEY,
     _MODULE_PATH,
     BACKEND_NAME,
     AdapterEntry,
@@ -100,6 +101,9 @@ OVERRIDES: dict[tuple[type[Any], str], st.SearchStrategy[Any]] = {
     (AdapterEntry, "module"): st.from_regex(_MODULE_PATH, fullmatch=True),
     (AdapterEntry, "env_allow"): st.lists(
         st.from_regex(_ENV_PATTERN, fullmatch=True), max_size=3
+    ).map(tuple),
+    (AdapterEntry, "extra_allow"): st.lists(
+        st.from_regex(_EXTRA_KEY, fullmatch=True), max_size=3
     ).map(tuple),
     (RegistryConfig, "adapters"): st.dictionaries(
         _BACKEND, st.deferred(lambda: instances(AdapterEntry)), max_size=2

@@ -159,11 +159,6 @@ def test_defaults_are_vllm_and_the_r1_recommendations() -> None:
     [
         ("vllm", {"max_model_lenn": 4096}, "$.engine_params.engine_params.max_model_lenn"),
         ("vllm", {"max_model_len": 2}, "$.engine_params.engine_params.max_model_len"),
-        (
-            "sglang",
-            {"extra": {"mem_fractoin": 1}},
-            "$.engine_params.engine_params.extra.mem_fractoin",
-        ),
         ("sglang", {"tp_size": "2"}, "$.engine_params.engine_params.tp_size"),
     ],
 )
@@ -175,6 +170,40 @@ def test_inner_params_are_checked_under_our_path(
         _registry().build_params("deepseek", {"engine": engine, "engine_params": inner})
     assert caught.value.status_code == 422
     assert caught.value.param == param
+
+
+@pytest.mark.parametrize(
+    ("engine", "extra", "param", "code"),
+    [
+        ("sglang", {"mem_fractoin": 1}, "extra.mem_fractoin", "unknown_param"),
+        (
+            "sglang",
+            {"custom_weight_loader": ["x.y"]},
+            "extra.custom_weight_loader",
+            "param_refused",
+        ),
+        ("vllm", {"worker_cls": "evil.Worker"}, "extra.worker_cls", "param_refused"),
+        (
+            "vllm",
+            {"compilation_config": {"backend": "evil.fn"}},
+            "extra.compilation_config.backend",
+            "param_refused",
+        ),
+    ],
+)
+def test_inner_extra_goes_through_the_engine_allowlist(
+    engine: str, extra: dict[str, Any], param: str, code: str
+) -> None:
+    """DeepSeek's check applies the inner engine's `extra` allowlist itself, under our path."""
+    params = _registry().build_params(
+        "deepseek", {"engine": engine, "engine_params": {"extra": extra}}
+    )
+    inner = FakeEngineAdapter()  # a fake inner: the refusal cannot come from it
+    with pytest.raises(ParamsValidationError) as caught:
+        DeepseekAdapter(AdapterContext(name="deepseek"), inner=inner).check("org/model", params)
+    assert caught.value.status_code == 422
+    assert caught.value.param == f"$.engine_params.engine_params.{param}"
+    assert caught.value.code == code
 
 
 def test_inner_params_reach_the_inner_schema() -> None:

@@ -24,8 +24,8 @@ import pytest
 
 from adapters.base import AdapterContext
 from adapters.sglang import (
-    EXTRA_DENIED,
     SERVER_ARGS_FIELDS,
+    SGLANG_EXTRA,
     SGLANG_VERSION,
     SglangAdapter,
     SglangParams,
@@ -111,7 +111,7 @@ def test_pinned_server_args_fields_match_the_fake(control: ModuleType) -> None:
     assert data["version"] == SGLANG_VERSION
     assert len(fake_names) == len(set(fake_names)) == 546
     assert set(fake_names) == SERVER_ARGS_FIELDS
-    assert set(EXTRA_DENIED) <= SERVER_ARGS_FIELDS  # every refusal names a real field
+    assert set(SGLANG_EXTRA.spec.fields) <= SERVER_ARGS_FIELDS  # every vetted key is a real field
 
 
 def test_fake_signatures_match_the_0_5_23_source(control: ModuleType) -> None:
@@ -177,21 +177,29 @@ def _registry(**entry: Any) -> AdapterRegistry:
     return AdapterRegistry(config, use_entry_points=False)
 
 
+def _check(extra: dict[str, Any]) -> None:
+    """The dry run of a load: params built by the registry, then the adapter's check()."""
+    params = _registry().build_params("sglang", {"extra": extra})
+    SglangAdapter(AdapterContext(name="sglang")).check(MODEL, params)
+
+
 def test_extra_typo_is_a_422_naming_the_key() -> None:
-    """A misspelt ServerArgs name in extra is refused with the key's full path."""
+    """A misspelt ServerArgs name in extra is refused with the key's full path and a hint."""
     with pytest.raises(ParamsValidationError) as caught:
-        _registry().build_params("sglang", {"extra": {"mem_fractoin_static": 0.5}})
+        _check({"max_total_tokns": 4096})
     assert caught.value.status_code == 422
-    assert caught.value.param == "$.engine_params.extra.mem_fractoin_static"
-    assert "mem_fractoin_static" in caught.value.message
+    assert caught.value.param == "$.engine_params.extra.max_total_tokns"
+    assert caught.value.code == "unknown_param"
+    assert "did you mean 'max_total_tokens'" in caught.value.message
 
 
 @pytest.mark.parametrize("key", ["trust_remote_code", "model_path", "dtype", "api_key"])
 def test_extra_cannot_set_what_others_decide(key: str) -> None:
     """Typed, registry-gated, model-root and secret fields cannot come in through extra."""
     with pytest.raises(ParamsValidationError) as caught:
-        _registry().build_params("sglang", {"extra": {key: "x"}})
+        _check({key: "x"})
     assert caught.value.param == f"$.engine_params.extra.{key}"
+    assert caught.value.code == "param_refused"
 
 
 @pytest.mark.parametrize(
