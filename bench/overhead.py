@@ -178,9 +178,20 @@ def serve(name: str, port: int) -> None:
     app: Any = floor_app
     if name == "fastapi":
         from bench.peers.fastapi_peer import app  # noqa: PLC0415
-    # the settings `service.cli` gives uvicorn (no logging config: the wrapper configures its
-    # own; here that leaves uvicorn's access log without a handler, i.e. off)
-    uvicorn.run(app, host="127.0.0.1", port=port, log_config=None, timeout_graceful_shutdown=30)
+    from service.http_limits import server_options  # noqa: PLC0415
+    from service.settings import Settings  # noqa: PLC0415
+
+    # the settings `service.cli` gives uvicorn: the same protocol class with the same edge
+    # limits; no logging config (the wrapper configures its own logging; here that leaves
+    # uvicorn's access log without a handler, i.e. off)
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_config=None,
+        timeout_graceful_shutdown=30,
+        **server_options(Settings.from_env()),
+    )
 
 
 # --- the client: raw HTTP/1.1 on keep-alive connections ----------------------------------------

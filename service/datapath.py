@@ -24,15 +24,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import types
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
-import anyio
 import msgspec
 
 from schemas.converter import unstructure
 from schemas.errors import ErrorDetail, RequestTooLargeError, WrapperError
+from service.aio import resume, shielded
 from service.auth import KeyRing, check_api, read_key_raw
 from service.context import STATE_KEY, RequestContext, request_id_from_headers
 from service.errors import wrapper_error_payload
@@ -192,28 +191,6 @@ async def _send_unexpected(
 # --- streaming ------------------------------------------------------------------------------------
 
 
-@types.coroutine
-def _resume(step: Any, yielded: Any) -> Generator[Any, Any, Any]:
-    """Finish an `__anext__()` that was started by hand and is now waiting on `yielded`.
-
-    The loop's task waits on what the step yielded (a future, or None for a bare yield) and
-    resumes us; we resume the step, forwarding a cancellation if the task was cancelled meanwhile.
-    """
-    while True:
-        try:
-            received = yield yielded
-        except BaseException as exc:
-            try:
-                yielded = step.throw(exc)
-            except StopIteration as stop:
-                return stop.value
-        else:
-            try:
-                yielded = step.send(received)
-            except StopIteration as stop:
-                return stop.value
-
-
 async def _pump(frames: AsyncIterator[bytes], send: Any) -> None:
     """Write `frames` to the client, joining those that are ready together (module docstring)."""
     anext_ = frames.__anext__
@@ -236,7 +213,7 @@ async def _pump(frames: AsyncIterator[bytes], send: Any) -> None:
                 batch.clear()
                 size = 0
             try:
-                frame = await _resume(step, yielded)
+                frame = await resume(step, yielded)
             except StopAsyncIteration:
                 break
         if first:
@@ -254,7 +231,7 @@ async def _pump(frames: AsyncIterator[bytes], send: Any) -> None:
 
 async def stream_response(
     frames: AsyncIterator[bytes],
-    on_close: Callable[[], Awaitable[None]],
+    on_close: Callable[[], Coroutine[Any, Any, None]],
     receive: Any,
     send: Any,
     rid_header: tuple[bytes, bytes],
@@ -284,5 +261,4 @@ async def stream_response(
     finally:
         listener.cancel()
         # shielded: a cancelled response (client gone) must still release its slot
-        with anyio.CancelScope(shield=True):
-            await on_close()
+        await shielded(on_close())

@@ -20,7 +20,6 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
-import anyio
 from litestar import Request
 from litestar.types import Receive
 
@@ -48,6 +47,7 @@ from schemas.openai import (
 )
 from schemas.suggest import NAME_LIMIT, closest
 from service.admission import Admission, Slot
+from service.aio import shielded
 from service.context import RequestContext
 from service.errors import decode_json, require_json_body
 from service.settings import Settings
@@ -422,8 +422,7 @@ class Run:
                         frame()
                         yield chunk
             finally:
-                with anyio.CancelScope(shield=True):
-                    await agen.aclose()
+                await shielded(agen.aclose())  # the engine's abort must run to its end
             self._check_end()
             self.status = "ok"
             metrics = self._metrics()
@@ -461,8 +460,7 @@ class Run:
                 if delta.logprobs:
                     logprobs[delta.index].extend(_logprobs(delta)["content"])
         finally:
-            with anyio.CancelScope(shield=True):
-                await agen.aclose()
+            await shielded(agen.aclose())
         self._check_end()
         self.status = "ok"
         metrics = self._metrics()
