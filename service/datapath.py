@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 CHAT_PATH = "/v1/chat/completions"
 #: frames joined into one write when the engine hands them over together
-_BATCH_FRAMES = 16
+_BATCH_FRAMES = 32
 _BATCH_BYTES = 64 * 1024
 _encode = msgspec.json.encode
 _SSE_HEADERS = (

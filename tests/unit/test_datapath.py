@@ -37,12 +37,13 @@ async def ready_frames(count: int) -> AsyncIterator[bytes]:
 
 
 async def test_ready_frames_share_writes_and_the_first_leaves_alone() -> None:
-    """40 ready frames: the first alone, then full batches, the rest with the end of the body."""
+    """Ready frames: the first alone, then full batches, the rest with the end of the body."""
+    count = 2 * _BATCH_FRAMES + 8
     send = Recorder()
-    await _pump(ready_frames(40), send)
+    await _pump(ready_frames(count), send)
     assert send.bodies[0] == b"data: 0\n\n"
     assert [b.count(b"data:") for b in send.bodies] == [1, _BATCH_FRAMES, _BATCH_FRAMES, 7]
-    assert b"".join(send.bodies) == b"".join(f"data: {i}\n\n".encode() for i in range(40))
+    assert b"".join(send.bodies) == b"".join(f"data: {i}\n\n".encode() for i in range(count))
     assert send.last_more is False
 
 
