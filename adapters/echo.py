@@ -4,8 +4,9 @@ It streams the last user message back token by token (a token is a run of non-sp
 with its leading whitespace), so every path of the service can be exercised in milliseconds:
 streaming, usage, `max_tokens` (finish `length`), `stop` strings, `ignore_eos` (the message repeats
 until `max_tokens`, like a benchmark's fixed output length), cancellation, and the failure paths
-(`fail_on_load`, `fail_after_tokens`, a slow load). It is documented as such and never stands in
-for a real engine.
+(`fail_on_load`, `fail_after_tokens`, a slow load), and, with `spawn_child`, an engine process
+of its own that a test can kill to prove the service notices a dead engine. It is documented as
+such and never stands in for a real engine.
 
 Must never: pretend to sample: it accepts temperature/top_p/seed and is deterministic regardless.
 """
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any, ClassVar
@@ -51,6 +54,15 @@ class EchoParams:
     """Context length reported to clients."""
     claims_memory_mib: float | None = field(default=None, validator=in_range(0))
     """Host memory the load claims to need, to exercise the watchdog's admission check."""
+    spawn_child: bool = False
+    """Start an idle child process and report it as the engine process (`engine_pids`), as vLLM
+    and SGLang do; killing it simulates an engine that dies."""
+
+
+#: the child of `spawn_child`: idles, and leaves by itself once its parent is gone
+_CHILD = (
+    "import os, time\nparent = os.getppid()\nwhile os.getppid() == parent:\n    time.sleep(0.5)\n"
+)
 
 
 class EchoAdapter(BaseAdapter):
@@ -66,6 +78,7 @@ class EchoAdapter(BaseAdapter):
         """Request ids being generated now (tests read it to prove cancellation)."""
         self.finished: list[tuple[str, str]] = []
         """(request id, how it ended) for every generation, in order: complete/cancelled/aborted."""
+        self.child: subprocess.Popen[bytes] | None = None
 
     @property
     def capabilities(self) -> Capabilities:
@@ -96,10 +109,19 @@ class EchoAdapter(BaseAdapter):
             await asyncio.sleep(params.load_delay_ms / 1000)
         if params.fail_on_load is not None:
             raise EngineError(params.fail_on_load)
+        pids: tuple[int, ...] = ()
+        if params.spawn_child:
+            # S603: our own interpreter running fixed code; ASYNC220: Popen returns at once,
+            # the wait for the child happens in a thread at unload
+            self.child = subprocess.Popen(  # noqa: S603, ASYNC220
+                [sys.executable, "-c", _CHILD], stdin=subprocess.DEVNULL
+            )
+            pids = (self.child.pid,)
         return LoadInfo(
             init_s=time.perf_counter() - started,
             max_context=params.max_context,
             details={"model": model},
+            engine_pids=pids,
         )
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenDelta]:
@@ -167,5 +189,9 @@ class EchoAdapter(BaseAdapter):
         return True
 
     async def unload(self) -> None:
-        """End in-flight generations (they finish with `abort`)."""
+        """End in-flight generations (they finish with `abort`); stop and reap the child."""
         self._closing.set()
+        child, self.child = self.child, None
+        if child is not None:
+            child.kill()
+            await asyncio.to_thread(child.wait, 10)

@@ -522,6 +522,30 @@ class ModelManager:
             except Exception:
                 logger.exception("unload at shutdown failed")
 
+    # --- process stop (SIGTERM) ------------------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        """A load or unload is in progress (a second one would get 409)."""
+        return self._busy
+
+    async def stop_engine(self, abort_grace_s: float) -> UnloadResponse | None:
+        """End what is still in flight now and unload, for a stopping process; never raises.
+
+        `abort_grace_s` bounds the wait for aborted streams to end (a SIGTERM has a budget).
+        None when nothing was loaded or a load/unload was still running.
+        """
+        if self._state is not ModelState.READY or self._busy:
+            return None
+        self.abort_grace_s = min(self.abort_grace_s, abort_grace_s)
+        # the memory report of a last unload is worth less than staying inside the grace period
+        self.settle_timeout_s = min(self.settle_timeout_s, abort_grace_s)
+        try:
+            return await self.unload(drain_timeout_s=0)
+        except Exception:
+            logger.exception("unload at shutdown failed")
+            return None
+
 
 def _change(before: MemorySnapshot, after: MemorySnapshot) -> MemoryChange:
     def delta(a: float | None, b: float | None) -> float | None:

@@ -5,6 +5,9 @@ an error inside a 200 stream), then waits for a slot. Engines that batch interna
 get a high limit and do their own queueing; the limit here protects the process, and the time a
 request spends waiting is part of its queue time.
 
+When the process is stopping (SIGTERM), `close()` makes every later `reserve()` a 503
+`shutting_down`: the requests already admitted drain, no new one starts.
+
 Must never: leak a place: `release()` is idempotent and every path calls it.
 """
 
@@ -12,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 
-from schemas.errors import RateLimitError
+from schemas.errors import RateLimitError, ServiceUnavailableError
 
 
 class Slot:
@@ -43,9 +46,21 @@ class Admission:
         self._semaphore = asyncio.Semaphore(max_concurrency)
         self.running = 0
         self.queued = 0
+        self.closing = False
+        """Set once the process is stopping: nothing new is admitted."""
+
+    def close(self) -> None:
+        """Admit nothing more (the process is stopping); places already taken keep running."""
+        self.closing = True
+
+    def check_open(self) -> None:
+        """503 `shutting_down` once `close()` was called."""
+        if self.closing:
+            raise shutting_down()
 
     def reserve(self) -> Slot:
-        """Take a place in the queue, or 429 when every slot and queue place is taken."""
+        """Take a place in the queue; 429 when every place is taken, 503 when stopping."""
+        self.check_open()
         if self.running + self.queued >= self.max_concurrency + self.max_queue:
             raise RateLimitError(
                 f"server busy: {self.running} running, {self.queued} queued; retry later",
@@ -72,3 +87,12 @@ class Admission:
             self._semaphore.release()
         else:
             self.queued -= 1
+
+
+def shutting_down() -> ServiceUnavailableError:
+    """The error a request gets while (or because) the process is stopping."""
+    return ServiceUnavailableError(
+        "the server is shutting down; retry on another replica",
+        code="shutting_down",
+        headers={"Retry-After": "1"},
+    )

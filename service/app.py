@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -28,7 +29,8 @@ from schemas.control import LoadRequest, LoadResponse, UnloadResponse
 from schemas.converter import unstructure
 from service.admission import Admission
 from service.auth import KeyRing
-from service.context import edge
+from service.context import SANE_ID_BYTES as SANE_ID
+from service.context import Exchanges, StallWatch, edge, new_request_id
 from service.controllers.chat import ChatController
 from service.controllers.control import AdapterController, ModelController
 from service.controllers.ops import (
@@ -49,16 +51,37 @@ from service.watchdog import PressureConfig, ResourceWatchdog, ServiceMemoryProb
 logger = logging.getLogger(__name__)
 
 
+_PROBE_METHODS = frozenset({"GET", "HEAD"})
+_HEALTH_BODY = b'{"status":"ok"}'
+_HEALTH_HEADERS = [
+    (b"content-type", b"application/json"),
+    (b"content-length", str(len(_HEALTH_BODY)).encode()),
+    (b"cache-control", b"no-store"),
+]
+
+
+async def _liveness(scope: Any, send: Any) -> None:
+    """`/health` answered before routing: two sends, no allocation beyond the request id."""
+    rid = next((v for k, v in scope["headers"] if k == b"x-request-id"), None)
+    rid = rid if rid is not None and SANE_ID.fullmatch(rid) else new_request_id().encode()
+    headers = [*_HEALTH_HEADERS, (b"x-request-id", rid)]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    body = b"" if scope["method"] == "HEAD" else _HEALTH_BODY
+    await send({"type": "http.response.body", "body": body})
+
+
 class WrapperApp(Litestar):
     """Litestar with an ASGI edge that stamps t0 and x-request-id on every HTTP exchange.
 
     Litestar's own middleware runs per route, after routing, so it would miss 404s and start the
-    clock late; overriding `__call__` is the one place that sees every request first.
+    clock late; overriding `__call__` is the one place that sees every request first. The edge
+    also keeps `exchanges`, the HTTP exchanges in progress, for the stall watch.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.exchanges = Exchanges()
         super().__init__(*args, **kwargs)
-        self._chat = ChatRoute(self.state)
+        self._chat = ChatRoute(self.state, self.exchanges)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         """ASGI entry: HTTP goes through the edge, lifespan and websockets straight through.
@@ -67,12 +90,94 @@ class WrapperApp(Litestar):
         (it stamps its own context and request id the same way the edge does).
         """
         if scope["type"] == "http":
+            if scope["path"] == "/health" and scope["method"] in _PROBE_METHODS:
+                await _liveness(scope, send)
+                return
             if scope["path"] == CHAT_PATH and scope["method"] == "POST":
                 await self._chat(scope, receive, send)
-            else:
-                await edge(super().__call__, scope, receive, send)
+                return
+            await edge(super().__call__, scope, receive, send, self.exchanges)
         else:
             await super().__call__(scope, receive, send)
+
+
+class GracefulStop:
+    """What SIGTERM does inside the app (DESIGN.md, lifecycle rules).
+
+    `drain_and_stop()`: admission closes (new requests 503 `shutting_down`, `/ready` 503), the
+    requests in flight get `drain_timeout_s` to finish, then what is left is aborted (streams end
+    with a `shutting_down` error event and `[DONE]`, others get a 503 envelope) and the engine is
+    unloaded. The server (service/server.py) closes connections only after it returns. `hurry()`
+    (a second signal) ends the drain at once.
+    """
+
+    #: how long aborted streams may take to end, and a load in progress to finish, at stop time
+    ABORT_GRACE_S = 5.0
+
+    def __init__(self, manager: ModelManager, admission: Admission, drain_timeout_s: float) -> None:
+        self.manager = manager
+        self.admission = admission
+        self.drain_timeout_s = drain_timeout_s
+        self.preload: asyncio.Task[None] | None = None
+        self._hurry = asyncio.Event()
+        self._done = asyncio.Event()
+        self._started = False
+
+    @property
+    def stopping(self) -> bool:
+        """The process is stopping: not ready, admits nothing new."""
+        return self.admission.closing
+
+    def hurry(self) -> None:
+        """Skip what is left of the drain (second signal)."""
+        self._hurry.set()
+
+    async def _until(self, done: Any, seconds: float) -> bool:
+        """Poll `done()` every 50 ms for up to `seconds` or until `hurry()`; its last value."""
+        deadline = time.perf_counter() + seconds
+        while not done() and not self._hurry.is_set():
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._hurry.wait(), min(0.05, left))
+        return bool(done())
+
+    async def drain_and_stop(self) -> None:
+        """Refuse, drain, abort the rest, unload; a second call waits for the first."""
+        if self._started:
+            await self._done.wait()
+            return
+        self._started = True
+        started = time.perf_counter()
+        try:
+            self.admission.close()
+            manager = self.manager
+            waiting = manager.in_flight
+            logger.info(
+                "stopping: /ready is 503, new requests get 503; draining %d request(s) for up "
+                "to %.1f s",
+                waiting,
+                self.drain_timeout_s,
+            )
+            if self.preload is not None and not self.preload.done():
+                self.preload.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self.preload
+            await self._until(lambda: manager.in_flight == 0, self.drain_timeout_s)
+            left = manager.in_flight
+            if not await self._until(lambda: not manager.busy, self.ABORT_GRACE_S):
+                logger.warning("stopping: a load or unload is still running; not waiting on it")
+            report = await manager.stop_engine(self.ABORT_GRACE_S)
+            logger.info(
+                "stopped serving in %.2f s: %d request(s) finished, %d ended with shutting_down%s",
+                time.perf_counter() - started,
+                waiting - left,
+                left,
+                "; engine unloaded" if report is not None else "",
+            )
+        finally:
+            self._done.set()
 
 
 # --- providers -----------------------------------------------------------------------------------
@@ -100,6 +205,12 @@ def provide_registry(state: State) -> AdapterRegistry:
     """The adapter registry (built before the app, immutable)."""
     registry: AdapterRegistry = state.registry
     return registry
+
+
+def provide_admission(state: State) -> Admission:
+    """The admission controller (its `closing` flag says the process is stopping)."""
+    admission: Admission = state.admission
+    return admission
 
 
 def provide_watchdog(state: State) -> ResourceWatchdog:
@@ -145,12 +256,16 @@ async def services_lifespan(app: Litestar) -> AsyncIterator[None]:
         current = manager.current
         return current.info.engine_pids if current is not None else ()
 
+    def engine_died(reason: str) -> None:
+        manager.engine_failed(reason)
+
     watchdog = ResourceWatchdog(
         nvml,
         metrics_registry,
         interval_s=settings.watchdog_interval_s,
         pressure=PressureConfig(min_available_mib=settings.min_available_mib),
         engine_pids=engine_pids,
+        on_engine_death=engine_died,
     )
     manager = ModelManager(
         state.registry,
@@ -169,10 +284,16 @@ async def services_lifespan(app: Litestar) -> AsyncIterator[None]:
     state.serving = ChatServing(
         manager, admission, telemetry, settings, state.secrets, RequestMemoryMeter(probe, watchdog)
     )
+    stopper = GracefulStop(manager, admission, settings.drain_timeout_s)
+    state.stopper = stopper
+    exchanges = app.exchanges if isinstance(app, WrapperApp) else Exchanges()
+    stall = StallWatch(exchanges, settings.stream_stall_s)
+    state.stall = stall
     await watchdog.start()
+    stall.start()
     preload: asyncio.Task[None] | None = None
     if settings.preload:
-        preload = asyncio.create_task(_preload(manager, settings.preload))
+        preload = stopper.preload = asyncio.create_task(_preload(manager, settings.preload))
     try:
         yield
     finally:
@@ -181,6 +302,7 @@ async def services_lifespan(app: Litestar) -> AsyncIterator[None]:
             with contextlib.suppress(asyncio.CancelledError):
                 await preload
         await manager.shutdown()
+        await stall.stop()
         await watchdog.stop()
 
 
@@ -243,6 +365,7 @@ def create_app(
             "registry": Provide(provide_registry, sync_to_thread=False),
             "secrets": Provide(provide_secrets, sync_to_thread=False),
             "watchdog": Provide(provide_watchdog, sync_to_thread=False),
+            "admission": Provide(provide_admission, sync_to_thread=False),
         },
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=[services_lifespan],
@@ -255,4 +378,4 @@ def create_app(
     )
 
 
-__all__ = ["WrapperApp", "create_app"]
+__all__ = ["GracefulStop", "WrapperApp", "create_app"]

@@ -33,7 +33,7 @@ from schemas.converter import unstructure
 from schemas.errors import ErrorDetail, RequestTooLargeError, WrapperError
 from service.aio import resume, shielded
 from service.auth import KeyRing, check_api, read_key_raw
-from service.context import STATE_KEY, RequestContext, request_id_from_headers
+from service.context import STATE_KEY, Exchanges, RequestContext, request_id_from_headers
 from service.errors import wrapper_error_payload
 from service.logs import request_id_var
 from service.serving import ChatServing
@@ -95,10 +95,11 @@ def _too_large() -> RequestTooLargeError:
 class ChatRoute:
     """The ASGI handler of `POST /v1/chat/completions` (state read from the app at call time)."""
 
-    __slots__ = ("_state",)
+    __slots__ = ("_exchanges", "_state")
 
-    def __init__(self, state: Any) -> None:
+    def __init__(self, state: Any, exchanges: Exchanges) -> None:
         self._state = state
+        self._exchanges = exchanges
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         """Serve one chat request; see the module docstring."""
@@ -107,12 +108,18 @@ class ChatRoute:
         rid = request_id_from_headers(headers)
         ctx = RequestContext(rid, t0)
         scope.setdefault("state", {})[STATE_KEY] = ctx
+        # the stall watch (service.context) cuts a connection whose client stops reading; it
+        # needs the transport and the time the pending send began, as the edge records them
+        ctx.transport = getattr(getattr(send, "__self__", None), "transport", None)
         rid_header = (b"x-request-id", rid.encode())
         token = request_id_var.set(rid)
+        live = self._exchanges.live
+        live.add(ctx)
         try:
-            await self._serve(scope, headers, receive, send, ctx, rid_header)
+            await self._serve(scope, headers, receive, _stamped(send, ctx), ctx, rid_header)
         finally:
             request_id_var.reset(token)
+            live.discard(ctx)
 
     async def _serve(
         self,
@@ -128,6 +135,7 @@ class ChatRoute:
         try:
             ring: KeyRing = state.keyring
             check_api(ring, read_key_raw(headers))
+            serving.admission.check_open()  # stopping: refuse before reading the body
             ctx.handler_at = time.perf_counter()
             body = await read_body(headers, receive, state.settings.max_body_bytes)
             content_type = next((v for k, v in headers if k == b"content-type"), None)
@@ -160,6 +168,18 @@ class ChatRoute:
             return
         payload = _encode(unstructure(result))
         await _send_whole(send, 200, payload, [_JSON_TYPE, rid_header])
+
+
+def _stamped(send: Any, ctx: RequestContext) -> Any:
+    """`send` that marks when it is blocked (one clock read each side, per write not frame)."""
+    clock = time.perf_counter
+
+    async def stamped(message: Any) -> None:
+        ctx.sending_since = clock()
+        await send(message)
+        ctx.sending_since = 0.0
+
+    return stamped
 
 
 async def _send_whole(send: Any, status: int, body: bytes, headers: list[Any]) -> None:

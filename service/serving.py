@@ -20,6 +20,7 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
+import anyio
 from litestar import Request
 from litestar.types import Receive
 
@@ -46,7 +47,7 @@ from schemas.openai import (
     Usage,
 )
 from schemas.suggest import NAME_LIMIT, closest
-from service.admission import Admission, Slot
+from service.admission import Admission, Slot, shutting_down
 from service.aio import shielded
 from service.context import RequestContext
 from service.errors import decode_json, require_json_body
@@ -235,13 +236,16 @@ class ChatServing:
         except WrapperError:
             self.manager.release(ticket)
             raise
-        return Run(self, req, gen, loaded, ticket, slot, ctx)
+        run = Run(self, req, gen, loaded, ticket, slot, ctx)
+        ctx.ticket = ticket  # the stall watch cuts an aborted request's blocked send sooner
+        return run
 
     async def handle(self, request: Request[Any, Any, Any], ctx: RequestContext) -> Any:
         """Serve one chat request through Litestar: a JSON response or an SSE stream.
 
         `service.datapath` serves the route without Litestar; this stays for mounts it skips.
         """
+        self.admission.check_open()  # stopping: refuse before reading the body
         body = await request.body()
         run = self.open_run(body, request.headers.get("content-type"), ctx)
         if run.req.stream:
@@ -310,6 +314,8 @@ class Run:
 
     async def _start(self) -> AsyncGenerator[TokenDelta, None]:
         await self.slot.acquire()
+        if self.ticket.aborted:  # unloaded (or stopping) while it queued: never reach the engine
+            self._check_end()
         self.timer.admitted_at = time.perf_counter()
         meter = self.serving.meter
         if meter is not None:
@@ -320,6 +326,8 @@ class Run:
 
     def _check_end(self) -> None:
         """After the adapter's stream ended: was it cut short by unload or by the engine?"""
+        if self.ticket.aborted and self.serving.admission.closing:
+            raise shutting_down()
         if self.ticket.aborted or "abort" in self.finish:
             raise (
                 _unloaded_error()
@@ -390,11 +398,14 @@ class Run:
         n = self.gen.sampling.n
         role_sent = [False] * n
         frame = self.timer.frame
+        ctx = self.ctx
         try:
             agen = await self._start()
             try:
                 text_frame = enc.text
                 async for delta in agen:
+                    if ctx.cut:  # the stall watch dropped the connection: nobody reads on
+                        return
                     self._observe(delta)
                     text, reasoning = delta.text, delta.reasoning
                     index = delta.index
@@ -491,9 +502,16 @@ class Run:
             gone.cancel()
             if not work.done():
                 work.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await gone
-        if work.cancelled():
+            # `cancel()` only asks: the work is cancelled (its engine request aborted) once it
+            # has run its `finally`, so wait for that, shielded from our own cancellation
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait({work, gone})
+        client_gone = gone.done() and not gone.cancelled() and gone.exception() is None
+        if work.cancelled() or client_gone:
+            # the client is gone: whatever the work became, nobody reads it, and an exception
+            # it ended with is the cancellation's doing, not an engine failure
+            if not work.cancelled():
+                work.exception()  # retrieved: never "exception was never retrieved"
             self.status = "cancelled"
             raise InvalidRequestError("client disconnected", code="client_disconnected")
         try:

@@ -57,8 +57,14 @@ class Settings:
     """Largest `max_tokens` a request may ask for (`IW_MAX_TOKENS`)."""
     max_messages: int = 1024
     """Largest number of messages in one request (`IW_MAX_MESSAGES`)."""
-    drain_timeout_s: float = 30.0
-    """Default time unload gives in-flight requests (`IW_DRAIN_TIMEOUT_S`)."""
+    drain_timeout_s: float = 20.0
+    """Time unload and SIGTERM give in-flight requests (`IW_DRAIN_TIMEOUT_S`); below
+    Kubernetes' 30 s grace period so that the unload after it still fits."""
+    health_port: int | None = None
+    """Also answer `GET /health` on this port from a thread of its own (`IW_HEALTH_PORT`), so
+    that liveness stays fast when the event loop is busy with many streams."""
+    stream_stall_s: float = 30.0
+    """A response whose client accepts no bytes for this long is cut (`IW_STREAM_STALL_S`)."""
     metrics_open: bool = False
     """Serve `/metrics` without a key, for in-pod Prometheus scrapers (`IW_METRICS_OPEN`)."""
     watchdog_interval_s: float = 1.0
@@ -111,6 +117,7 @@ class Settings:
             values["host"] = env["IW_HOST"]
         for attr, name, kind in [
             ("port", "IW_PORT", int),
+            ("health_port", "IW_HEALTH_PORT", int),
             ("max_body_bytes", "IW_MAX_BODY_BYTES", int),
             ("max_concurrency", "IW_MAX_CONCURRENCY", int),
             ("max_queue", "IW_MAX_QUEUE", int),
@@ -118,6 +125,7 @@ class Settings:
             ("max_messages", "IW_MAX_MESSAGES", int),
             ("telemetry_records", "IW_TELEMETRY_RECORDS", int),
             ("drain_timeout_s", "IW_DRAIN_TIMEOUT_S", float),
+            ("stream_stall_s", "IW_STREAM_STALL_S", float),
             ("watchdog_interval_s", "IW_WATCHDOG_INTERVAL_S", float),
             ("min_available_mib", "IW_MIN_AVAILABLE_MIB", float),
             ("max_header_bytes", "IW_MAX_HEADER_BYTES", int),
@@ -151,4 +159,8 @@ class Settings:
         values.update({k: v for k, v in overrides.items() if v is not None})
         if not 0 < values.get("port", 8000) < 65536:
             raise SettingsError("IW_PORT must be between 1 and 65535")
+        if not 0 < values.get("health_port", 1) < 65536:
+            raise SettingsError("IW_HEALTH_PORT must be between 1 and 65535")
+        if values.get("health_port") == values.get("port", 8000):
+            raise SettingsError("IW_HEALTH_PORT must differ from IW_PORT")
         return cls(**values)

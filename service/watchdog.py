@@ -11,6 +11,12 @@ the numbers); sustained host-memory pressure (available RAM under a floor for se
 row) makes `/ready` answer 503 until it clears. GPU memory is not a pressure signal: vLLM and SGLang
 fill the device on purpose (KV cache).
 
+Engine health without traffic: every `ENGINE_CHECK_S` a second loop checks the loaded engine's
+own processes (`LoadInfo.engine_pids`: vLLM's and SGLang's engine cores). One that is gone or a
+zombie is reported through `on_engine_death`, which the app wires to
+`ModelManager.engine_failed`, the same path a death under traffic takes (state, `/ready` 503,
+automatic unload, `last_error`).
+
 Must never: initialise CUDA; let a failed reading stop the loop; sample on the event loop thread.
 """
 
@@ -84,6 +90,9 @@ class PressureConfig:
 class ResourceWatchdog:
     """See the module docstring."""
 
+    #: how often the engine's processes are checked (a /proc read each; bounded by interval_s)
+    ENGINE_CHECK_S = 0.5
+
     def __init__(
         self,
         nvml: Nvml,
@@ -93,14 +102,17 @@ class ResourceWatchdog:
         max_samples: int = 600,
         pressure: PressureConfig | None = None,
         engine_pids: Callable[[], Sequence[int]] = tuple,
+        on_engine_death: Callable[[str], None] | None = None,
     ) -> None:
         self.nvml = nvml
+        self._on_engine_death = on_engine_death
         self.interval_s = interval_s
         self.pressure_config = pressure or PressureConfig()
         self._engine_pids = engine_pids
         self._samples: deque[ResourceSample] = deque(maxlen=max_samples)
         self._procs: dict[int, psutil.Process] = {}
         self._task: asyncio.Task[None] | None = None
+        self._engine_task: asyncio.Task[None] | None = None
         self._started_wall = 0.0
         self.cost_cpu_s = 0.0
         self._low_streak = 0
@@ -224,6 +236,27 @@ class ResourceWatchdog:
             logger.info("host memory pressure cleared")
         self.g_pressure.set(1 if self.under_pressure else 0)
 
+    def _dead_engines(self) -> tuple[tuple[int, ...], list[int]]:
+        """The engine pids now and those of them that are gone or zombies (blocking)."""
+        pids = tuple(self._engine_pids())
+        dead = []
+        for pid in pids:
+            try:
+                if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                    dead.append(pid)
+            except psutil.NoSuchProcess:
+                dead.append(pid)
+            except psutil.Error:  # no permission to look: not evidence of death
+                continue
+        return pids, dead
+
+    def _report_dead(self, pids: tuple[int, ...], dead: list[int]) -> None:
+        # the model may have been swapped while the thread looked: only report the current one
+        if not dead or self._on_engine_death is None or tuple(self._engine_pids()) != pids:
+            return
+        reason = f"engine process {', '.join(map(str, dead))} exited"
+        self._on_engine_death(reason)
+
     async def _run(self) -> None:
         while True:
             try:
@@ -233,20 +266,34 @@ class ResourceWatchdog:
                 logger.exception("watchdog sample failed")
             await asyncio.sleep(self.interval_s)
 
+    async def _watch_engines(self) -> None:
+        """Check the engine's processes every `ENGINE_CHECK_S`, apart from the (slower) sample."""
+        while True:
+            await asyncio.sleep(min(self.ENGINE_CHECK_S, self.interval_s))
+            if not self._engine_pids():
+                continue  # nothing loaded, or an in-process engine: no thread hop at all
+            try:
+                pids, dead = await asyncio.to_thread(self._dead_engines)
+                self._report_dead(pids, dead)
+            except Exception:
+                logger.exception("engine process check failed")
+
     async def start(self) -> None:
-        """Start the background loop (idempotent)."""
+        """Start the background loops (idempotent)."""
         if self._task is None:
             self._started_wall = time.perf_counter()
             self.cost_cpu_s = 0.0
             self._task = asyncio.create_task(self._run(), name="resource-watchdog")
+            self._engine_task = asyncio.create_task(self._watch_engines(), name="engine-watch")
 
     async def stop(self) -> None:
-        """Stop the loop and wait for it."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        """Stop the loops and wait for them."""
+        for task in (self._task, self._engine_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = self._engine_task = None
 
     # --- readings ------------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from registry.manager import ModelManager, ModelState
 from schemas.converter import unstructure
 from schemas.errors import ServiceUnavailableError
+from service.admission import Admission, shutting_down
 from service.auth import require_metrics, require_ops
 from service.errors import json_response
 from service.telemetry import TelemetryManager
@@ -37,9 +38,14 @@ class HealthController(Controller):
 
     @get("/ready", operation_id="ready", name="ops:ready")
     async def ready(
-        self, manager: NamedDependency[ModelManager], watchdog: NamedDependency[ResourceWatchdog]
+        self,
+        manager: NamedDependency[ModelManager],
+        watchdog: NamedDependency[ResourceWatchdog],
+        admission: NamedDependency[Admission],
     ) -> Response[bytes]:
-        """200 only when a model is ready and memory is not under pressure; 503 otherwise."""
+        """200 only when a model is ready, the process is not stopping, memory is not short."""
+        if admission.closing:
+            raise shutting_down()
         if watchdog.under_pressure:
             raise ServiceUnavailableError(
                 "not ready: host memory under pressure",
