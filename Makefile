@@ -38,7 +38,7 @@ PRESET ?= smollm2-135m
 endif
 
 .PHONY: help serve test lint typecheck pytest prepare-model install-serve install-vllm install-test \
-	install-base clean gpu-bundle image image-wheels base-image
+	install-base clean gpu-bundle image image-wheels base-image bench
 
 help:
 	@echo "make serve               - serve the bundled SmolLM2-135M on CPU with transformers"
@@ -157,6 +157,15 @@ image: image-wheels
 	  -f deploy/Dockerfile.cpu --build-arg BASE_IMAGE=$(BASE_IMAGE) \
 	  --build-arg ENGINES=$(IMAGE_ENGINES) -t $(IMAGE) .
 	rm -f deploy/wheels/*.whl
+
+# server overhead per token and per request: the wrapper vs a bare ASGI floor and a FastAPI +
+# pydantic peer on the echo backend (bench/overhead.py; under 10 minutes on 2 cores)
+$(VENV)/.bench-deps: pyproject.toml | $(BIN)/python
+	$(PIP) install -e '.[bench]' $(QUIET)
+	touch $@
+
+bench: $(VENV)/.bench-deps
+	$(BIN)/python -m bench.overhead
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -31,7 +31,14 @@ from schemas.converter import unstructure
 from service.admission import Admission
 from service.auth import KeyRing
 from service.context import SANE_ID_BYTES as SANE_ID
-from service.context import Exchanges, StallWatch, context_of, edge, new_request_id
+from service.context import (
+    Exchanges,
+    StallWatch,
+    context_of,
+    edge,
+    new_request_id,
+    request_id_from_headers,
+)
 from service.controllers.chat import ChatController
 from service.controllers.control import AdapterController, ModelController
 from service.controllers.ops import (
@@ -40,6 +47,7 @@ from service.controllers.ops import (
     ResourcesController,
     TelemetryController,
 )
+from service.datapath import CHAT_PATH, ChatRoute
 from service.errors import EXCEPTION_HANDLERS
 from service.gpu import Nvml
 from service.logs import mask_all_handlers
@@ -83,9 +91,14 @@ class WrapperApp(Litestar):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.exchanges = Exchanges()
         super().__init__(*args, **kwargs)
+        self._chat = ChatRoute(self.state, self.exchanges)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        """ASGI entry: HTTP goes through the edge, lifespan and websockets straight through."""
+        """ASGI entry: HTTP goes through the edge, lifespan and websockets straight through.
+
+        `POST /v1/chat/completions` is served by `service.datapath` without Litestar's layers
+        (it stamps its own context and request id the same way the edge does).
+        """
         if scope["type"] == "http":
             if scope["path"] == "/health" and scope["method"] in _PROBE_METHODS:
                 await _liveness(scope, send)
@@ -94,8 +107,15 @@ class WrapperApp(Litestar):
             telemetry: TelemetryManager | None = self.state.get("telemetry")
             if telemetry is not None:
                 send = telemetry.counting(send)
-            inner = super().__call__
             tracer: RequestTracer | None = self.state.get("tracer")
+            if scope["path"] == CHAT_PATH and scope["method"] == "POST":
+                # the data plane's hot route, served without Litestar's layers (service.datapath)
+                if tracer is not None:
+                    await _traced_chat(self._chat, tracer)(scope, receive, send)
+                else:
+                    await self._chat(scope, receive, send)
+                return
+            inner = super().__call__
             if tracer is not None and scope["path"] in TRACED_PATHS:
                 inner = _traced(inner, tracer)
             await edge(inner, scope, receive, send, self.exchanges)
@@ -193,6 +213,28 @@ def _traced(app: Any, tracer: RequestTracer) -> Any:
             if name in (b"traceparent", b"tracestate")
         }
         with tracer.request_span(ctx.request_id, scope["method"], scope["path"], carrier):
+            await app(scope, receive, send)
+
+    return traced
+
+
+def _traced_chat(app: Any, tracer: RequestTracer) -> Any:
+    """The chat route inside a request span; the route makes the request's context itself."""
+
+    async def traced(scope: Any, receive: Any, send: Any) -> None:
+        headers = scope.get("headers", ())
+        carrier = {
+            name.decode("latin-1"): value.decode("latin-1")
+            for name, value in headers
+            if name in (b"traceparent", b"tracestate")
+        }
+        request_id = request_id_from_headers(headers)
+        # the route reads its id from this header: give it the span's (a no-op when sent sane)
+        scope["headers"] = [
+            *(h for h in headers if h[0] != b"x-request-id"),
+            (b"x-request-id", request_id.encode()),
+        ]
+        with tracer.request_span(request_id, scope["method"], scope["path"], carrier):
             await app(scope, receive, send)
 
     return traced

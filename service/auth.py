@@ -11,6 +11,10 @@ A refusal says which of four it is, by `code`: `missing_api_key` (no key in eith
 alone), `invalid_api_key` (401, a key that matches none) and `insufficient_permissions` (403, a
 data-plane key on the control plane).
 
+Guards are `async def`: Litestar runs a sync guard in a worker thread, a thread hop per request
+(and a GIL hand-off of up to 5 ms when the event loop is busy). `service.datapath` checks the
+chat route's key itself, from the raw ASGI headers, with the same `check_api`.
+
 Must never: echo a presented key; log a header.
 """
 
@@ -72,10 +76,23 @@ def presented_key(connection: ASGIConnection) -> bytes | None:  # type: ignore[t
 
 
 def _read_key(connection: ASGIConnection) -> bytes | _NoKey:  # type: ignore[type-arg]
-    value = connection.headers.get("x-api-key")
-    if value:
-        return value.encode("latin-1")
-    auth = connection.headers.get("authorization")
+    return _key_from(connection.headers.get("x-api-key"), connection.headers.get("authorization"))
+
+
+def read_key_raw(headers: list[tuple[bytes, bytes]]) -> bytes | _NoKey:
+    """The key a client sent, from ASGI headers (lower-case names; the first of each counts)."""
+    x_api_key = authorization = None
+    for name, value in headers:
+        if name == b"x-api-key" and x_api_key is None:
+            x_api_key = value.decode("latin-1")
+        elif name == b"authorization" and authorization is None:
+            authorization = value.decode("latin-1")
+    return _key_from(x_api_key, authorization)
+
+
+def _key_from(x_api_key: str | None, auth: str | None) -> bytes | _NoKey:
+    if x_api_key:
+        return x_api_key.encode("latin-1")
     if auth is None or not auth.strip():
         return _NoKey.MISSING
     scheme, _, token = auth.strip().partition(" ")
@@ -85,12 +102,16 @@ def _read_key(connection: ASGIConnection) -> bytes | _NoKey:  # type: ignore[typ
 
 
 def _require_key(connection: ASGIConnection, kind: str) -> bytes:  # type: ignore[type-arg]
+    return _checked(_read_key(connection), kind)
+
+
+def _checked(found: bytes | _NoKey, kind: str) -> bytes:
     """The presented key, or 401 saying whether it is missing or the header is malformed."""
-    found = _read_key(connection)
     if found is _NoKey.MISSING:
         raise AuthenticationError(f"no {kind}: {_HOW}", code="missing_api_key")
     if found is _NoKey.MALFORMED:
         raise AuthenticationError(MALFORMED, code="malformed_authorization")
+    assert isinstance(found, bytes)  # noqa: S101  (narrowing for mypy)
     return found
 
 
@@ -99,7 +120,7 @@ def _ring(connection: ASGIConnection) -> KeyRing:  # type: ignore[type-arg]
     return ring
 
 
-def require_admin(connection: ASGIConnection, _: BaseRouteHandler) -> None:  # type: ignore[type-arg]
+async def require_admin(connection: ASGIConnection, _: BaseRouteHandler) -> None:  # type: ignore[type-arg]
     """Control plane: an admin key."""
     ring = _ring(connection)
     key = _require_key(connection, "admin key")
@@ -113,12 +134,11 @@ def require_admin(connection: ASGIConnection, _: BaseRouteHandler) -> None:  # t
     raise AuthenticationError("invalid admin key: it matches no key in IW_ADMIN_KEY")
 
 
-def require_api(connection: ASGIConnection, _: BaseRouteHandler) -> None:  # type: ignore[type-arg]
+def check_api(ring: KeyRing, found: bytes | _NoKey) -> None:
     """Data plane: an API key or an admin key; open when no API key is configured."""
-    ring = _ring(connection)
     if ring.data_plane_open:
         return
-    key = _require_key(connection, "API key")
+    key = _checked(found, "API key")
     # evaluate both so the time taken does not say which kind of key it was
     ok = _matches(key, ring.api) | _matches(key, ring.admin)
     if not ok:
@@ -127,7 +147,14 @@ def require_api(connection: ASGIConnection, _: BaseRouteHandler) -> None:  # typ
         )
 
 
-def require_ops(connection: ASGIConnection, _: BaseRouteHandler) -> None:  # type: ignore[type-arg]
+async def require_api(connection: ASGIConnection, _: BaseRouteHandler) -> None:  # type: ignore[type-arg]
+    """Data plane guard (`check_api`)."""
+    ring = _ring(connection)
+    if not ring.data_plane_open:
+        check_api(ring, _read_key(connection))
+
+
+async def require_ops(connection: ASGIConnection, _: BaseRouteHandler) -> None:  # type: ignore[type-arg]
     """Telemetry routes: any configured key (admin or API)."""
     ring = _ring(connection)
     key = _require_key(connection, "key")
@@ -135,8 +162,8 @@ def require_ops(connection: ASGIConnection, _: BaseRouteHandler) -> None:  # typ
         raise AuthenticationError("invalid key: it matches no key in IW_API_KEY or IW_ADMIN_KEY")
 
 
-def require_metrics(connection: ASGIConnection, handler: BaseRouteHandler) -> None:  # type: ignore[type-arg]
+async def require_metrics(connection: ASGIConnection, handler: BaseRouteHandler) -> None:  # type: ignore[type-arg]
     """`/metrics`: open when IW_METRICS_OPEN is set, else like the other ops routes."""
     if _ring(connection).metrics_open:
         return
-    require_ops(connection, handler)
+    await require_ops(connection, handler)

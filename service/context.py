@@ -25,6 +25,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Iterable
 from typing import Any
 
 from litestar.types import Message, Receive, Scope, Send
@@ -154,18 +155,23 @@ def context_of(scope: Scope | dict[str, Any]) -> RequestContext:
     return ctx
 
 
+def request_id_from_headers(headers: Iterable[tuple[bytes, bytes]]) -> str:
+    """The client's `x-request-id` when it is a sane token, else a fresh id."""
+    for name, value in headers:
+        if name == b"x-request-id":
+            candidate = value.decode("latin-1")
+            if _SANE_ID.fullmatch(candidate):
+                return candidate
+            break
+    return new_request_id()
+
+
 async def edge(
     app: Any, scope: Scope, receive: Receive, send: Send, exchanges: Exchanges | None = None
 ) -> None:
     """Stamp t0 and the request id, then call `app` with a send that adds `x-request-id`."""
     t0 = time.perf_counter()
-    rid = None
-    for name, value in scope.get("headers", ()):
-        if name == b"x-request-id":
-            candidate = value.decode("latin-1")
-            rid = candidate if _SANE_ID.fullmatch(candidate) else None
-            break
-    rid = rid or new_request_id()
+    rid = request_id_from_headers(scope.get("headers", ()))
     ctx = scope.setdefault("state", {})[STATE_KEY] = RequestContext(rid, t0)
     # uvicorn's `send` is a bound method of the exchange, which holds the transport
     ctx.transport = getattr(getattr(send, "__self__", None), "transport", None)

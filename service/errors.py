@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import re
 from array import array
+from collections.abc import Callable
 from itertools import accumulate
 from typing import Any
 
@@ -128,16 +129,23 @@ def _secrets(request: Request[Any, Any, Any]) -> SecretStore:
     return store
 
 
-def handle_wrapper_error(request: Request[Any, Any, Any], exc: WrapperError) -> Response[bytes]:
-    """Our own errors: status, type, param and code as raised; message masked once more."""
-    mask = _secrets(request).mask
+def wrapper_error_payload(
+    mask: Callable[[str], str], exc: WrapperError
+) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """Status, envelope and headers of one of our errors (message masked once more)."""
     detail = ErrorDetail(mask(exc.message), exc.error_type, exc.param, exc.code)
     if exc.status_code >= 500 and exc.status_code != 503:  # 503 is routine (loading, not ready)
         logger.warning("request failed: %s (%s)", detail.message, exc.code)
     body: dict[str, Any] = {"error": unstructure(detail)}
     if exc.details:  # figures only (a refused load's memory numbers), never text
         body["error"]["details"] = exc.details
-    return json_response(body, exc.status_code, exc.headers or None)
+    return exc.status_code, body, exc.headers
+
+
+def handle_wrapper_error(request: Request[Any, Any, Any], exc: WrapperError) -> Response[bytes]:
+    """Our own errors: status, type, param and code as raised; message masked once more."""
+    status, body, headers = wrapper_error_payload(_secrets(request).mask, exc)
+    return json_response(body, status, headers or None)
 
 
 def handle_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:

@@ -24,11 +24,12 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from typing import Any, get_args
 
 import anyio
 from litestar import Request
+from litestar.types import Receive
 
 from adapters.base import BaseAdapter, Capabilities
 from hooks.base import HIDDEN_HEADERS, Exchange, HookCall
@@ -56,6 +57,7 @@ from schemas.openai import (
 )
 from schemas.suggest import NAME_LIMIT, closest
 from service.admission import Admission, Slot, shutting_down
+from service.aio import shielded
 from service.context import RequestContext
 from service.errors import decode_json, require_json_body
 from service.settings import Settings
@@ -262,14 +264,14 @@ class ChatServing:
 
     def _hook_call(
         self,
-        request: Request[Any, Any, Any],
+        raw_headers: Iterable[tuple[bytes, bytes]],
         req: ChatCompletionRequest,
         loaded: LoadedModel,
         ctx: RequestContext,
     ) -> HookCall:
         headers: dict[str, str] = {}
         mask = self.secrets.mask
-        for raw_name, raw_value in request.scope["headers"]:
+        for raw_name, raw_value in raw_headers:
             name = raw_name.decode("latin-1").lower()
             if name not in HIDDEN_HEADERS and name not in headers:
                 # a key sent in some other header is still a key: hooks log and tag these
@@ -291,11 +293,18 @@ class ChatServing:
 
     # --- entry points --------------------------------------------------------------------------
 
-    async def handle(self, request: Request[Any, Any, Any], ctx: RequestContext) -> Any:
-        """Serve one chat request: a JSON response or an SSE stream."""
-        self.admission.check_open()  # stopping: refuse before reading the body
-        body = await request.body()
-        require_json_body(request.headers.get("content-type"), body)
+    async def open_run(
+        self,
+        body: bytes,
+        content_type: str | None,
+        ctx: RequestContext,
+        raw_headers: Iterable[tuple[bytes, bytes]] = (),
+    ) -> Run:
+        """Check a request and reserve its place: a `Run` whose `close()` the caller owes.
+
+        Waits (bounded) while a load or swap is under way; `raw_headers` are what hooks see.
+        """
+        require_json_body(content_type, body)
         req = self.parse(body)
         # waits (bounded) while a load or swap is under way, instead of a 503
         loaded, ticket = await self.manager.acquire(ctx.request_id, req.model)
@@ -307,7 +316,7 @@ class ChatServing:
                 chain = self.hooks.chain_for(loaded.plan.backend.name, loaded.plan.preset)
             if chain is not None:
                 # the ticket holds the model while hooks run (an unload drains it first)
-                call = self._hook_call(request, req, loaded, ctx)
+                call = self._hook_call(raw_headers, req, loaded, ctx)
                 check = functools.partial(self.check_amended, loaded=loaded)
                 gen = await chain.before_request(call, gen, check)
             slot = self.admission.reserve()
@@ -316,12 +325,24 @@ class ChatServing:
             raise
         run = Run(self, req, gen, loaded, ticket, slot, ctx, chain, call)
         ctx.ticket = ticket  # the stall watch cuts an aborted request's blocked send sooner
-        if req.stream:
+        return run
+
+    async def handle(self, request: Request[Any, Any, Any], ctx: RequestContext) -> Any:
+        """Serve one chat request through Litestar: a JSON response or an SSE stream.
+
+        `service.datapath` serves the route without Litestar; this stays for mounts it skips.
+        """
+        self.admission.check_open()  # stopping: refuse before reading the body
+        body = await request.body()
+        run = await self.open_run(
+            body, request.headers.get("content-type"), ctx, request.scope["headers"]
+        )
+        if run.req.stream:
             frames = run.frames()
             run.attach(frames)
             return SSEStream(frames, on_close=run.close)
         try:
-            return await run.complete(request)
+            return await run.complete(request.receive)
         finally:
             await run.close()
 
@@ -520,12 +541,18 @@ class Run:
         try:
             agen = await self._start()
             try:
+                text_frame = enc.text
                 async for delta in agen:
                     if ctx.cut:  # the stall watch dropped the connection: nobody reads on
                         return
                     self._observe(delta)
                     text, reasoning = delta.text, delta.reasoning
                     index = delta.index
+                    if text and role_sent[index] and not reasoning and not delta.logprobs:
+                        chunk = text_frame(index, text)  # the common frame, built in one go
+                        frame()
+                        yield chunk
+                        continue
                     # a first token without text (a special token, or text held back for a stop
                     # string) still sends the role chunk, as vLLM does: clients time TTFT on it
                     if (
@@ -545,8 +572,7 @@ class Run:
                         frame()
                         yield chunk
             finally:
-                with anyio.CancelScope(shield=True):
-                    await agen.aclose()
+                await shielded(agen.aclose())  # the engine's abort must run to its end
             self._check_end()
             self.status = "ok"
             metrics = self._metrics()
@@ -584,8 +610,7 @@ class Run:
                 if delta.logprobs:
                     logprobs[delta.index].extend(_logprobs(delta)["content"])
         finally:
-            with anyio.CancelScope(shield=True):
-                await agen.aclose()
+            await shielded(agen.aclose())
         self._check_end()
         self.status = "ok"
         metrics = self._metrics()
@@ -606,10 +631,10 @@ class Run:
             self.completion_id, "chat.completion", self.created, self.model, choices, usage, metrics
         )
 
-    async def complete(self, request: Request[Any, Any, Any]) -> ChatCompletion:
+    async def complete(self, receive: Receive) -> ChatCompletion:
         """Run to the end, unless the client goes away first (then stop the engine's work)."""
         work = asyncio.ensure_future(self._collect())
-        gone = asyncio.ensure_future(_disconnected(request))
+        gone = asyncio.ensure_future(_disconnected(receive))
         try:
             await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -710,10 +735,10 @@ async def _count_tokens(adapter: Any, messages: Sequence[Message]) -> int | None
     return count
 
 
-async def _disconnected(request: Request[Any, Any, Any]) -> None:
+async def _disconnected(receive: Receive) -> None:
     """Return when the client closes the connection (the body has been read already)."""
     while True:
-        message = await request.receive()
+        message = await receive()
         if message["type"] == "http.disconnect":
             return
 

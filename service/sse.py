@@ -33,7 +33,7 @@ DONE = b"data: [DONE]\n\n"
 class ChunkEncoder:
     """Renders the `chat.completion.chunk` events of one stream."""
 
-    __slots__ = ("_head", "_tail")
+    __slots__ = ("_head", "_tail", "_text_heads", "_text_tail")
 
     def __init__(self, completion_id: str, created: int, model: str, include_usage: bool) -> None:
         self._head = (
@@ -45,6 +45,20 @@ class ChunkEncoder:
             + _encode(model)
         )
         self._tail = (b',"usage":null' if include_usage else b"") + b"}\n\n"
+        self._text_heads: dict[int, bytes] = {}
+        self._text_tail = b'},"logprobs":null,"finish_reason":null}]' + self._tail
+
+    def text(self, index: int, content: str) -> bytes:
+        """`delta(index, content)` for the common frame, text only, in one concatenation."""
+        head = self._text_heads.get(index)
+        if head is None:
+            head = self._text_heads[index] = (
+                self._head
+                + b',"choices":[{"index":'
+                + str(index).encode()
+                + b',"delta":{"content":'
+            )
+        return head + _encode(content) + self._text_tail
 
     def delta(
         self,

@@ -132,3 +132,19 @@ def test_any_text_is_escaped_and_round_trips(content: str, model: str, include_u
     assert chunk["model"] == model
     assert chunk["choices"][0]["delta"]["content"] == content
     assert parse(enc.finish(0, "stop"))["model"] == model
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    content=_CONTENT.filter(bool),
+    model=_CONTENT,
+    include_usage=st.booleans(),
+    index=st.integers(0, 15),
+)
+def test_text_frame_is_the_delta_frame(
+    content: str, model: str, include_usage: bool, index: int
+) -> None:
+    """The fast text-only frame is byte for byte the frame `delta()` builds for the same text."""
+    enc = ChunkEncoder("chatcmpl-x", 1, model, include_usage)
+    assert enc.text(index, content) == enc.delta(index, content)
+    assert enc.text(index, content) == enc.delta(index, content)  # cached head, same bytes

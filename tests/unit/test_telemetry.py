@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import time
 from typing import Any
 
@@ -11,15 +10,17 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.telemetry import (
+    LATENCY_BUCKETS,
     SUMMARY_FIELDS,
     RequestRecord,
     RequestTimer,
     TelemetryManager,
     build_record,
+    observe_many,
     percentile,
 )
 
@@ -36,11 +37,7 @@ def timer(
     """A timer whose token-bearing frames were handed over at `frames`."""
     t = RequestTimer(T0, handler_at)
     t.admitted_at = admitted_at
-    if frames:
-        t.first_at = frames[0]
-        t.last_at = frames[-1]
-        t.gaps = [b - a for a, b in itertools.pairwise(frames)]
-        t.frames = len(frames)
+    t.stamps = list(frames)
     return t
 
 
@@ -273,3 +270,29 @@ def test_prometheus_exposition_parses_and_counts() -> None:
     le_quarter = (*labels[:1], ("le", "0.3"), labels[1])
     assert got["iw_time_to_first_token_seconds_bucket", le_quarter] == 2.0
     assert ("iw_engine_time_to_first_token_seconds_count", labels) not in got
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.floats(min_value=0, max_value=1000, allow_nan=False),
+            st.sampled_from([*LATENCY_BUCKETS, 0.0]),  # values on a bucket bound exactly
+        ),
+        max_size=80,
+    )
+)
+def test_observe_many_equals_observing_one_by_one(values: list[float]) -> None:
+    """The folded ITL observation leaves the histogram exactly as per-value observe() would."""
+    one, many = CollectorRegistry(), CollectorRegistry()
+    h_one = Histogram("h", "d", buckets=LATENCY_BUCKETS, registry=one)
+    h_many = Histogram("h", "d", buckets=LATENCY_BUCKETS, registry=many)
+    for value in values:
+        h_one.observe(value)
+    observe_many(h_many, values)
+
+    def exposed(registry: CollectorRegistry) -> list[bytes]:
+        # `_created` is each histogram's own creation time
+        return [ln for ln in generate_latest(registry).splitlines() if b"_created" not in ln]
+
+    assert exposed(one) == exposed(many)

@@ -1,0 +1,1 @@
+"""Other servers the overhead benchmark compares the wrapper with."""
