@@ -402,7 +402,6 @@ class _CountedSend:
         await self._inner(message)
 
 
-
 class TelemetryManager:
     """Keeps the last N request records, summarises them, and feeds Prometheus."""
 
@@ -491,7 +490,6 @@ class TelemetryManager:
     def counting(self, send: Callable[[Any], Awaitable[None]]) -> Callable[[Any], Awaitable[None]]:
         """Wrap an ASGI `send` so that each response's status code is counted once."""
         return _CountedSend(send, self.http_responses).send
-
 
     def record(self, rec: RequestRecord, itl_gaps: Sequence[float] = ()) -> None:
         """Store a finished request and update the Prometheus series.

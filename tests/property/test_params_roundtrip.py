@@ -25,9 +25,12 @@ from adapters.echo import EchoParams
 from registry.config import (
     _ENV_PATTERN,
     _EXTRA_KEY,
+    _HOOK_NAME,
+    _HOOK_REF,
     _MODULE_PATH,
     BACKEND_NAME,
     AdapterEntry,
+    HookEntry,
     PresetEntry,
     RegistryConfig,
 )
@@ -71,6 +74,9 @@ RANGES: dict[tuple[type[Any], str], tuple[float | None, float | None]] = {
     (ChatCompletionRequest, "repetition_penalty"): (0, 10),
     (ChatCompletionRequest, "min_tokens"): (0, None),
     (ChatCompletionRequest, "seed"): (-(2**63), 2**63 - 1),
+    (HookEntry, "budget_ms"): (0.01, 600_000),
+    (HookEntry, "chunk_budget_ms"): (0.001, 10_000),
+    (HookEntry, "timeout_ms"): (1, 600_000),
 }
 #: list bounds (min items, max items) where a validator or hook sets them
 SIZES: dict[tuple[type[Any], str], tuple[int, int]] = {
@@ -106,6 +112,8 @@ OVERRIDES: dict[tuple[type[Any], str], st.SearchStrategy[Any]] = {
     (AdapterEntry, "extra_allow"): st.lists(
         st.from_regex(_EXTRA_KEY, fullmatch=True), max_size=3
     ).map(tuple),
+    (HookEntry, "module"): st.from_regex(_HOOK_REF, fullmatch=True),
+    (HookEntry, "name"): st.none() | st.from_regex(_HOOK_NAME, fullmatch=True),
     (RegistryConfig, "adapters"): st.dictionaries(
         _BACKEND, st.deferred(lambda: instances(AdapterEntry)), max_size=2
     ),
