@@ -51,6 +51,7 @@ SOURCES = (
     "registry",
     "adapters",
     "schemas",
+    "hooks",
 )
 
 

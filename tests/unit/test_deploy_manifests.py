@@ -154,3 +154,16 @@ def test_dockerfile_runs_as_a_user_and_execs_the_server(name: str) -> None:
     assert 'ENTRYPOINT ["/usr/local/bin/iw-entrypoint"]' in text
     entrypoint = (ROOT / "deploy" / "entrypoint.sh").read_text()
     assert "exec inference-wrapper" in entrypoint
+
+
+@pytest.mark.parametrize("name", ["Dockerfile.cpu", "Dockerfile.cuda"])
+def test_dockerfile_copies_every_package_the_project_installs(name: str) -> None:
+    """Each package pyproject installs is copied into the image (hooks/ once was not)."""
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    found = re.search(r"^include = \[(.*)\]$", pyproject, re.MULTILINE)
+    assert found is not None
+    packages = re.findall(r'"(\w+)\*"', found.group(1))
+    assert "hooks" in packages
+    dockerfile = (ROOT / "deploy" / name).read_text()
+    missing = [p for p in packages if f"COPY {p}/ {p}/" not in dockerfile]
+    assert missing == []
