@@ -137,6 +137,11 @@ class ServiceProcess:
             "IW_PORT": str(self.port),
             "IW_LOG_FORMAT": "json",
             "PYTHONUNBUFFERED": "1",
+            # pytest puts the checkout and tests/ on sys.path (pyproject's `pythonpath`), not in
+            # the environment: the child needs them for the test registry's fakes
+            "PYTHONPATH": os.pathsep.join(
+                p for p in (str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH")) if p
+            ),
             **(env or {}),
         }
         if registry is not None:
@@ -152,13 +157,22 @@ class ServiceProcess:
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
+        try:
+            self._wait_healthy()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _wait_healthy(self) -> None:
+        assert self.proc is not None
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"service exited early:\n{self.log()}")
             try:
                 if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return self
+                    return
             except httpx.HTTPError:
                 time.sleep(0.2)
         raise RuntimeError(f"service did not become healthy:\n{self.log()}")
