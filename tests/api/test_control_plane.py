@@ -217,8 +217,7 @@ def test_concurrent_load_gets_409(app_factory: Any) -> None:
         assert client.post("/v1/model/unload", headers=ADMIN).status_code == 409
         r = client.post("/v1/chat/completions", json=chat_body(), headers=API)
         assert r.status_code == 200, r.text
-        assert results["first"] == 200
-        t.join()
+        t.join()  # the chat can finish before the loading thread has stored its answer
         assert results["first"] == 200
 
 
