@@ -61,6 +61,8 @@ class Capabilities:
     """Whether deltas may carry `reasoning` text (DeepSeek-style `reasoning_content`)."""
     max_context: int | None = None
     """Prompt + completion tokens the loaded model accepts, when known."""
+    features: frozenset[str] = frozenset()
+    """Catalogued routes and request fields honoured (`schemas.features`); others are refused."""
 
 
 @frozen

@@ -167,6 +167,16 @@ class ChatCompletionRequest:
     ignore_eos: bool = False
     min_tokens: int = field(default=0, validator=in_range(0))
     stop_token_ids: list[int] | None = None
+    # vLLM extensions, honoured per adapter (schemas.features; refused by name elsewhere)
+    structured_outputs: dict[str, Any] | None = None
+    prompt_logprobs: int | None = field(default=None, validator=in_range(0, 20))
+    return_token_ids: bool | None = None
+    echo: bool = False
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
 
 
 CHAT_REQUEST_FIELDS = frozenset(a.name for a in attrs.fields(ChatCompletionRequest))

@@ -234,10 +234,20 @@ def _operation(op_id: str, summary: str, doc: str, tags: list[str]) -> dict[str,
         else {"application/json": {"schema": spec.response}}
     )
     if spec.stream:
+        # OpenAPI 3.1 has no word for a stream's items; schemathesis (and OpenAPI 3.2's
+        # `itemSchema`) read this schema as the schema of one parsed event
         content["text/event-stream"] = {
             "schema": {
-                "type": "string",
-                "description": "`data: <chat.completion.chunk JSON>` events, then `data: [DONE]`",
+                "type": "object",
+                "description": "One server-sent event: `data: <chat.completion.chunk JSON>`, an"
+                " error event `data: {\"error\": {...}}`, and last `data: [DONE]`",
+                "required": ["data"],
+                "properties": {
+                    "data": {"type": "string"},
+                    "event": {"type": "string"},
+                    "id": {"type": "string"},
+                    "retry": {"type": "integer"},
+                },
             }
         }
     statuses = set(_COMMON) | set(spec.errors)

@@ -46,6 +46,7 @@ from schemas.errors import (
     UnsupportedParameterError,
     WrapperError,
 )
+from schemas.features import chat_request_features
 from schemas.generation import GenerationRequest, Message, Role, SamplingOptions, TokenDelta
 from schemas.openai import (
     CHAT_REQUEST_FIELDS,
@@ -73,10 +74,10 @@ from service.telemetry import (
 
 logger = logging.getLogger(__name__)
 
-#: OpenAI parameters no adapter implements here; refused by name when set
+#: OpenAI parameters no adapter implements here; refused by name when set (the ones some
+#: adapters honour are catalogued in schemas.features and checked against the capabilities)
 _REFUSED = (
-    "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "logit_bias",
-    "audio", "prediction", "web_search_options", "reasoning_effort",
+    "functions", "function_call", "audio", "prediction", "web_search_options", "reasoning_effort",
 )  # fmt: skip
 #: request field → SamplingOptions field, for the capability check
 _SAMPLING_FIELDS = (
@@ -150,10 +151,21 @@ class ChatServing:
         for name in _REFUSED:
             if getattr(req, name) not in (None, [], {}):
                 raise UnsupportedParameterError(f"{name} is not supported", param=name)
-        if req.response_format is not None and req.response_format.get("type") != "text":
-            raise UnsupportedParameterError(
-                "only response_format type 'text' is supported", param="response_format"
+        if req.response_format is not None and req.response_format.get("type") not in (
+            "text",
+            "json_object",
+            "json_schema",
+        ):
+            raise InvalidRequestError(
+                "response_format.type must be 'text', 'json_object' or 'json_schema'",
+                param="response_format",
             )
+        backend = loaded.plan.backend.name
+        for feature, param in chat_request_features(req):
+            if feature not in caps.features:
+                raise UnsupportedParameterError(
+                    f"{param} is not supported by backend '{backend}'", param=param
+                )
         if req.modalities not in (None, ["text"]):
             raise UnsupportedParameterError(
                 "only the text modality is supported", param="modalities"
@@ -162,16 +174,10 @@ class ChatServing:
             raise UnsupportedParameterError("stored completions are not supported", param="store")
         if req.service_tier not in (None, "auto", "default"):
             raise UnsupportedParameterError("service_tier is not supported", param="service_tier")
-        if req.stream_options is not None:
-            if not req.stream:
-                raise InvalidRequestError(
-                    "stream_options is only allowed when stream is true", param="stream_options"
-                )
-            if req.stream_options.continuous_usage_stats:
-                raise UnsupportedParameterError(
-                    "continuous_usage_stats is not supported",
-                    param="stream_options.continuous_usage_stats",
-                )
+        if req.stream_options is not None and not req.stream:
+            raise InvalidRequestError(
+                "stream_options is only allowed when stream is true", param="stream_options"
+            )
         for name in _SAMPLING_FIELDS:
             value = getattr(req, name)
             if value not in (None, False, 0, [], "") and name not in caps.sampling:
