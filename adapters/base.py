@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 from attrs import field, frozen
 
 from adapters.kit.errors import no_mask
+from adapters.kit.tokens import TokenOps
 from schemas.errors import ParamsValidationError
 from schemas.generation import GenerationRequest, Message, TokenDelta
 
@@ -254,5 +255,12 @@ class BaseAdapter:
 
         Optional (hooks such as max_prompt_tokens use it); None when the adapter has no
         tokenizer at hand. May block (the service calls it in a worker thread).
+        """
+        return None
+
+    def token_ops(self) -> TokenOps | None:
+        """The loaded model's tokenizer operations, or None when the adapter has none at hand.
+
+        Used by `/tokenize`, `/detokenize` and the echo of a token-id prompt.
         """
         return None

@@ -1,7 +1,8 @@
 """The echo adapter: a deterministic dev and test backend, no model, no engine.
 
 It streams the last user message back token by token (a token is a run of non-space characters
-with its leading whitespace), so every path of the service can be exercised in milliseconds:
+with its leading whitespace; a `/v1/completions` prompt is echoed whole, and token ids as their
+decimal spelling, " 1 2 3"), so every path of the service can be exercised in milliseconds:
 streaming, usage, `max_tokens` (finish `length`), `stop` strings, `ignore_eos` (the message repeats
 until `max_tokens`, like a benchmark's fixed output length), cancellation, and the failure paths
 (`fail_on_load`, `fail_after_tokens`, a slow load), and, with `spawn_child`, an engine process
@@ -90,6 +91,7 @@ class EchoAdapter(BaseAdapter):
             ),
             max_n=self.params.max_n,
             max_context=self.params.max_context,
+            features=frozenset({"/v1/completions"}),
         )
 
     def check(self, model: str, params: Any) -> None:
@@ -126,10 +128,18 @@ class EchoAdapter(BaseAdapter):
         )
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenDelta]:
-        """Yield the last user message token by token, for each of `n` choices."""
-        user = next((m.content for m in reversed(req.messages) if m.role == "user"), "")
-        source = _TOKEN.findall(user)
-        prompt_tokens = sum(len(_TOKEN.findall(m.content)) + 1 for m in req.messages)
+        """Yield the last user message (or the raw prompt) token by token, for each choice."""
+        if isinstance(req.prompt, str):
+            source = _TOKEN.findall(req.prompt)
+            prompt_tokens = len(source)
+        elif req.prompt is not None:
+            # echo has no vocabulary: a token id echoes as its decimal spelling
+            source = [f" {i}" for i in req.prompt]
+            prompt_tokens = len(source)
+        else:
+            user = next((m.content for m in reversed(req.messages) if m.role == "user"), "")
+            source = _TOKEN.findall(user)
+            prompt_tokens = sum(len(_TOKEN.findall(m.content)) + 1 for m in req.messages)
         # the same context rule as the real engines, over echo's own token count
         max_tokens = fit_max_tokens(prompt_tokens, req.sampling, self.params.max_context)
         sampling = evolve(req.sampling, max_tokens=max_tokens)

@@ -59,6 +59,9 @@ class GenerationRequest:
     messages: tuple[Message, ...]
     sampling: SamplingOptions
     model: str = ""
+    prompt: str | tuple[int, ...] | None = None
+    """A raw prompt (`/v1/completions`): text or token ids. When set, the adapter runs it as is,
+    without the chat template, and `messages` is empty."""
 
 
 @frozen

@@ -30,6 +30,7 @@ from schemas.control import LoadRequest, LoadResponse, UnloadResponse
 from schemas.converter import unstructure
 from service.admission import Admission
 from service.auth import KeyRing
+from service.completions import CompletionServing, TokenServing
 from service.context import SANE_ID_BYTES as SANE_ID
 from service.context import (
     Exchanges,
@@ -39,7 +40,7 @@ from service.context import (
     new_request_id,
     request_id_from_headers,
 )
-from service.controllers.chat import ChatController
+from service.controllers.chat import ChatController, TokenizeController
 from service.controllers.control import AdapterController, ModelController
 from service.controllers.ops import (
     HealthController,
@@ -47,7 +48,7 @@ from service.controllers.ops import (
     ResourcesController,
     TelemetryController,
 )
-from service.datapath import CHAT_PATH, ChatRoute
+from service.datapath import CHAT_PATH, COMPLETIONS_PATH, ChatRoute
 from service.errors import EXCEPTION_HANDLERS
 from service.gpu import Nvml
 from service.logs import mask_all_handlers
@@ -62,6 +63,7 @@ logger = logging.getLogger(__name__)
 
 
 _PROBE_METHODS = frozenset({"GET", "HEAD"})
+_EDGE_PATHS = frozenset({CHAT_PATH, COMPLETIONS_PATH})
 _HEALTH_BODY = b'{"status":"ok"}'
 _HEALTH_HEADERS = [
     (b"content-type", b"application/json"),
@@ -92,11 +94,13 @@ class WrapperApp(Litestar):
         self.exchanges = Exchanges()
         super().__init__(*args, **kwargs)
         self._chat = ChatRoute(self.state, self.exchanges)
+        self._completions = ChatRoute(self.state, self.exchanges, "completions")
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         """ASGI entry: HTTP goes through the edge, lifespan and websockets straight through.
 
-        `POST /v1/chat/completions` is served by `service.datapath` without Litestar's layers
+        `POST /v1/chat/completions` and `POST /v1/completions` are served by `service.datapath`
+        without Litestar's layers
         (it stamps its own context and request id the same way the edge does).
         """
         if scope["type"] == "http":
@@ -108,12 +112,14 @@ class WrapperApp(Litestar):
             if telemetry is not None:
                 send = telemetry.counting(send)
             tracer: RequestTracer | None = self.state.get("tracer")
-            if scope["path"] == CHAT_PATH and scope["method"] == "POST":
-                # the data plane's hot route, served without Litestar's layers (service.datapath)
+            path = scope["path"]
+            if path in _EDGE_PATHS and scope["method"] == "POST":
+                # the data plane's hot routes, served without Litestar's layers (service.datapath)
+                route = self._chat if path == CHAT_PATH else self._completions
                 if tracer is not None:
-                    await _traced_chat(self._chat, tracer)(scope, receive, send)
+                    await _traced_chat(route, tracer)(scope, receive, send)
                 else:
-                    await self._chat(scope, receive, send)
+                    await route(scope, receive, send)
                 return
             inner = super().__call__
             if tracer is not None and scope["path"] in TRACED_PATHS:
@@ -255,6 +261,18 @@ def provide_serving(state: State) -> ChatServing:
     return serving
 
 
+def provide_completions(state: State) -> CompletionServing:
+    """The completions serving singleton (over the chat serving's machinery)."""
+    completions: CompletionServing = state.completions
+    return completions
+
+
+def provide_tokens(state: State) -> TokenServing:
+    """The tokenize/detokenize serving singleton."""
+    tokens: TokenServing = state.tokens
+    return tokens
+
+
 def provide_telemetry(state: State) -> TelemetryManager:
     """The telemetry singleton."""
     telemetry: TelemetryManager = state.telemetry
@@ -356,6 +374,8 @@ async def services_lifespan(app: Litestar) -> AsyncIterator[None]:
         RequestMemoryMeter(probe, watchdog),
         hooks,
     )
+    state.completions = CompletionServing(state.serving)
+    state.tokens = TokenServing(state.serving)
     stopper = GracefulStop(manager, admission, settings.drain_timeout_s)
     state.stopper = stopper
     exchanges = app.exchanges if isinstance(app, WrapperApp) else Exchanges()
@@ -433,6 +453,7 @@ def create_app(
             ModelController,
             AdapterController,
             ChatController,
+            TokenizeController,
             HealthController,
             MetricsController,
             TelemetryController,
@@ -442,6 +463,8 @@ def create_app(
         dependencies={
             "manager": Provide(provide_manager, sync_to_thread=False),
             "serving": Provide(provide_serving, sync_to_thread=False),
+            "completions": Provide(provide_completions, sync_to_thread=False),
+            "tokens": Provide(provide_tokens, sync_to_thread=False),
             "telemetry": Provide(provide_telemetry, sync_to_thread=False),
             "registry": Provide(provide_registry, sync_to_thread=False),
             "secrets": Provide(provide_secrets, sync_to_thread=False),

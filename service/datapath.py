@@ -1,4 +1,4 @@
-"""`POST /v1/chat/completions` served straight from the ASGI edge: the data plane's hot path.
+"""`POST /v1/chat/completions` (and `/v1/completions`) served from the ASGI edge: the hot path.
 
 Everything else goes through Litestar. This one route does not, because per request Litestar's
 routing, signature model, dependency injection and exception middleware cost more CPU than the
@@ -33,6 +33,7 @@ from schemas.converter import unstructure
 from schemas.errors import ErrorDetail, RequestTooLargeError, WrapperError
 from service.aio import resume, shielded
 from service.auth import KeyRing, check_api, read_key_raw
+from service.completions import CompletionServing
 from service.context import STATE_KEY, Exchanges, RequestContext, request_id_from_headers
 from service.errors import wrapper_error_payload
 from service.logs import request_id_var
@@ -41,6 +42,8 @@ from service.serving import ChatServing
 logger = logging.getLogger(__name__)
 
 CHAT_PATH = "/v1/chat/completions"
+#: served the same way: `vllm bench serve` and evaluation harnesses drive this route by default
+COMPLETIONS_PATH = "/v1/completions"
 #: frames joined into one write when the engine hands them over together
 _BATCH_FRAMES = 32
 _BATCH_BYTES = 64 * 1024
@@ -93,13 +96,18 @@ def _too_large() -> RequestTooLargeError:
 
 
 class ChatRoute:
-    """The ASGI handler of `POST /v1/chat/completions` (state read from the app at call time)."""
+    """The ASGI handler of `POST /v1/chat/completions` (state read from the app at call time).
 
-    __slots__ = ("_exchanges", "_state")
+    `serving` names the state attribute that opens runs: `serving` (chat, `ChatServing`) or
+    `completions` (`service.completions.CompletionServing`, the same `open_run` contract).
+    """
 
-    def __init__(self, state: Any, exchanges: Exchanges) -> None:
+    __slots__ = ("_exchanges", "_serving", "_state")
+
+    def __init__(self, state: Any, exchanges: Exchanges, serving: str = "serving") -> None:
         self._state = state
         self._exchanges = exchanges
+        self._serving = serving
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         """Serve one chat request; see the module docstring."""
@@ -131,7 +139,7 @@ class ChatRoute:
         rid_header: tuple[bytes, bytes],
     ) -> None:
         state = self._state
-        serving: ChatServing = state.serving
+        serving: ChatServing | CompletionServing = getattr(state, self._serving)
         try:
             ring: KeyRing = state.keyring
             check_api(ring, read_key_raw(headers))

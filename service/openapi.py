@@ -15,6 +15,7 @@ setting's value.
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -22,6 +23,15 @@ from attrs import frozen
 from litestar import Controller, Litestar, Request, Response, get
 from litestar.routes import HTTPRoute
 
+from schemas.completions import (
+    Completion,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+    VersionResponse,
+)
 from schemas.control import (
     LoadRequest,
     LoadResponse,
@@ -32,11 +42,18 @@ from schemas.control import (
 )
 from schemas.errors import ErrorResponse
 from schemas.jsonschema import attrs_json_schema
-from schemas.openai import ChatCompletion, ChatCompletionRequest, ModelList
+from schemas.openai import ChatCompletion, ChatCompletionRequest, ModelCard, ModelList
 from service.errors import json_response
 from service.version import package_version
 
-__all__ = ["OPENAPI_PATH", "OPERATIONS", "OpenAPIController", "Operation", "build_openapi"]
+__all__ = [
+    "OPENAPI_PATH",
+    "OPERATIONS",
+    "OpenAPIController",
+    "Operation",
+    "build_openapi",
+    "openapi_path",
+]
 
 OPENAPI_PATH = "/schema/openapi.json"
 
@@ -86,6 +103,7 @@ def _object(required: tuple[str, ...], **properties: Any) -> dict[str, Any]:
 
 
 _NUMBER_OR_NULL: dict[str, Any] = {"type": ["number", "null"]}
+_PATH_PARAM = re.compile(r"\{(\w+):\w+\}")
 
 OPERATIONS: Mapping[str, Operation] = {
     "loadModel": Operation(
@@ -126,6 +144,40 @@ OPERATIONS: Mapping[str, Operation] = {
         stream=True,
     ),
     "listModels": Operation({"$ref": "#/components/schemas/ModelList"}, "api"),
+    "retrieveModel": Operation(
+        {"$ref": "#/components/schemas/ModelCard"},
+        "api",
+        (404,),
+        parameters=(
+            {
+                "name": "model",
+                "in": "path",
+                "required": True,
+                "description": "The model id, as `GET /v1/models` lists it",
+                "schema": {"type": "string"},
+            },
+        ),
+    ),
+    "createCompletion": Operation(
+        {"$ref": "#/components/schemas/Completion"},
+        "api",
+        (404, 429, 500, 502, 503, 504),
+        CompletionRequest,
+        stream=True,
+    ),
+    "tokenize": Operation(
+        {"$ref": "#/components/schemas/TokenizeResponse"},
+        "api",
+        (404, 503),
+        TokenizeRequest,
+    ),
+    "detokenize": Operation(
+        {"$ref": "#/components/schemas/DetokenizeResponse"},
+        "api",
+        (404, 503),
+        DetokenizeRequest,
+    ),
+    "version": Operation({"$ref": "#/components/schemas/VersionResponse"}, "none"),
     "health": Operation(_object(("status",), status={"const": "ok"}), "none"),
     "ready": Operation(
         _object(("status", "model"), status={"const": "ready"}, model={"type": "string"}),
@@ -191,6 +243,14 @@ _SCHEMAS: tuple[type, ...] = (
     ChatCompletionRequest,
     ChatCompletion,
     ModelList,
+    ModelCard,
+    CompletionRequest,
+    Completion,
+    TokenizeRequest,
+    TokenizeResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    VersionResponse,
     ErrorResponse,
 )
 
@@ -239,8 +299,9 @@ def _operation(op_id: str, summary: str, doc: str, tags: list[str]) -> dict[str,
         content["text/event-stream"] = {
             "schema": {
                 "type": "object",
-                "description": "One server-sent event: `data: <chat.completion.chunk JSON>`, an"
-                " error event `data: {\"error\": {...}}`, and last `data: [DONE]`",
+                "description": "One server-sent event: `data: <chat.completion.chunk or"
+                ' text_completion JSON>`, an error event `data: {"error": {...}}`, and last'
+                " `data: [DONE]`",
                 "required": ["data"],
                 "properties": {
                     "data": {"type": "string"},
@@ -277,6 +338,11 @@ def _operation(op_id: str, summary: str, doc: str, tags: list[str]) -> dict[str,
     return out
 
 
+def openapi_path(path: str) -> str:
+    """Litestar's `{model:path}` as OpenAPI's `{model}`."""
+    return _PATH_PARAM.sub(r"{\1}", path)
+
+
 def build_openapi(app: Litestar, *, version: str) -> dict[str, Any]:
     """The whole document for `app`; raises `KeyError` naming a route `OPERATIONS` lacks."""
     paths: dict[str, dict[str, Any]] = {}
@@ -296,7 +362,7 @@ def build_openapi(app: Litestar, *, version: str) -> dict[str, Any]:
             for method in sorted(handler.http_methods):
                 if method in ("HEAD", "OPTIONS"):
                     continue
-                paths.setdefault(route.path, {})[method.lower()] = _operation(
+                paths.setdefault(openapi_path(route.path), {})[method.lower()] = _operation(
                     op_id,
                     summary,
                     rest.strip() or summary,

@@ -24,7 +24,7 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
 from typing import Any, get_args
 
 import anyio
@@ -36,6 +36,7 @@ from hooks.base import HIDDEN_HEADERS, Exchange, HookCall
 from hooks.chain import HookChain, HookSet
 from registry.manager import InflightTicket, LoadedModel, ModelManager, sanitize_exception
 from registry.secrets import SecretStore
+from schemas.completions import CompletionRequest
 from schemas.converter import StructureError, structure
 from schemas.errors import (
     EngineError,
@@ -239,13 +240,18 @@ class ChatServing:
         messages = tuple(Message(m.role, m.text(), m.name) for m in req.messages)
         return GenerationRequest(request_id, messages, sampling, served)
 
-    def check_amended(  # noqa: C901  (one flat list of limits)
+    def check_amended(  # noqa: C901, PLR0912  (one flat list of limits)
         self, old: GenerationRequest, new: GenerationRequest, loaded: LoadedModel
     ) -> None:
         """A hook's amended request must keep within what `build` allows; ValueError if not."""
         if new.request_id != old.request_id or new.model != old.model:
             raise ValueError("a hook may not change the request id or the model")
-        if not new.messages or len(new.messages) > self.settings.max_messages:
+        if new.prompt != old.prompt:
+            raise ValueError("a hook may not change a raw prompt")
+        if new.prompt is not None:
+            if new.messages:
+                raise ValueError("a raw-prompt request has no messages")
+        elif not new.messages or len(new.messages) > self.settings.max_messages:
             raise ValueError(f"messages must number 1 to {self.settings.max_messages}")
         for m in new.messages:
             if not isinstance(m, Message) or m.role not in _ROLES or not isinstance(m.content, str):
@@ -271,7 +277,7 @@ class ChatServing:
     def _hook_call(
         self,
         raw_headers: Iterable[tuple[bytes, bytes]],
-        req: ChatCompletionRequest,
+        req: ChatCompletionRequest | CompletionRequest,
         loaded: LoadedModel,
         ctx: RequestContext,
     ) -> HookCall:
@@ -285,7 +291,9 @@ class ChatServing:
         adapter = loaded.adapter
         counter = None
         method = getattr(type(adapter), "count_prompt_tokens", None)
-        if method is not None and method is not BaseAdapter.count_prompt_tokens:
+        # a raw prompt has no messages to count: hooks fall back to their approximation
+        raw_prompt = isinstance(req, CompletionRequest)
+        if not raw_prompt and method is not None and method is not BaseAdapter.count_prompt_tokens:
             counter = functools.partial(_count_tokens, adapter)
         return HookCall(
             request_id=ctx.request_id,
@@ -312,12 +320,27 @@ class ChatServing:
         """
         require_json_body(content_type, body)
         req = self.parse(body)
+        return await self.reserve(req, functools.partial(self.build, req), ctx, raw_headers, Run)
+
+    async def reserve(
+        self,
+        req: ChatCompletionRequest | CompletionRequest,
+        build: Callable[[LoadedModel, str], GenerationRequest],
+        ctx: RequestContext,
+        raw_headers: Iterable[tuple[bytes, bytes]],
+        run_type: type[Run],
+    ) -> Run:
+        """Acquire the model, build the request, run the hooks, take a slot: a `Run` of `run_type`.
+
+        Shared by every generating route (chat, completions): `build(loaded, request_id)` is the
+        route's own checks against the loaded adapter.
+        """
         # waits (bounded) while a load or swap is under way, instead of a 503
         loaded, ticket = await self.manager.acquire(ctx.request_id, req.model)
         chain: HookChain | None = None
         call: HookCall | None = None
         try:
-            gen = self.build(req, loaded, ctx.request_id)
+            gen = build(loaded, ctx.request_id)
             if self.hooks is not None:
                 chain = self.hooks.chain_for(loaded.plan.backend.name, loaded.plan.preset)
             if chain is not None:
@@ -329,7 +352,7 @@ class ChatServing:
         except BaseException:
             self.manager.release(ticket)
             raise
-        run = Run(self, req, gen, loaded, ticket, slot, ctx, chain, call)
+        run = run_type(self, req, gen, loaded, ticket, slot, ctx, chain, call)
         ctx.ticket = ticket  # the stall watch cuts an aborted request's blocked send sooner
         return run
 
@@ -359,7 +382,7 @@ class Run:
     def __init__(
         self,
         serving: ChatServing,
-        req: ChatCompletionRequest,
+        req: ChatCompletionRequest | CompletionRequest,
         gen: GenerationRequest,
         loaded: LoadedModel,
         ticket: InflightTicket,

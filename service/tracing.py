@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["RequestTracer", "tracer_from_env", "tracing_requested"]
 
 #: routes that get a span: the data plane (control calls are audited, not traced)
-TRACED_PATHS = frozenset({"/v1/chat/completions"})
+TRACED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 
 
 def tracing_requested(environ: Mapping[str, str] | None = None) -> bool:

@@ -1,7 +1,7 @@
 """Operations routes: liveness, readiness, Prometheus metrics, telemetry as JSON.
 
-`/health` and `/ready` answer without a key (orchestrators probe them); `/metrics` needs a key
-unless IW_METRICS_OPEN is set; `/v1/telemetry*` need a key.
+`/health`, `/ready` and `/version` answer without a key (orchestrators probe them); `/metrics`
+needs a key unless IW_METRICS_OPEN is set; `/v1/telemetry*` need a key.
 
 Must never: expose a secret through a metric label or a telemetry field.
 """
@@ -16,12 +16,14 @@ from litestar.params import Parameter
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from registry.manager import ModelManager, ModelState
+from schemas.completions import VersionResponse
 from schemas.converter import unstructure
 from schemas.errors import ServiceUnavailableError
 from service.admission import Admission, shutting_down
 from service.auth import require_metrics, require_ops
 from service.errors import json_response
 from service.telemetry import TelemetryManager, vllm_exports_itself
+from service.version import package_version
 from service.watchdog import ResourceWatchdog
 
 
@@ -35,6 +37,11 @@ class HealthController(Controller):
     async def health(self) -> Response[bytes]:
         """The process is alive and serving HTTP."""
         return json_response({"status": "ok"})
+
+    @get("/version", operation_id="version", name="ops:version")
+    async def version(self) -> Response[bytes]:
+        """The wrapper's package version (vLLM's `GET /version` shape)."""
+        return json_response(VersionResponse(package_version()))
 
     @get("/ready", operation_id="ready", name="ops:ready")
     async def ready(

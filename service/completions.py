@@ -1,0 +1,548 @@
+"""Legacy completions (`POST /v1/completions`) and vLLM's tokenize/detokenize, over `ChatServing`.
+
+A completion is a generation like a chat one, from a raw prompt instead of templated messages:
+`CompletionServing` parses and checks the request (vLLM's completions server is the reference
+for what each field does), then hands it to `ChatServing.reserve`, so admission, hooks,
+telemetry, the unload/stop rules and the disconnect handling are the chat route's own, not a
+copy. `CompletionRun` is the chat `Run` with OpenAI's `text_completion` objects for output.
+
+Refused by name (400 + `param`): `suffix` (no adapter renders fill-in-the-middle prompts),
+`best_of` other than `n` (no adapter ranks extra candidates), `echo` with `logprobs` (that needs
+the prompt's logprobs), several prompts in one request; a backend whose adapter does not
+declare the route gets a 400 naming it (code `unsupported_route`).
+
+Must never: apply a chat template to a raw prompt; build a frame per token beyond one
+concatenation; answer a field it did not honour.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+import msgspec
+from litestar import Request
+from litestar.types import Receive
+
+from adapters.base import Capabilities
+from adapters.kit.tokens import TokenOps
+from registry.manager import LoadedModel
+from schemas.completions import (
+    COMPLETION_REQUEST_FIELDS,
+    MAX_PROMPT_TOKENS,
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionUsage,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+    token_ids,
+)
+from schemas.converter import StructureError, structure
+from schemas.errors import (
+    ErrorDetail,
+    InvalidRequestError,
+    NotFoundError,
+    UnsupportedParameterError,
+    WrapperError,
+)
+from schemas.features import set_value
+from schemas.generation import GenerationRequest, Message, SamplingOptions, TokenDelta
+from schemas.openai import ChatMessageIn
+from schemas.suggest import NAME_LIMIT, closest
+from service.aio import shielded
+from service.context import RequestContext
+from service.errors import decode_json, require_json_body
+from service.serving import _SAMPLING_FIELDS, ChatServing, Run
+from service.sse import DONE, SSEStream, error_event
+
+COMPLETIONS_ROUTE = "/v1/completions"
+T = TypeVar("T")
+_encode = msgspec.json.encode
+
+
+def _parse(body: bytes, cls: type[Any], fields: frozenset[str]) -> Any:
+    """JSON → `cls`, or 400 naming the first unknown or bad field (chat's wording)."""
+    payload = decode_json(body)
+    if not isinstance(payload, dict):
+        raise InvalidRequestError("request body must be a JSON object")
+    unknown = sorted(k for k in payload if k not in fields)
+    if unknown:
+        name = unknown[0][:NAME_LIMIT]
+        best = closest(name, fields)
+        more = f". Did you mean {best!r}?" if best else ""
+        raise InvalidRequestError(
+            f"Unrecognized request argument supplied: {name}{more}",
+            param=name,
+            code="unknown_parameter",
+        )
+    try:
+        return structure(payload, cls, path="")
+    except StructureError as exc:
+        raise InvalidRequestError(exc.first.render(), param=exc.first.param) from None
+
+
+def check_model(name: str | None, loaded: LoadedModel) -> None:
+    """404 `model_not_found` unless `name` is the served name or the model it loads."""
+    served = loaded.plan.served_model_name
+    if name is not None and name not in (served, loaded.plan.model):
+        raise NotFoundError(
+            f"The model `{name}` does not exist; this server serves `{served}`",
+            param="model",
+            code="model_not_found",
+        )
+
+
+def require_feature(loaded: LoadedModel, route: str) -> Capabilities:
+    """The adapter's capabilities, or 400 naming `route` when the backend does not serve it."""
+    caps: Capabilities = loaded.adapter.capabilities
+    if route not in caps.features:
+        raise InvalidRequestError(
+            f"{route} is not supported by backend '{loaded.plan.backend.name}'",
+            code="unsupported_route",
+        )
+    return caps
+
+
+class CompletionServing:
+    """Turns OpenAI completions requests into adapter generations, through `ChatServing`."""
+
+    def __init__(self, chat: ChatServing) -> None:
+        self.chat = chat
+        self.admission = chat.admission
+
+    def parse(self, body: bytes) -> CompletionRequest:
+        """JSON → CompletionRequest, or 400 naming the first bad field."""
+        req: CompletionRequest = _parse(body, CompletionRequest, COMPLETION_REQUEST_FIELDS)
+        return req
+
+    def build(  # noqa: C901, PLR0912  (a flat checklist of refusals reads best as one)
+        self, req: CompletionRequest, loaded: LoadedModel, request_id: str
+    ) -> GenerationRequest:
+        """Check the request against limits and the adapter; build the engine-neutral request."""
+        check_model(req.model, loaded)
+        caps = require_feature(loaded, COMPLETIONS_ROUTE)
+        backend = loaded.plan.backend.name
+        if req.suffix:
+            raise UnsupportedParameterError(
+                f"suffix is not supported by backend '{backend}'", param="suffix"
+            )
+        if req.best_of is not None and req.best_of != req.n:
+            raise UnsupportedParameterError(
+                "best_of is not supported (only best_of equal to n)", param="best_of"
+            )
+        if set_value(req.logit_bias) and "logit_bias" not in caps.features:
+            raise UnsupportedParameterError(
+                f"logit_bias is not supported by backend '{backend}'", param="logit_bias"
+            )
+        if req.stream_options is not None and not req.stream:
+            raise InvalidRequestError(
+                "stream_options is only allowed when stream is true", param="stream_options"
+            )
+        if req.stream_options is not None and req.stream_options.continuous_usage_stats:
+            raise UnsupportedParameterError(
+                "stream_options.continuous_usage_stats is not supported",
+                param="stream_options.continuous_usage_stats",
+            )
+        for name in _SAMPLING_FIELDS:
+            value = getattr(req, name)
+            if value not in (None, False, 0, [], "") and name not in caps.sampling:
+                raise UnsupportedParameterError(
+                    f"{name} is not supported by backend '{backend}'", param=name
+                )
+        if req.n > caps.max_n:
+            raise UnsupportedParameterError(
+                f"n must be at most {caps.max_n} for backend '{backend}'", param="n"
+            )
+        if req.logprobs is not None:
+            if caps.max_top_logprobs == 0:
+                raise UnsupportedParameterError(
+                    f"logprobs are not available on backend '{backend}'", param="logprobs"
+                )
+            if req.logprobs > caps.max_top_logprobs:
+                raise UnsupportedParameterError(
+                    f"logprobs must be at most {caps.max_top_logprobs}", param="logprobs"
+                )
+            if req.echo:
+                raise UnsupportedParameterError(
+                    "echo with logprobs needs the prompt's logprobs, which are not computed",
+                    param="echo",
+                )
+        if req.echo and not isinstance(req.prompt, str) and loaded.adapter.token_ops() is None:
+            raise UnsupportedParameterError(
+                f"echo of a token-id prompt needs a tokenizer; backend '{backend}' has none",
+                param="echo",
+            )
+        cap = self.chat.settings.max_tokens_cap
+        if req.max_tokens > cap:
+            raise InvalidRequestError(
+                f"max_tokens: must be at most {cap} (the server's limit, IW_MAX_TOKENS)",
+                param="max_tokens",
+            )
+        stop: tuple[str, ...] = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+        sampling = SamplingOptions(
+            max_tokens=req.max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=req.top_k,
+            min_p=req.min_p,
+            seed=req.seed,
+            stop=stop,
+            stop_token_ids=tuple(req.stop_token_ids or ()),
+            ignore_eos=req.ignore_eos,
+            min_tokens=req.min_tokens,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            repetition_penalty=req.repetition_penalty,
+            n=req.n,
+            logprobs=req.logprobs is not None,
+            top_logprobs=req.logprobs,
+        )
+        return GenerationRequest(
+            request_id, (), sampling, loaded.plan.served_model_name, prompt=req.prompt
+        )
+
+    async def open_run(
+        self,
+        body: bytes,
+        content_type: str | None,
+        ctx: RequestContext,
+        raw_headers: Iterable[tuple[bytes, bytes]] = (),
+    ) -> Run:
+        """Check a request and reserve its place: a `CompletionRun` whose `close()` is owed."""
+        require_json_body(content_type, body)
+        req = self.parse(body)
+        build = functools.partial(self.build, req)
+        return await self.chat.reserve(req, build, ctx, raw_headers, CompletionRun)
+
+    async def handle(self, request: Request[Any, Any, Any], ctx: RequestContext) -> Any:
+        """Serve one request through Litestar (`service.datapath` serves it at the edge)."""
+        self.admission.check_open()  # stopping: refuse before reading the body
+        body = await request.body()
+        run = await self.open_run(
+            body, request.headers.get("content-type"), ctx, request.scope["headers"]
+        )
+        if run.req.stream:
+            frames = run.frames()
+            run.attach(frames)
+            return SSEStream(frames, on_close=run.close)
+        try:
+            return await run.complete(request.receive)
+        finally:
+            await run.close()
+
+
+class CompletionRun(Run):
+    """A chat `Run` whose output is `text_completion` objects (module docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.completion_id = f"cmpl-{uuid.uuid4().hex}"
+        self.stop_reasons: list[str | int | None] = [None] * self.gen.sampling.n
+
+    def _observe(self, delta: TokenDelta) -> None:
+        super()._observe(delta)
+        if delta.finish_reason is not None:
+            self.stop_reasons[delta.index] = delta.stop_reason
+
+    async def _echo_text(self) -> str | None:
+        """The prompt as text when `echo` is on (a token-id prompt decoded by the tokenizer)."""
+        req = self.req
+        if not isinstance(req, CompletionRequest) or not req.echo:
+            return None
+        prompt = req.prompt
+        if isinstance(prompt, str):
+            return prompt
+        ops = self.adapter.token_ops()
+        if ops is None:  # checked in build; the model may have been swapped since
+            raise InvalidRequestError("echo of a token-id prompt needs a tokenizer", param="echo")
+        return await asyncio.to_thread(ops.decode, prompt)
+
+    def _fail(self, exc: BaseException) -> WrapperError:
+        # the context rule words the prompt as "messages" (adapters.kit.context): name ours
+        if isinstance(exc, InvalidRequestError) and exc.param == "messages":
+            exc.param = "prompt"
+            exc.message = exc.message.replace("messages", "prompt")
+        return super()._fail(exc)
+
+    # --- streaming -----------------------------------------------------------------------------
+
+    async def frames(self) -> AsyncIterator[bytes]:
+        """The SSE body: text chunks, finish chunks, optional usage chunk, `[DONE]`."""
+        req = self.req
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        head = (
+            b'data: {"id":'
+            + _encode(self.completion_id)
+            + b',"object":"text_completion","created":'
+            + str(self.created).encode()
+            + b',"model":'
+            + _encode(self.model)
+            + b',"choices":[{"index":'
+        )
+        tail = b"}]" + (b',"usage":null' if include_usage else b"") + b"}\n\n"
+        n = self.gen.sampling.n
+        offsets = [0] * n
+        frame = self.timer.frame
+        ctx = self.ctx
+        try:
+            echo = await self._echo_text()
+            echoed = [echo is None] * n
+            agen = await self._start()
+            try:
+                async for delta in agen:
+                    if ctx.cut:  # the stall watch dropped the connection: nobody reads on
+                        return
+                    self._observe(delta)
+                    index, text = delta.index, delta.text
+                    if not echoed[index] and (text or delta.token_count):
+                        text = f"{echo}{text}"
+                        echoed[index] = True
+                    if not text and not delta.logprobs:
+                        continue
+                    lp = b"null"
+                    if delta.logprobs:
+                        lp = _encode(_logprobs(delta.logprobs, offsets, index))
+                    frame()
+                    yield (
+                        head
+                        + str(index).encode()
+                        + b',"text":'
+                        + _encode(text)
+                        + b',"logprobs":'
+                        + lp
+                        + b',"finish_reason":null,"stop_reason":null'
+                        + tail
+                    )
+            finally:
+                await shielded(agen.aclose())  # the engine's abort must run to its end
+            self._check_end()
+            self.status = "ok"
+            metrics = self._metrics()
+            for index in range(n):
+                last = index == n - 1 and not include_usage
+                extra = b',"metrics":' + _encode(metrics) if last else b""
+                yield (
+                    head
+                    + str(index).encode()
+                    + b',"text":'
+                    + _encode("" if echoed[index] else echo)
+                    + b',"logprobs":null,"finish_reason":'
+                    + _encode(self.finish[index] or "stop")
+                    + b',"stop_reason":'
+                    + _encode(self.stop_reasons[index])
+                    + b"}]"
+                    + extra
+                    + tail[2:]
+                )
+            if include_usage:
+                yield (
+                    b"data: "
+                    + _encode(
+                        {
+                            "id": self.completion_id,
+                            "object": "text_completion",
+                            "created": self.created,
+                            "model": self.model,
+                            "choices": [],
+                            "usage": self._usage(),
+                            "metrics": metrics,
+                        }
+                    )
+                    + b"\n\n"
+                )
+        except Exception as exc:
+            err = self._fail(exc)
+            yield error_event(ErrorDetail(err.message, err.error_type, err.param, err.code))
+        yield DONE
+
+    # --- non-streaming -------------------------------------------------------------------------
+
+    async def _collect(self) -> Completion:  # type: ignore[override]
+        n = self.gen.sampling.n
+        texts: list[list[str]] = [[] for _ in range(n)]
+        logprobs: list[dict[str, list[Any]]] = [_empty_logprobs() for _ in range(n)]
+        offsets = [0] * n
+        frame = self.timer.frame
+        echo = await self._echo_text()
+        agen = await self._start()
+        try:
+            async for delta in agen:
+                self._observe(delta)
+                if delta.text or (delta.token_count and self.timer.frames == 0):
+                    frame()
+                    texts[delta.index].append(delta.text)
+                if delta.logprobs:
+                    part = _logprobs(delta.logprobs, offsets, delta.index)
+                    for key, values in part.items():
+                        logprobs[delta.index][key].extend(values)
+        finally:
+            await shielded(agen.aclose())
+        self._check_end()
+        self.status = "ok"
+        metrics = self._metrics()
+        want_logprobs = isinstance(self.req, CompletionRequest) and self.req.logprobs is not None
+        choices = [
+            CompletionChoice(
+                index=i,
+                text=(echo or "") + "".join(texts[i]),
+                logprobs=CompletionLogprobs(**logprobs[i]) if want_logprobs else None,
+                finish_reason=self.finish[i],
+                stop_reason=self.stop_reasons[i],
+            )
+            for i in range(n)
+        ]
+        return Completion(
+            self.completion_id,
+            "text_completion",
+            self.created,
+            self.model,
+            choices,
+            CompletionUsage(**self._usage()),
+            metrics,
+        )
+
+    async def complete(self, receive: Receive) -> Completion:  # type: ignore[override]
+        """Run to the end unless the client goes away first (chat's `complete`)."""
+        result: Any = await super().complete(receive)
+        completion: Completion = result
+        return completion
+
+
+def _empty_logprobs() -> dict[str, list[Any]]:
+    return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+
+
+def _logprobs(lps: Sequence[Any], offsets: list[int], index: int) -> dict[str, list[Any]]:
+    """OpenAI's completions logprobs of one delta; `offsets[index]` runs on over the choice.
+
+    As vLLM's server: each position's `top_logprobs` holds the sampled token first, then the
+    alternatives; `text_offset` advances by each token's length.
+    """
+    out = _empty_logprobs()
+    offset = offsets[index]
+    for lp in lps:
+        top = {lp.token: lp.logprob}
+        top.update(lp.top)
+        out["tokens"].append(lp.token)
+        out["token_logprobs"].append(lp.logprob)
+        out["top_logprobs"].append(top)
+        out["text_offset"].append(offset)
+        offset += len(lp.token)
+    offsets[index] = offset
+    return out
+
+
+# --- tokenize / detokenize -----------------------------------------------------------------------
+
+
+_TOKENIZE_FIELDS = frozenset(
+    {
+        "model",
+        "prompt",
+        "messages",
+        "add_special_tokens",
+        "add_generation_prompt",
+        "continue_final_message",
+        "return_token_strs",
+    }
+)
+_DETOKENIZE_FIELDS = frozenset({"model", "tokens"})
+
+
+class TokenServing:
+    """vLLM's `/tokenize` and `/detokenize` over the loaded adapter's tokenizer."""
+
+    def __init__(self, chat: ChatServing) -> None:
+        self.chat = chat
+
+    async def _with_ops(
+        self, name: str | None, route: str, request_id: str, work: Callable[[TokenOps], T]
+    ) -> T:
+        """`work(ops)` in a thread, holding the model like a generation (an unload waits)."""
+        manager = self.chat.manager
+        loaded, ticket = await manager.acquire(request_id, name)
+        try:
+            check_model(name, loaded)
+            require_feature(loaded, route)
+            ops = loaded.adapter.token_ops()
+            if ops is None:
+                raise InvalidRequestError(
+                    f"{route}: the loaded model has no tokenizer", code="unsupported_route"
+                )
+            return await asyncio.to_thread(work, ops)
+        finally:
+            manager.release(ticket)
+
+    async def tokenize(
+        self, body: bytes, content_type: str | None, request_id: str
+    ) -> TokenizeResponse:
+        """Token ids of a prompt or a templated conversation."""
+        require_json_body(content_type, body)
+        req: TokenizeRequest = _parse(body, TokenizeRequest, _TOKENIZE_FIELDS)
+        if (req.prompt is None) == (req.messages is None):
+            raise InvalidRequestError("give either prompt or messages", param="prompt")
+        if req.continue_final_message and req.add_generation_prompt:
+            raise InvalidRequestError(
+                "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+                param="continue_final_message",
+            )
+        messages: tuple[Message, ...] = ()
+        if req.messages is not None:
+            if not req.messages or len(req.messages) > self.chat.settings.max_messages:
+                raise InvalidRequestError(
+                    f"messages: 1 to {self.chat.settings.max_messages} messages", param="messages"
+                )
+            try:
+                parsed = structure(req.messages, list[ChatMessageIn], path="messages")
+            except StructureError as exc:
+                raise InvalidRequestError(exc.first.render(), param=exc.first.param) from None
+            messages = tuple(Message(m.role, m.text(), m.name) for m in parsed)
+
+        def run(ops: TokenOps) -> TokenizeResponse:
+            if req.prompt is not None:
+                special = True if req.add_special_tokens is None else req.add_special_tokens
+                ids = ops.encode_prompt(req.prompt, add_special_tokens=special)
+            else:
+                ids = ops.encode_chat(
+                    messages,
+                    add_generation_prompt=req.add_generation_prompt,
+                    continue_final_message=req.continue_final_message,
+                    add_special_tokens=bool(req.add_special_tokens),
+                )
+            strs = ops.token_strs(ids) if req.return_token_strs else None
+            return TokenizeResponse(len(ids), ops.max_model_len, list(ids), strs)
+
+        return await self._with_ops(req.model, "/tokenize", request_id, run)
+
+    async def detokenize(
+        self, body: bytes, content_type: str | None, request_id: str
+    ) -> DetokenizeResponse:
+        """The text of token ids."""
+        require_json_body(content_type, body)
+        req: DetokenizeRequest = _parse(body, DetokenizeRequest, _DETOKENIZE_FIELDS)
+        try:
+            ids = token_ids(req.tokens)
+        except ValueError as exc:
+            raise InvalidRequestError(f"tokens: {exc}", param="tokens") from None
+
+        def run(ops: TokenOps) -> DetokenizeResponse:
+            return DetokenizeResponse(ops.decode(ids))
+
+        return await self._with_ops(req.model, "/detokenize", request_id, run)
+
+
+__all__ = [
+    "COMPLETIONS_ROUTE",
+    "MAX_PROMPT_TOKENS",
+    "CompletionRun",
+    "CompletionServing",
+    "TokenServing",
+    "check_model",
+]
