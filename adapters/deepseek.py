@@ -201,7 +201,10 @@ class DeepseekAdapter(BaseAdapter):
     def capabilities(self) -> Capabilities:
         """The inner adapter's, plus reasoning deltas."""
         base = self._inner.capabilities if self._inner is not None else Capabilities()
-        return attrs.evolve(base, reasoning=True)
+        # raw prompts skip the template this adapter reads `<think>` from, and the completions
+        # text has no reasoning field: the routes are the inner engine's, not served here
+        features = base.features - {"/v1/completions", "/tokenize", "/detokenize"}
+        return attrs.evolve(base, reasoning=True, features=features)
 
     @classmethod
     def check_extra_allow(cls, entries: Sequence[str]) -> None:

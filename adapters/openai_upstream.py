@@ -1,5 +1,7 @@
 """OpenAI-compatible upstream: any `/v1/chat/completions` server behind our control plane.
 
+Raw prompts (`/v1/completions`) go to the upstream's own `/v1/completions`.
+
 DeepSeek's API, another vLLM, another inference-wrapper: the load names a base URL (whose host
 must be on the backend's `allowed_hosts` in adapters.yaml, so a request cannot point us at an
 internal service) and the remote model; the key travels as an env secret named by
@@ -122,6 +124,7 @@ class OpenAIUpstreamAdapter(BaseAdapter):
             max_n=params.max_n if params else 1,
             reasoning=True,
             max_context=self._max_context,
+            features=frozenset({"/v1/completions"}),
         )
 
     def check(self, model: str, params: Any) -> None:
@@ -200,15 +203,17 @@ class OpenAIUpstreamAdapter(BaseAdapter):
 
     def _body(self, req: GenerationRequest) -> dict[str, Any]:
         s = req.sampling
-        body: dict[str, Any] = {
-            "model": self._model,
-            "messages": [
+        body: dict[str, Any] = {"model": self._model}
+        if req.prompt is not None:
+            # the upstream's own /v1/completions takes text or token ids as they are
+            body["prompt"] = req.prompt if isinstance(req.prompt, str) else list(req.prompt)
+        else:
+            body["messages"] = [
                 {"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})}
                 for m in req.messages
-            ],
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
+            ]
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
         if not s.max_tokens_default:
             body["max_tokens"] = s.max_tokens
         optional = {
@@ -240,7 +245,10 @@ class OpenAIUpstreamAdapter(BaseAdapter):
         self._running += 1
         try:
             async with client.stream(
-                "POST", "chat/completions", json=self._body(req), headers=headers
+                "POST",
+                "chat/completions" if req.prompt is None else "completions",
+                json=self._body(req),
+                headers=headers,
             ) as r:
                 if r.status_code >= 400:
                     raise _status_error(r.status_code, await r.aread(), self.context.mask)
@@ -299,7 +307,8 @@ class _StreamState:
         for choice in chunk.get("choices") or ():
             index = int(choice.get("index", 0))
             delta = choice.get("delta") or {}
-            text = delta.get("content") or ""
+            # a completions chunk carries `text` where a chat chunk carries `delta.content`
+            text = delta.get("content") or choice.get("text") or ""
             reasoning = delta.get("reasoning_content") or delta.get("reasoning") or ""
             if choice.get("finish_reason"):
                 self.finish[index] = _FINISH.get(choice["finish_reason"], "stop")

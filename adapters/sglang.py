@@ -425,6 +425,7 @@ class SglangAdapter(BaseAdapter):
         return Capabilities(
             sampling=frozenset(sampling),
             max_context=self._max_context or self.params.context_length,
+            features=frozenset({"/v1/completions"}),
         )
 
     @property
@@ -594,9 +595,7 @@ class SglangAdapter(BaseAdapter):
         engine = self._engine
         if engine is None or self._tokenizer is None:
             raise EngineError("no sglang model is loaded")
-        prompt_ids = list(
-            self._tokenizer.encode(self.render_prompt(req.messages), add_special_tokens=False)
-        )
+        prompt_ids = self._prompt_ids(req)
         sampling = req.sampling
         if self._max_context:
             # the one context rule (adapters/kit/context.py), before sglang's own wording
@@ -635,6 +634,26 @@ class SglangAdapter(BaseAdapter):
             if stream is not None:
                 with contextlib.suppress(Exception):
                     await stream.aclose()
+
+    def _prompt_ids(self, req: GenerationRequest) -> list[int]:
+        """The ids to run: the templated messages, or a raw prompt (`/v1/completions`).
+
+        Raw text is tokenized with special tokens (BOS), as sglang's own completions route does;
+        raw token ids are run as given, within the vocabulary.
+        """
+        tokenizer = self._tokenizer
+        assert tokenizer is not None  # noqa: S101  (checked by the caller)
+        if isinstance(req.prompt, str):
+            return list(tokenizer.encode(req.prompt, add_special_tokens=True))
+        if req.prompt is not None:
+            vocab = len(tokenizer)
+            if any(not 0 <= t < vocab for t in req.prompt):
+                raise InvalidRequestError(
+                    f"prompt token ids must lie between 0 and {vocab - 1}", param="prompt"
+                )
+            return list(req.prompt)
+        # the template already holds BOS and role tokens: no special tokens added twice
+        return list(tokenizer.encode(self.render_prompt(req.messages), add_special_tokens=False))
 
     async def _deltas(self, stream: Any, prompt_len: int) -> AsyncIterator[TokenDelta]:
         """Turn sglang's chunks (whole text so far, or new pieces) into deltas."""

@@ -42,6 +42,7 @@ from adapters.base import (
 from adapters.bundled import check_model_source, resolve_model_source
 from adapters.kit.context import fit_max_tokens
 from adapters.kit.models import check_reachable
+from adapters.kit.tokens import TokenOps
 from adapters.text import StopMatcher
 from schemas.errors import (
     EngineError,
@@ -111,6 +112,8 @@ _SAMPLING = frozenset(
         "repetition_penalty",
     }
 )
+#: catalogued routes served here (schemas.features)
+_FEATURES = frozenset({"/v1/completions", "/tokenize", "/detokenize"})
 
 
 # --- per-request plan and the pieces that run inside `generate` ---------------------------------
@@ -335,7 +338,21 @@ class _Engine:
     # -- building (load thread) --
 
     def encode(self, req: GenerationRequest) -> tuple[int, ...]:
-        """Chat template + tokenisation; template refusals become 400s."""
+        """Chat template + tokenisation; template refusals become 400s.
+
+        A raw prompt (`/v1/completions`) skips the template: text is tokenised with the
+        tokenizer's special tokens (BOS), as vLLM's completions server does; token ids are
+        checked against the model's vocabulary and run as given.
+        """
+        if isinstance(req.prompt, str):
+            return tuple(int(i) for i in self.tokenizer.encode(req.prompt))
+        if req.prompt is not None:
+            vocab = int(self.model.config.vocab_size)
+            if any(not 0 <= t < vocab for t in req.prompt):
+                raise InvalidRequestError(
+                    f"prompt token ids must lie between 0 and {vocab - 1}", param="prompt"
+                )
+            return req.prompt
         conversation = [
             # templates know system/user/assistant/tool; OpenAI's developer role is a system turn
             {"role": "system" if m.role == "developer" else m.role, "content": m.content}
@@ -491,7 +508,15 @@ class TransformersAdapter(BaseAdapter):
             sampling=_SAMPLING,
             max_n=1,
             max_context=engine.params.max_model_len if engine is not None else None,
+            features=_FEATURES,
         )
+
+    def token_ops(self) -> TokenOps | None:
+        """The loaded tokenizer (`/tokenize`, `/detokenize`); None while nothing is loaded."""
+        engine = self._engine
+        if engine is None or engine.tokenizer is None:
+            return None
+        return TokenOps(engine.tokenizer, engine.params.max_model_len, engine.template_errors)
 
     def check(self, model: str, params: Any) -> None:
         """Model reference (including the bundled name) and trust_remote_code, nothing loaded."""

@@ -68,6 +68,7 @@ from adapters.kit import (
 )
 from adapters.kit.context import context_exceeded, fit_max_tokens
 from adapters.kit.models import check_reachable
+from adapters.kit.tokens import TokenOps
 from schemas.errors import (
     ConflictError,
     EngineError,
@@ -737,6 +738,8 @@ def _reap(pids: set[int], timeout: float) -> list[int]:
 
 # --- the adapter ----------------------------------------------------------------------------------
 
+#: catalogued routes served here (schemas.features)
+_FEATURES = frozenset({"/v1/completions", "/tokenize", "/detokenize"})
 _FINISH: Mapping[str, FinishReason] = {
     "stop": "stop",
     "length": "length",
@@ -946,6 +949,7 @@ class VllmAdapter(BaseAdapter):
             max_n=int(engine.vllm_config.scheduler_config.max_num_seqs),
             max_top_logprobs=20 if max_logprobs < 0 else min(max_logprobs, 20),
             max_context=self._max_model_len,
+            features=_FEATURES,
         )
 
     async def _warm_up(self) -> None:
@@ -1034,7 +1038,13 @@ class VllmAdapter(BaseAdapter):
                     await asyncio.wait_for(engine.abort(rid), _ABORT_TIMEOUT_S)
 
     async def _render(self, engine: Any, api: _Vllm, req: GenerationRequest) -> tuple[Any, int]:
-        """Apply the chat template and tokenize, as vLLM's chat server does; 400 when too long."""
+        """Apply the chat template and tokenize, as vLLM's chat server does; 400 when too long.
+
+        A raw prompt (`/v1/completions`) is rendered as vLLM's completions server renders it:
+        a `TextPrompt` tokenized with special tokens, or a `TokensPrompt` run as given.
+        """
+        if req.prompt is not None:
+            return await self._render_raw(engine, api, req)
         conversation = [
             {"role": m.role, "content": m.content, "name": m.name}
             if m.name is not None
@@ -1067,6 +1077,50 @@ class VllmAdapter(BaseAdapter):
         prompt_len = len(engine_input["prompt_token_ids"])
         fit_max_tokens(prompt_len, req.sampling, self._max_model_len)
         return engine_input, prompt_len
+
+    async def _render_raw(self, engine: Any, api: _Vllm, req: GenerationRequest) -> tuple[Any, int]:
+        """A completions prompt through `render_cmpl_async` (vLLM's completions path)."""
+        prompt = req.prompt
+        dict_prompt: dict[str, Any]
+        if isinstance(prompt, str):
+            dict_prompt = {"prompt": prompt}
+        else:
+            assert prompt is not None  # noqa: S101  (the caller's condition)
+            vocab = int(engine.model_config.get_vocab_size())
+            if any(not 0 <= t < vocab for t in prompt):
+                raise InvalidRequestError(
+                    f"prompt token ids must lie between 0 and {vocab - 1}", param="prompt"
+                )
+            dict_prompt = {"prompt_token_ids": list(prompt)}
+        try:
+            tok_params = api.TokenizeParams(
+                max_total_tokens=self._max_model_len,
+                max_output_tokens=min(req.sampling.max_tokens, self._max_model_len),
+                add_special_tokens=True,
+                max_total_tokens_param="max_model_len",
+                max_output_tokens_param="max_tokens",
+            )
+            (engine_input,) = await engine.renderer.render_cmpl_async([dict_prompt], tok_params)
+        except api.VLLMClientError as exc:
+            if getattr(exc, "parameter", None) in ("input_text", "input_tokens"):
+                value = getattr(exc, "value", None)
+                exact = isinstance(value, int) and value != self._max_model_len
+                counted = value if exc.parameter == "input_tokens" and exact else None
+                raise context_exceeded(self._max_model_len, counted) from None
+            raise InvalidRequestError(
+                sanitise(_message(exc), mask=self.context.mask), param="prompt"
+            ) from None
+        prompt_len = len(engine_input["prompt_token_ids"])
+        fit_max_tokens(prompt_len, req.sampling, self._max_model_len)
+        return engine_input, prompt_len
+
+    def token_ops(self) -> TokenOps | None:
+        """The engine's tokenizer (`/tokenize`, `/detokenize`); None while nothing is loaded."""
+        engine = self._engine
+        tokenizer = engine.tokenizer if engine is not None else None
+        if tokenizer is None:
+            return None
+        return TokenOps(tokenizer, self._max_model_len)
 
     def _sampling_params(self, api: _Vllm, s: SamplingOptions, prompt_len: int) -> Any:
         """`SamplingParams` as vLLM's chat server builds them (request, else model, else OpenAI)."""

@@ -10,6 +10,7 @@ from typing import Any
 
 from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency
+from litestar.params import FromPath
 
 from registry.manager import LoadedModel, ModelManager, ModelState
 from schemas.errors import NotFoundError
@@ -73,7 +74,7 @@ class ChatController(Controller):
 
     @get("/models/{model:path}", operation_id="retrieveModel", name="models:retrieve")
     async def retrieve_model(
-        self, model: str, manager: NamedDependency[ModelManager]
+        self, model: FromPath[str], manager: NamedDependency[ModelManager]
     ) -> Response[bytes]:
         """One model, by the id `GET /v1/models` lists (404 `model_not_found` for another id)."""
         current = manager.current

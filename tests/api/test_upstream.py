@@ -110,6 +110,31 @@ def test_chat_through_upstream(upstream: LiveServer, wrapper_b: Any) -> None:
     assert UPSTREAM_KEY not in log.getvalue()
 
 
+def test_completions_through_upstream(upstream: LiveServer, wrapper_b: Any) -> None:
+    """B's /v1/completions goes to A's: text and token-id prompts, whole and streamed."""
+    b, _ = wrapper_b
+    assert load_b(b, upstream).status_code == 200
+    with openai.OpenAI(
+        base_url=f"{b.url}/v1", api_key="api-key-for-tests-0001", max_retries=0
+    ) as oai:
+        out = oai.completions.create(model="echo", prompt="down the rabbit hole", max_tokens=3)
+        assert out.object == "text_completion"
+        assert out.choices[0].text == "down the rabbit"
+        assert out.choices[0].finish_reason == "length"
+        assert out.usage is not None
+        assert out.usage.completion_tokens == 3
+        stream = oai.completions.create(
+            model="echo",
+            prompt=[7, 8, 9],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = list(stream)
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == " 7 8 9"
+        assert chunks[-1].usage is not None
+        assert chunks[-1].usage.prompt_tokens == 3
+
+
 def test_upstream_errors_map_to_envelope(upstream: LiveServer, wrapper_b: Any) -> None:
     """A wrong key fails the load as a 502-class engine error without the key in it."""
     b, log = wrapper_b

@@ -583,3 +583,36 @@ async def test_stats_come_from_load_snapshots(adapter: SglangAdapter, control: M
     await first.aclose()
     await pending
     await second.aclose()
+
+
+# --- raw prompts (`/v1/completions`) -------------------------------------------------------------
+
+
+async def test_raw_text_prompt_skips_the_template_and_adds_bos(
+    adapter: SglangAdapter, control: ModuleType
+) -> None:
+    """A completions prompt goes in as the tokenizer's ids of the text, BOS first, no template."""
+    await adapter.load(MODEL, _params())
+    assert "/v1/completions" in adapter.capabilities.features
+    request = GenerationRequest("r", (), SamplingOptions(max_tokens=4), prompt="Once upon a")
+    deltas = await _collect(adapter.generate(request))
+    manager = _engine(control).tokenizer_manager
+    ids = manager.received[-1]["input_ids"]
+    assert ids == manager.tokenizer.encode("Once upon a", add_special_tokens=True)
+    assert ids[0] == manager.tokenizer.bos_token_id
+    assert deltas[0].prompt_tokens == len(ids)
+    assert deltas[-1].finish_reason is not None
+
+
+async def test_raw_token_prompt_runs_as_given_within_the_vocabulary(
+    adapter: SglangAdapter, control: ModuleType
+) -> None:
+    """Token ids go to sglang unchanged; an id outside the vocabulary is a 400 on `prompt`."""
+    await adapter.load(MODEL, _params())
+    request = GenerationRequest("r", (), SamplingOptions(max_tokens=4), prompt=(1, 11, 12, 13))
+    await _collect(adapter.generate(request))
+    assert _engine(control).tokenizer_manager.received[-1]["input_ids"] == [1, 11, 12, 13]
+    bad = GenerationRequest("r2", (), SamplingOptions(max_tokens=4), prompt=(1, 10**9))
+    with pytest.raises(InvalidRequestError) as info:
+        await _collect(adapter.generate(bad))
+    assert info.value.param == "prompt"

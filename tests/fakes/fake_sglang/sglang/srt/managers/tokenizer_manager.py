@@ -85,6 +85,10 @@ class FakeTokenizer:
         ids = [self.id_of(piece) for piece in _PIECE.findall(text)]
         return [self.bos_token_id, *ids] if add_special_tokens else ids
 
+    def __len__(self) -> int:
+        """Vocabulary size, as HF's `len(tokenizer)` (the fake's ids stay far below it)."""
+        return 50_000
+
     def decode(self, ids: list[int]) -> str:
         """Ids back to text (special ids decode to nothing, as with skip_special_tokens)."""
         return "".join(self._pieces.get(i, "") for i in ids)
