@@ -19,7 +19,7 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
 from helpers import ADMIN, API, LiveServer, chat_body, load, sse_events
-from service.openapi import OPENAPI_PATH
+from service.openapi import OPENAPI_PATH, openapi_path
 
 ECHO_ONLY = """
 adapters:
@@ -85,7 +85,7 @@ def test_every_route_is_described_with_envelope_and_security(
     doc = document(client)
     app = client.app
     routes = {
-        (route.path, method.lower())
+        (openapi_path(route.path), method.lower())
         for route in app.routes
         if isinstance(route, HTTPRoute)
         for handler in route.route_handlers
@@ -152,7 +152,30 @@ def test_handlers_answer_what_the_document_says(app_factory: Any) -> None:
         check(doc, "/v1/model/unload", "post", 200, c.post("/v1/model/unload",
               json={"drain_timeout_s": 1}, headers=ADMIN))  # fmt: skip
         check(doc, OPENAPI_PATH, "get", 200, c.get(OPENAPI_PATH))
+        check(doc, "/version", "get", 200, c.get("/version"))
+        check(doc, "/v1/completions", "post", 503, c.post("/v1/completions",
+              json={"model": "echo", "prompt": "a"}, headers=API))  # fmt: skip
+        check(doc, "/v1/models/{model}", "get", 404, c.get("/v1/models/echo", headers=API))
+        check(doc, "/tokenize", "post", 503, c.post("/tokenize", json={"prompt": "a"},
+              headers=API))  # fmt: skip
         load(c, preset="echo")
+        check(doc, "/v1/models/{model}", "get", 200, c.get("/v1/models/echo", headers=API))
+        check(doc, "/v1/models/{model}", "get", 401, c.get("/v1/models/echo"))
+        completion = {"model": "echo", "prompt": "a b", "max_tokens": 4}
+        check(doc, "/v1/completions", "post", 200, c.post("/v1/completions", json=completion,
+              headers=API))  # fmt: skip
+        stream = c.post("/v1/completions", json={**completion, "stream": True}, headers=API)
+        check(doc, "/v1/completions", "post", 200, stream)
+        assert sse_events(stream.text)[-1] == "[DONE]"
+        check(doc, "/v1/completions", "post", 400, c.post("/v1/completions",
+              json={**completion, "suffix": "x"}, headers=API))  # fmt: skip
+        check(doc, "/v1/completions", "post", 404, c.post("/v1/completions",
+              json={**completion, "model": "other"}, headers=API))  # fmt: skip
+        check(doc, "/tokenize", "post", 400, c.post("/tokenize", json={"prompt": "a"},
+              headers=API))  # fmt: skip
+        check(doc, "/detokenize", "post", 400, c.post("/detokenize", json={"tokens": [1]},
+              headers=API))  # fmt: skip
+        check(doc, "/detokenize", "post", 401, c.post("/detokenize", json={"tokens": [1]}))
 
 
 SCHEMATHESIS_CHECKS = (
