@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import completions_checks as checks
 import httpx
 import openai
 import psutil
@@ -158,6 +159,26 @@ def test_seed_makes_sampling_repeatable(oai: openai.OpenAI) -> None:
 
     assert sample(1234) == sample(1234)
     assert len({sample(s) for s in (1, 2, 3, 4)}) > 1
+
+
+def test_completions_token_prompt(oai: openai.OpenAI) -> None:
+    """/v1/completions with a token-id prompt equals its text prompt; whole and streamed."""
+    checks.check_token_prompt(oai, MODEL)
+
+
+def test_completions_echo(oai: openai.OpenAI) -> None:
+    """`echo` prepends the prompt (text, or token ids decoded by the model's tokenizer)."""
+    checks.check_echo(oai, MODEL)
+
+
+def test_completions_logprobs_refused(oai: openai.OpenAI) -> None:
+    """This adapter computes no logprobs yet: `logprobs` is a 400 naming it."""
+    checks.check_logprobs_refused(oai, MODEL)
+
+
+def test_tokenize_detokenize_round_trip(loaded: LiveServer) -> None:
+    """/tokenize and /detokenize use the loaded tokenizer: the ids are the model tokenizer's."""
+    checks.check_tokenize_round_trip(loaded.url, MODEL, 2048)
 
 
 def test_disconnect_frees_the_slot(loaded: LiveServer) -> None:

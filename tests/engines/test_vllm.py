@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import completions_checks as checks
 import httpx
 import openai
 import psutil
@@ -124,6 +125,26 @@ def test_no_max_tokens_fills_the_context_then_length(oai: openai.OpenAI) -> None
     assert out.usage is not None
     assert out.usage.prompt_tokens + out.usage.completion_tokens == 2048
     assert out.choices[0].finish_reason == "length"
+
+
+def test_completions_token_prompt(oai: openai.OpenAI) -> None:
+    """/v1/completions with a token-id prompt equals its text prompt; whole and streamed."""
+    checks.check_token_prompt(oai, PRESET)
+
+
+def test_completions_echo(oai: openai.OpenAI) -> None:
+    """`echo` prepends the prompt (text, or token ids decoded by the engine's tokenizer)."""
+    checks.check_echo(oai, PRESET)
+
+
+def test_completions_logprobs(oai: openai.OpenAI) -> None:
+    """Logprobs from vLLM in OpenAI's completions shape, whole and streamed."""
+    checks.check_logprobs(oai, PRESET)
+
+
+def test_tokenize_detokenize_round_trip(server: LiveServer, loaded: dict[str, Any]) -> None:
+    """/tokenize and /detokenize use vLLM's tokenizer: the ids are the model tokenizer's."""
+    checks.check_tokenize_round_trip(server.url, PRESET, 2048)
 
 
 def test_eight_concurrent_streams(server: LiveServer, loaded: dict[str, Any]) -> None:
