@@ -98,7 +98,7 @@ def check_logprobs(oai: openai.OpenAI, model: str) -> None:
     assert len(lp.tokens) == out.usage.completion_tokens
     assert "".join(lp.tokens) == choice.text
     assert lp.text_offset[0] == 0
-    steps = zip(lp.text_offset, lp.text_offset[1:], lp.tokens[:-1], strict=True)
+    steps = zip(lp.text_offset[:-1], lp.text_offset[1:], lp.tokens[:-1], strict=True)
     assert all(b - a == len(t) for a, b, t in steps)
     for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
         assert top is not None
