@@ -104,6 +104,11 @@ _CHAT_VALUES: dict[str, st.SearchStrategy[Any]] = {
     "stop_token_ids": st.lists(st.integers(0, 10), max_size=3),
     "unknown_field": JSON,
 }
+#: chat fields the completions request does not take (they are unknown parameters there)
+_CHAT_ONLY = frozenset(
+    {"max_completion_tokens", "top_logprobs", "metadata", "store", "service_tier",
+     "response_format", "tools", "tool_choice", "modalities"}
+)  # fmt: skip
 WELL_FORMED_CHAT = st.fixed_dictionaries(
     {"model": st.just("echo"), "messages": st.lists(_MESSAGE, min_size=1, max_size=3)},
     optional=_CHAT_VALUES,
@@ -114,6 +119,45 @@ FUZZED_CHAT = st.fixed_dictionaries(
         "messages": fuzz(st.lists(fuzz(_MESSAGE), max_size=3)),
     },
     optional={k: fuzz(v) for k, v in _CHAT_VALUES.items()},
+)
+
+_PROMPT = (
+    st.text(max_size=30)
+    | st.lists(st.integers(-2, 60_000), max_size=6)
+    | st.lists(st.text(max_size=8), max_size=2)
+    | st.lists(st.lists(st.integers(0, 100), max_size=4), max_size=2)
+)
+_COMPLETION_VALUES: dict[str, st.SearchStrategy[Any]] = {
+    **{k: v for k, v in _CHAT_VALUES.items() if k not in _CHAT_ONLY},
+    "logprobs": st.integers(-1, 25),
+    "echo": st.booleans(),
+    "suffix": st.text(max_size=4),
+    "best_of": st.integers(-1, 6),
+}
+WELL_FORMED_COMPLETION = st.fixed_dictionaries(
+    {
+        "model": st.just("echo"),
+        "prompt": st.text(min_size=1, max_size=30)
+        | st.lists(st.integers(0, 1000), min_size=1, max_size=6),
+    },
+    optional=_COMPLETION_VALUES,
+)
+FUZZED_COMPLETION = st.fixed_dictionaries(
+    {"model": fuzz(st.sampled_from(["echo", "other"])), "prompt": fuzz(_PROMPT)},
+    optional={k: fuzz(v) for k, v in _COMPLETION_VALUES.items()},
+)
+TOKENIZE = st.fixed_dictionaries(
+    {},
+    optional={
+        "model": fuzz(st.sampled_from(["echo", "other"])),
+        "prompt": fuzz(st.text(max_size=20)),
+        "messages": fuzz(st.lists(fuzz(_MESSAGE), max_size=3)),
+        "tokens": fuzz(st.lists(st.integers(-2, 60_000), max_size=6)),
+        "add_special_tokens": fuzz(st.booleans()),
+        "add_generation_prompt": fuzz(st.booleans()),
+        "continue_final_message": fuzz(st.booleans()),
+        "return_token_strs": fuzz(st.booleans()),
+    },
 )
 
 # delays are never fuzzed with arbitrary numbers: a valid 10-minute load delay would stall the run
@@ -401,8 +445,81 @@ def test_control_plane_never_5xx(one_app: TestClient[Litestar]) -> None:
     run()
 
 
+def check_completion_success(r: httpx.Response) -> None:
+    """A 200 completions answer is a whole `text_completion` or a stream ending with [DONE]."""
+    if r.status_code != 200:
+        return
+    if r.headers["content-type"].startswith("text/event-stream"):
+        events = sse_events(r.text)
+        assert events[-1] == "[DONE]"
+        for event in events[:-1]:
+            chunk = msgspec.json.decode(event)
+            assert "error" not in chunk, chunk
+            assert chunk["object"] == "text_completion"
+    else:
+        assert r.json()["object"] == "text_completion"
+
+
+def test_completions_and_tokenize_never_5xx(one_app: TestClient[Litestar]) -> None:
+    """Completions and tokenize bodies, empty or with echo loaded: only the documented 503."""
+    client = one_app
+
+    @EXAMPLES
+    @given(
+        path=st.sampled_from(["/v1/completions", "/tokenize", "/detokenize"]),
+        body=bodies(WELL_FORMED_COMPLETION | FUZZED_COMPLETION | TOKENIZE),
+        headers=HEADERS,
+    )
+    def run(path: str, body: bytes, headers: dict[str, bytes]) -> None:
+        r = post(client, path, body, headers)
+        check(r, headers, no_model)
+        assert r.status_code != 200
+
+    run()
+    load(client, preset="echo")
+
+    @EXAMPLES
+    @given(
+        path=st.sampled_from(["/v1/completions", "/tokenize", "/detokenize"]),
+        body=bodies(WELL_FORMED_COMPLETION | FUZZED_COMPLETION | TOKENIZE),
+        headers=HEADERS,
+    )
+    def run_loaded(path: str, body: bytes, headers: dict[str, bytes]) -> None:
+        r = post(client, path, body, headers)
+        check(r, headers, nothing)
+        check_completion_success(r)
+
+    run_loaded()
+    status = client.get("/v1/model/status", headers=ADMIN).json()
+    assert (status["state"], status["in_flight"]) == ("ready", 0)
+
+
+def test_well_formed_completions_reach_the_model(one_app: TestClient[Litestar]) -> None:
+    """Well-formed completions with a valid key get an answer or a 400 naming the param."""
+    client = one_app
+    load(client, preset="echo")
+    answered: list[int] = []
+
+    @EXAMPLES
+    @given(body=WELL_FORMED_COMPLETION)
+    def run(body: dict[str, Any]) -> None:
+        r = client.post("/v1/completions", json=body, headers=API)
+        check(r, {}, nothing)
+        check_completion_success(r)
+        answered.append(r.status_code)
+        if r.status_code >= 400:
+            assert r.status_code == 400, r.text
+            assert r.json()["error"]["param"], r.text
+
+    run()
+    assert answered.count(200) >= len(answered) // 10
+
+
 _PATHS = [
     "/health",
+    "/version",
+    "/v1/models/echo",
+    "/v1/models/a/b",
     "/ready",
     "/metrics",
     "/v1/models",
@@ -474,7 +591,15 @@ def test_other_routes_never_5xx(one_app: TestClient[Litestar], loaded: bool) -> 
     run()
 
 
-_POSTS = ["/v1/chat/completions", "/v1/model/load", "/v1/model/validate", "/v1/model/unload"]
+_POSTS = [
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/tokenize",
+    "/detokenize",
+    "/v1/model/load",
+    "/v1/model/validate",
+    "/v1/model/unload",
+]
 
 
 @pytest.mark.parametrize("path", _POSTS)
