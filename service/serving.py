@@ -36,7 +36,7 @@ from hooks.base import HIDDEN_HEADERS, Exchange, HookCall
 from hooks.chain import HookChain, HookSet
 from registry.manager import InflightTicket, LoadedModel, ModelManager, sanitize_exception
 from registry.secrets import SecretStore
-from schemas.completions import CompletionRequest
+from schemas.completions import MAX_PROMPT_CHARS, CompletionRequest
 from schemas.converter import StructureError, structure
 from schemas.errors import (
     EngineError,
@@ -246,8 +246,15 @@ class ChatServing:
         """A hook's amended request must keep within what `build` allows; ValueError if not."""
         if new.request_id != old.request_id or new.model != old.model:
             raise ValueError("a hook may not change the request id or the model")
-        if new.prompt != old.prompt:
-            raise ValueError("a hook may not change a raw prompt")
+        if new.prompt != old.prompt and not (
+            isinstance(new.prompt, str)
+            and isinstance(old.prompt, str)
+            and 0 < len(new.prompt) <= MAX_PROMPT_CHARS
+        ):
+            # text may be amended (redaction), within the same bound; never ids, never the kind
+            raise ValueError(
+                f"a raw prompt may only become other text of 1 to {MAX_PROMPT_CHARS} chars"
+            )
         if new.prompt is not None:
             if new.messages:
                 raise ValueError("a raw-prompt request has no messages")

@@ -107,6 +107,9 @@ class JsonlLogHook(Hook):
         }
         if p.include_prompts:
             record["messages"] = unstructure(exchange.request.messages)
+            prompt = exchange.request.prompt
+            if prompt is not None:  # a raw prompt (/v1/completions): text or token ids
+                record["prompt"] = prompt if isinstance(prompt, str) else list(prompt)
         if p.include_completions:
             record["completions"] = list(exchange.completions)
         if exchange.error is not None:

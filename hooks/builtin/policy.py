@@ -52,6 +52,22 @@ class MaxPromptTokensHook(Hook):
     ) -> GenerationRequest | None:
         """Count the prompt; refuse it when it is over the limit."""
         p: MaxPromptTokensParams = self.params
+        prompt = request.prompt
+        if prompt is not None:
+            # a raw prompt (/v1/completions): token ids count themselves; text is approximated
+            # (the tokenizer counter takes messages)
+            raw = (
+                len(prompt)
+                if isinstance(prompt, tuple)
+                else math.ceil(len(prompt) / p.chars_per_token)
+            )
+            if raw > p.max_tokens:
+                raise InvalidRequestError(
+                    f"the prompt is {raw} tokens; this service allows at most {p.max_tokens}",
+                    param="prompt",
+                    code="prompt_too_long",
+                )
+            return None
         count = None
         if p.use_tokenizer:
             count = await call.count_prompt_tokens(request.messages)
@@ -97,6 +113,15 @@ class SystemPromptHook(Hook):
     ) -> GenerationRequest | None:
         """The messages with ours first."""
         p: SystemPromptParams = self.params
+        if request.prompt is not None:
+            # a raw prompt has no turns to put the operator's system message before: refused,
+            # never run without it
+            raise InvalidRequestError(
+                "this service adds a system prompt to every request; a raw prompt "
+                "(/v1/completions) cannot carry it: use /v1/chat/completions",
+                param="prompt",
+                code="system_prompt_required",
+            )
         messages = request.messages
         if p.mode == "enforce":
             messages = tuple(m for m in messages if m.role not in ("system", "developer"))

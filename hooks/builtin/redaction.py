@@ -13,6 +13,7 @@ from attrs import field, frozen
 
 from hooks.base import ChunkKind, Hook, HookCall, HookSetup
 from hooks.redact import PatternError, Redactor, StreamRedactor
+from schemas.errors import InvalidRequestError
 from schemas.generation import GenerationRequest
 from schemas.validators import FieldValueError
 
@@ -75,6 +76,15 @@ class RegexRedactHook(Hook):
         if not self.prompt:
             return None
         redact = self.redactor.redact
+        if isinstance(request.prompt, str):
+            return attrs.evolve(request, prompt=redact(request.prompt))
+        if request.prompt is not None:
+            # patterns match text: token ids cannot be redacted, so they are not let through
+            raise InvalidRequestError(
+                "prompt redaction is on: send the prompt as text, not token ids",
+                param="prompt",
+                code="redaction_requires_text",
+            )
         messages = tuple(attrs.evolve(m, content=redact(m.content)) for m in request.messages)
         return attrs.evolve(request, messages=messages)
 

@@ -261,3 +261,56 @@ def test_adapters_route_shows_hooks_and_their_schemas(app_factory: Any, tmp_path
     assert system["params"] == {"text": "be kind", "mode": "prepend"}
     assert body["presets"]["echo"]["hooks"] == []
     assert body["presets"]["slow-echo"]["hooks"][0]["scope"] == "models.slow-echo.hooks"
+
+
+# --- the same hooks on raw prompts (/v1/completions) -------------------------------------------
+
+
+def complete(client: TestClient[Any], prompt: Any, stream: bool = False) -> Any:
+    """A completions request with the API key."""
+    body = {"model": "echo", "prompt": prompt, "stream": stream}
+    return client.post("/v1/completions", json=body, headers=API)
+
+
+def completion_text(r: Any, stream: bool) -> str:
+    """The completion text, joined from the chunks when streamed."""
+    assert r.status_code == 200, r.text
+    if not stream:
+        return str(r.json()["choices"][0]["text"])
+    return "".join(
+        c["text"] for e in sse_events(r.text)[:-1] for c in json.loads(e).get("choices", [])
+    )
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_hooks_apply_to_completions(app_factory: Any, tmp_path: Path, stream: bool) -> None:
+    """Raw prompts get the prompt hooks too: counted, redacted as text, logged; no bypass."""
+    log = tmp_path / "exchanges.jsonl"
+    hooks = (
+        "  - {module: max_prompt_tokens, params: {max_tokens: 6}}\n"
+        "  - module: regex_redact\n"
+        "    params: {patterns: ['\\d{4}'], apply_to: [prompt, completion]}\n"
+        f"  - {{module: jsonl_log, params: {{path: '{log}'}}}}\n"
+    )
+    for client in client_with(app_factory, hooks):
+        assert completion_text(complete(client, "pin 1234", stream), stream) == "pin [REDACTED]"
+        (line,) = read_lines(log, 1)
+        assert line["prompt"] == "pin [REDACTED]"
+        assert line["completions"] == ["pin [REDACTED]"]
+        too_long = complete(client, list(range(7)), stream)
+        assert too_long.status_code == 400
+        assert too_long.json()["error"]["param"] == "prompt"
+        assert too_long.json()["error"]["code"] == "prompt_too_long"
+        ids = complete(client, [1, 2], stream)  # ids cannot be redacted: refused, not let by
+        assert ids.status_code == 400
+        assert ids.json()["error"]["code"] == "redaction_requires_text"
+
+
+def test_system_prompt_policy_refuses_raw_prompts(app_factory: Any) -> None:
+    """An operator's system prompt cannot ride on a raw prompt: 400, never run without it."""
+    hooks = "  - {module: system_prompt, params: {text: 'Be kind.'}}\n"
+    for client in client_with(app_factory, hooks):
+        r = complete(client, "hello")
+        assert r.status_code == 400
+        assert r.json()["error"]["code"] == "system_prompt_required"
+        assert content(post(client, user("hello")), stream=False) == "hello"
