@@ -1,9 +1,10 @@
 """The Litestar application: `create_app()` wires controllers, providers, handlers and lifespan.
 
-Singletons (ModelManager, TelemetryManager, Admission, ChatServing) are created by
-`services_lifespan` and live on `app.state`; controllers receive them through `Provide` providers
-(`sync_to_thread=False`: they only read state). Tests pass their own registry (fake adapters)
-through `create_app(...)` arguments instead of monkeypatching.
+Singletons (ModelManager, TelemetryManager, Admission, ChatServing and the completions and
+tokenize servings over it) are created by `services_lifespan` and live on `app.state`;
+controllers receive them through `Provide` providers (`sync_to_thread=False`: they only read
+state). Tests pass their own registry (fake adapters) through `create_app(...)` arguments
+instead of monkeypatching.
 
 Must never: import an engine (torch, vllm, sglang, transformers); do work at import time.
 """
@@ -100,8 +101,8 @@ class WrapperApp(Litestar):
         """ASGI entry: HTTP goes through the edge, lifespan and websockets straight through.
 
         `POST /v1/chat/completions` and `POST /v1/completions` are served by `service.datapath`
-        without Litestar's layers
-        (it stamps its own context and request id the same way the edge does).
+        without Litestar's layers (it stamps its own context and request id the same way the
+        edge does).
         """
         if scope["type"] == "http":
             if scope["path"] == "/health" and scope["method"] in _PROBE_METHODS:
