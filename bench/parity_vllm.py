@@ -139,22 +139,22 @@ class Case:
 
 
 def chat(name: str, note: str = "", stream: bool = True, **body: Any) -> Case:
-    """A chat case: the model, `MSGS`, temperature 0 and 16 tokens unless `body` says otherwise.
+    """A chat case: the model, `MSGS`, temperature 0 and 8 tokens unless `body` says otherwise.
 
     A field given as None is left out of the request.
     """
     request: dict[str, Any] = {
-        "model": PRESET, "messages": MSGS, "temperature": 0, "max_tokens": 16, **body,
+        "model": PRESET, "messages": MSGS, "temperature": 0, "max_tokens": 8, **body,
     }  # fmt: skip
     request = {k: v for k, v in request.items() if v is not None}
     return Case(f"chat.{name}", "/v1/chat/completions", request, stream=stream, note=note)
 
 
 def completion(name: str, note: str = "", **body: Any) -> Case:
-    """A legacy completions case (temperature 0, 16 tokens unless `body` says otherwise)."""
+    """A legacy completions case (temperature 0, 8 tokens unless `body` says otherwise)."""
     request: dict[str, Any] = {
         "model": PRESET, "prompt": "The capital of France is", "temperature": 0,
-        "max_tokens": 16, **body,
+        "max_tokens": 8, **body,
     }  # fmt: skip
     return Case(f"completions.{name}", "/v1/completions", request, note=note)
 
@@ -171,7 +171,7 @@ CASES: tuple[Case, ...] = (
     # plain chat and the sampling fields every client sends
     chat("plain"),
     chat("system", messages=[{"role": "system", "content": "Answer briefly."}, *MSGS]),
-    chat("stop", stop=[","], note="stop string; vLLM reports it in stop_reason"),
+    chat("stop", stop=[",", "."], max_tokens=16, note="stop strings; vLLM names it in stop_reason"),
     chat("max_tokens_1", max_tokens=1),
     chat("max_completion_tokens", max_tokens=None, max_completion_tokens=5),
     chat("max_tokens_over_context", max_tokens=4096, note="more than max_model_len 2048"),
@@ -209,7 +209,7 @@ CASES: tuple[Case, ...] = (
         "skip_special_tokens_false",
         messages=SHORT,
         ignore_eos=True,
-        max_tokens=24,
+        max_tokens=16,
         skip_special_tokens=False,
         note="ignore_eos: special tokens follow the answer",
     ),
@@ -217,7 +217,7 @@ CASES: tuple[Case, ...] = (
         "spaces_between_special_tokens_false",
         messages=SHORT,
         ignore_eos=True,
-        max_tokens=24,
+        max_tokens=16,
         skip_special_tokens=False,
         spaces_between_special_tokens=False,
     ),
