@@ -30,6 +30,7 @@ where any mismatch exits 1.
 
     .venv/bin/python -m bench.parity_vllm                  # both servers (~5 min on 2 cores)
     .venv/bin/python -m bench.parity_vllm --vllm-answers bench/results/parity_vllm.json
+    .venv/bin/python -m bench.parity_vllm --vllm-answers F --wrapper-answers F   # report only
     .venv/bin/python -m bench.parity_vllm --cases chat.plain chat.logprobs --strict
 
 Must never: run both servers at once; leave a server process behind (`Server.stop` in
@@ -681,8 +682,53 @@ def versions() -> str:
     return ", ".join(found)
 
 
+def whole_texts(answer: dict[str, Any]) -> list[str] | None:
+    """The text of each choice of a 200 whole answer (chat or completions); None otherwise."""
+    body = answer.get("json")
+    if answer.get("status") != 200 or not isinstance(body, dict):
+        return None
+    out = []
+    for choice in body.get("choices") or []:
+        message = choice.get("message") or {}
+        out.append((message.get("content") or "") + (choice.get("text") or ""))
+    return out
+
+
+def self_consistency(
+    cases: Sequence[Case], stored: dict[str, dict[str, dict[str, Any]]]
+) -> list[str]:
+    """Per server, does a case's whole answer carry the same text as its stream?
+
+    Everything runs at temperature 0 or with a seed, so the two must agree on one server; for the
+    seeded cases this is the check that the server seeds each request (vLLM does: a generator
+    per request seeded from `seed`).
+    """
+    lines = []
+    for case in cases:
+        if modes(case) != ("whole", "stream"):
+            continue
+        for side in SIDES:
+            whole = stored[side].get(f"{case.name}/whole")
+            streamed = stored[side].get(f"{case.name}/stream")
+            if whole is None or streamed is None or streamed.get("status") != 200:
+                continue
+            texts = whole_texts(whole)
+            folded = fold_stream(streamed.get("chunks") or [], done=True, ignored=IGNORED_KEYS)
+            joined = [c["text"] for c in folded["choices"]]
+            seeded = case.body is not None and case.body.get("seed") is not None
+            if texts is not None and (texts != joined or seeded):
+                verdict = "same" if texts == joined else f"differ: {texts!r} / {joined!r}"
+                lines.append(f"- {side} `{case.name}`: whole and stream text {verdict}")
+    return lines
+
+
 def write_report(
-    rows: Sequence[Row], out: Path, seconds: float, args: argparse.Namespace, commit: str
+    rows: Sequence[Row],
+    out: Path,
+    seconds: float,
+    args: argparse.Namespace,
+    commit: str,
+    consistency: Sequence[str],
 ) -> str:
     """The markdown report (header, summary, table, the full differences); its text."""
     details = [
@@ -711,6 +757,10 @@ def write_report(
             "",
             *(details or ["(none)"]),
             "",
+            "## Whole vs stream on one server (seeded cases, and any other that differs)",
+            "",
+            *(consistency or ["(none)"]),
+            "",
             "## Case notes",
             "",
             *notes,
@@ -733,6 +783,24 @@ def git_commit() -> str:
     return git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain") else "")
 
 
+def run_servers(
+    args: argparse.Namespace, cases: Sequence[Case], stored: dict[str, dict[str, Any]]
+) -> None:
+    """Start each server whose answers are not `stored` yet, in turn, and store its answers."""
+    model = prepare_model()
+    print(f"model folder: {model}\nresults: {args.out}", flush=True)
+    env = engine_env(args.out / "vllm-cache")
+    makers = {
+        "vllm": lambda port: vllm_server(
+            model, port, env, args.out / "parity-vllm-serve.log", TOOL_FLAGS
+        ),
+        "wrapper": lambda port: wrapper_server(port, env, args.out / "parity-wrapper.log"),
+    }
+    for side in SIDES:
+        if side not in stored:
+            stored[side] = run_side(makers[side](free_port()), cases, args.ready_timeout)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse flags, collect both servers' answers (or reuse vLLM's), compare, report."""
     parser = argparse.ArgumentParser(
@@ -741,6 +809,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cases", nargs="+", metavar="NAME", help="only these cases (names)")
     parser.add_argument(
         "--vllm-answers", type=Path, help="reuse the vLLM answers of an earlier run's JSON"
+    )
+    parser.add_argument(
+        "--wrapper-answers", type=Path, help="reuse the wrapper answers of an earlier run's JSON"
     )
     parser.add_argument("--strict", action="store_true", help="exit 1 on any mismatch")
     parser.add_argument("--tolerance", type=float, default=1e-3, help="for floats (1e-3)")
@@ -757,21 +828,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
 
     stored: dict[str, dict[str, dict[str, Any]]] = {}
-    if args.vllm_answers:
-        stored["vllm"] = json.loads(args.vllm_answers.read_text())["vllm"]
-    model = prepare_model()
-    print(f"model folder: {model}\nresults: {args.out}", flush=True)
-    env = engine_env(args.out / "vllm-cache")
-    makers = {
-        "vllm": lambda port: vllm_server(
-            model, port, env, args.out / "parity-vllm-serve.log", TOOL_FLAGS
-        ),
-        "wrapper": lambda port: wrapper_server(port, env, args.out / "parity-wrapper.log"),
-    }
+    for side, path in (("vllm", args.vllm_answers), ("wrapper", args.wrapper_answers)):
+        if path is not None:
+            stored[side] = json.loads(path.read_text())[side]
     try:
-        for side in SIDES:
-            if side not in stored:
-                stored[side] = run_side(makers[side](free_port()), cases, args.ready_timeout)
+        if set(SIDES) - stored.keys():
+            run_servers(args, cases, stored)
     except ServerError as exc:
         print(f"\nERROR: {exc}", file=sys.stderr)
         return 1
@@ -789,8 +851,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for mode in modes(case)
     ]
     seconds = time.monotonic() - started
-    write_report(rows, args.out / "parity_vllm.md", seconds, args, git_commit())
+    consistency = self_consistency(cases, stored)
+    write_report(rows, args.out / "parity_vllm.md", seconds, args, git_commit(), consistency)
     print(f"\nrun time {seconds:.0f} s; report {args.out / 'parity_vllm.md'}\n")
+    print("\n".join(consistency))
     print(summary(rows))
     print(table(rows))
     return 1 if args.strict and not all(r.match for r in rows) else 0

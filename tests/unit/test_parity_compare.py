@@ -10,7 +10,16 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from bench.parity_vllm import CASES, Case, Row, compare, fold_stream, summary, table
+from bench.parity_vllm import (
+    CASES,
+    Case,
+    Row,
+    compare,
+    fold_stream,
+    self_consistency,
+    summary,
+    table,
+)
 
 CHAT = Case("chat.plain", "/v1/chat/completions", {"model": "m", "messages": []})
 
@@ -161,3 +170,28 @@ def test_cases_are_unique_and_the_table_says_yes_or_no() -> None:
     assert "| a | whole | 200 / 200 | yes |  |" in text
     assert "| b | stream | 200 / 400 | no | status 200 / 400 |" in text
     assert summary(rows).startswith("1 of 2 case/mode pairs match; 1 differ (1 by status code")
+
+
+def test_whole_vs_stream_on_one_server_is_checked_for_seeded_cases() -> None:
+    """A seeded case says same/differ per server; an unseeded one only when it differs."""
+    seeded = Case("chat.seed", "/v1/chat/completions", {"seed": 1})
+    answers = {
+        "vllm": {
+            "chat.seed/whole": whole("Red, blue"),
+            "chat.seed/stream": stream("Red", ", blue", role_chunk=True),
+            "chat.plain/whole": whole("Red"),
+            "chat.plain/stream": stream("Red", role_chunk=True),
+        },
+        "wrapper": {
+            "chat.seed/whole": whole("Red, blue"),
+            "chat.seed/stream": stream("Green", role_chunk=False),
+            "chat.plain/whole": whole("Red"),
+            "chat.plain/stream": stream("Blue", role_chunk=False),
+        },
+    }
+    lines = self_consistency([seeded, CHAT], answers)
+    assert lines == [
+        "- vllm `chat.seed`: whole and stream text same",
+        "- wrapper `chat.seed`: whole and stream text differ: ['Red, blue'] / ['Green']",
+        "- wrapper `chat.plain`: whole and stream text differ: ['Red'] / ['Blue']",
+    ]
