@@ -25,8 +25,9 @@ streamed where the route streams; the answers are stored, then compared per case
 Printed last, and written to bench/results/parity_vllm.md: one row per case and mode with both
 status codes, match yes/no and the first difference. Both servers' raw answers go to
 bench/results/parity_vllm.json; `--vllm-answers` reuses that file's vLLM side, so after a merge
-only the wrapper needs to start again. The exit code is 0 (it is a report) unless `--strict`,
-where any mismatch exits 1.
+only the wrapper needs to start again (each answer is stored with its request: a case added or
+changed since is sent to a fresh vLLM server, alone). The exit code is 0 (it is a report) unless
+`--strict`, where any mismatch exits 1.
 
     .venv/bin/python -m bench.parity_vllm                  # both servers (~5 min on 2 cores)
     .venv/bin/python -m bench.parity_vllm --vllm-answers bench/results/parity_vllm.json
@@ -178,7 +179,7 @@ CASES: tuple[Case, ...] = (
     chat("max_tokens_over_context", max_tokens=4096, note="more than max_model_len 2048"),
     chat("seed", temperature=0.9, seed=42, note="vLLM seeds each request: same text expected"),
     chat("defaults_seed", temperature=None, seed=7, note="no temperature: the model's defaults"),
-    chat("n2", n=2),
+    chat("n2", n=2, note="vLLM refuses n > 1 with greedy sampling (temperature 0)"),
     chat("n2_seed", n=2, temperature=1.0, seed=3),
     chat("logprobs", logprobs=True, top_logprobs=3, max_tokens=6),
     chat("logit_bias", logit_bias={BLUE: 100}, max_tokens=4, note="token ' blue' forced"),
@@ -295,10 +296,11 @@ CASES: tuple[Case, ...] = (
     completion("token_ids", prompt=[504, 3575, 282, 4649, 314]),
     completion("echo", echo=True, max_tokens=4),
     completion("logprobs", logprobs=2, max_tokens=4),
-    completion("n2", n=2, max_tokens=8),
+    completion("n2", n=2),
+    completion("n2_seed", n=2, temperature=1.0, seed=3),
     completion("stop", stop=["."]),
     completion("suffix", suffix=" That is all."),
-    completion("best_of", best_of=2),
+    completion("best_of", best_of=2, note="vLLM 0.32 has no best_of field: it ignores it"),
     # tokenize / detokenize / models / version
     Case("tokenize.prompt", "/tokenize", {"model": PRESET, "prompt": "Hello world"}, stream=False),
     Case("tokenize.messages", "/tokenize", {"model": PRESET, "messages": MSGS}, stream=False),
@@ -341,22 +343,29 @@ def _json_or_text(raw: bytes) -> tuple[Any, str | None]:
         return None, raw.decode("utf-8", "replace")[:2000]
 
 
+def request_of(case: Case, mode: str, side: str) -> dict[str, Any]:
+    """What is sent to `side` for `case` in `mode` (stored with the answer, checked on reuse)."""
+    path = case.vllm_path if side == "vllm" and case.vllm_path else case.path
+    body = None if case.body is None else {**case.body, "stream": mode == "stream"}
+    return {"path": path, "body": body}
+
+
 def send(client: httpx.Client, url: str, case: Case, mode: str, side: str) -> dict[str, Any]:
     """One request; the answer as stored: status, JSON body or SSE chunks, `[DONE]`, seconds."""
-    path = case.vllm_path if side == "vllm" and case.vllm_path else case.path
+    request = request_of(case, mode, side)
+    path, body = request["path"], request["body"]
     started = time.monotonic()
     answer: dict[str, Any] = {"status": None, "json": None, "text": None, "chunks": None}
     try:
-        if case.body is None:
+        if body is None:
             r = client.get(url + path)
             answer["status"] = r.status_code
             answer["json"], answer["text"] = _json_or_text(r.content)
         elif mode == "whole":
-            r = client.post(url + path, json={**case.body, "stream": False})
+            r = client.post(url + path, json=body)
             answer["status"] = r.status_code
             answer["json"], answer["text"] = _json_or_text(r.content)
         else:
-            body = {**case.body, "stream": True}
             with client.stream("POST", url + path, json=body) as r:
                 answer["status"] = r.status_code
                 if r.status_code != 200:
@@ -368,6 +377,7 @@ def send(client: httpx.Client, url: str, case: Case, mode: str, side: str) -> di
     if case.reference is not None and side == "vllm" and answer["status"] == 200:
         answer["json"] = case.reference(answer["json"])
     answer["seconds"] = round(time.monotonic() - started, 3)
+    answer["request"] = request
     return answer
 
 
@@ -393,9 +403,9 @@ def modes(case: Case) -> tuple[str, ...]:
 
 
 def run_side(
-    server: Server, cases: Sequence[Case], ready_timeout: float
+    server: Server, todo: Sequence[tuple[Case, str]], ready_timeout: float
 ) -> dict[str, dict[str, Any]]:
-    """Start `server`, send every case in every mode, stop it whatever happens."""
+    """Start `server`, send each (case, mode) of `todo`, stop it whatever happens."""
     print(f"\n== {server.name}: starting ({server.log})", flush=True)
     server.start()
     answers: dict[str, dict[str, Any]] = {}
@@ -405,20 +415,30 @@ def run_side(
         print(f"   ready in {ready_s:.1f} s", flush=True)
         headers = {"Authorization": f"Bearer {API_KEY}"}
         with httpx.Client(headers=headers, timeout=300) as client:
-            for case in cases:
-                for mode in modes(case):
-                    answer = send(client, server.url, case, mode, side)
-                    answers[f"{case.name}/{mode}"] = answer
-                    print(
-                        f"   {case.name:<40} {mode:<6} {answer['status']}  "
-                        f"{answer['seconds']:6.2f} s",
-                        flush=True,
-                    )
+            for case, mode in todo:
+                answer = send(client, server.url, case, mode, side)
+                answers[f"{case.name}/{mode}"] = answer
+                print(
+                    f"   {case.name:<40} {mode:<6} {answer['status']}  {answer['seconds']:6.2f} s",
+                    flush=True,
+                )
                 server.check_alive()
     finally:
         server.stop()
         print(f"   {server.name} stopped", flush=True)
     return answers
+
+
+def missing(
+    cases: Sequence[Case], answers: dict[str, dict[str, Any]], side: str
+) -> list[tuple[Case, str]]:
+    """The (case, mode) pairs with no stored answer to exactly today's request."""
+    return [
+        (case, mode)
+        for case in cases
+        for mode in modes(case)
+        if (answers.get(f"{case.name}/{mode}") or {}).get("request") != request_of(case, mode, side)
+    ]
 
 
 # --- comparing -----------------------------------------------------------------------------------
@@ -786,7 +806,10 @@ def git_commit() -> str:
 def run_servers(
     args: argparse.Namespace, cases: Sequence[Case], stored: dict[str, dict[str, Any]]
 ) -> None:
-    """Start each server whose answers are not `stored` yet, in turn, and store its answers."""
+    """Start each server, in turn, that owes answers to some of `cases`; store its answers."""
+    todo = {side: missing(cases, stored[side], side) for side in SIDES}
+    if not any(todo.values()):
+        return
     model = prepare_model()
     print(f"model folder: {model}\nresults: {args.out}", flush=True)
     env = engine_env(args.out / "vllm-cache")
@@ -797,8 +820,9 @@ def run_servers(
         "wrapper": lambda port: wrapper_server(port, env, args.out / "parity-wrapper.log"),
     }
     for side in SIDES:
-        if side not in stored:
-            stored[side] = run_side(makers[side](free_port()), cases, args.ready_timeout)
+        if todo[side]:
+            print(f"\n{side}: {len(todo[side])} requests to send", flush=True)
+            stored[side].update(run_side(makers[side](free_port()), todo[side], args.ready_timeout))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -808,11 +832,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--cases", nargs="+", metavar="NAME", help="only these cases (names)")
     parser.add_argument(
-        "--vllm-answers", type=Path, help="reuse the vLLM answers of an earlier run's JSON"
+        "--vllm-answers",
+        type=Path,
+        help="reuse vLLM's answers of an earlier run's JSON (only new or changed requests are "
+        "sent, to a fresh server)",
     )
-    parser.add_argument(
-        "--wrapper-answers", type=Path, help="reuse the wrapper answers of an earlier run's JSON"
-    )
+    parser.add_argument("--wrapper-answers", type=Path, help="the same for the wrapper's answers")
     parser.add_argument("--strict", action="store_true", help="exit 1 on any mismatch")
     parser.add_argument("--tolerance", type=float, default=1e-3, help="for floats (1e-3)")
     parser.add_argument("--ready-timeout", type=float, default=600.0, help="seconds (600)")
@@ -829,11 +854,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     stored: dict[str, dict[str, dict[str, Any]]] = {}
     for side, path in (("vllm", args.vllm_answers), ("wrapper", args.wrapper_answers)):
-        if path is not None:
-            stored[side] = json.loads(path.read_text())[side]
+        stored[side] = {} if path is None else json.loads(path.read_text())[side]
     try:
-        if set(SIDES) - stored.keys():
-            run_servers(args, cases, stored)
+        run_servers(args, cases, stored)
     except ServerError as exc:
         print(f"\nERROR: {exc}", file=sys.stderr)
         return 1

@@ -16,6 +16,8 @@ from bench.parity_vllm import (
     Row,
     compare,
     fold_stream,
+    missing,
+    request_of,
     self_consistency,
     summary,
     table,
@@ -195,3 +197,15 @@ def test_whole_vs_stream_on_one_server_is_checked_for_seeded_cases() -> None:
         "- wrapper `chat.seed`: whole and stream text differ: ['Red, blue'] / ['Green']",
         "- wrapper `chat.plain`: whole and stream text differ: ['Red'] / ['Blue']",
     ]
+
+
+def test_a_stored_answer_is_reused_only_for_the_same_request() -> None:
+    """Reuse of an earlier run: a changed body or a new mode is sent again, the rest is not."""
+    case = Case("chat.x", "/v1/chat/completions", {"model": "m", "max_tokens": 8})
+    answers = {"chat.x/whole": {"request": request_of(case, "whole", "vllm")}}
+    assert missing([case], answers, "vllm") == [(case, "stream")]
+    changed = Case("chat.x", "/v1/chat/completions", {"model": "m", "max_tokens": 9})
+    assert missing([changed], answers, "vllm") == [(changed, "whole"), (changed, "stream")]
+    retrieve = next(c for c in CASES if c.name == "models.retrieve")
+    assert request_of(retrieve, "whole", "vllm")["path"] == "/v1/models"
+    assert request_of(retrieve, "whole", "wrapper")["path"] == "/v1/models/smollm2-135m-vllm"
