@@ -70,8 +70,13 @@ from bench.vs_vllm_serve import (
 SIDES = ("vllm", "wrapper")
 #: keys never compared: random per answer (ids) or per run (times, fingerprints, server metrics)
 IGNORED_KEYS = frozenset({"id", "created", "system_fingerprint", "metrics"})
-#: vLLM's error types are exception class names; OpenAI's (and the wrapper's) are snake_case
-ERROR_TYPES = {"BadRequestError": "invalid_request_error", "NotFoundError": "not_found_error"}
+#: vLLM's error types are exception class names (or, for a body that fails its pydantic model,
+#: the HTTP reason phrase); OpenAI's (and the wrapper's) are snake_case
+ERROR_TYPES = {
+    "BadRequestError": "invalid_request_error",
+    "Bad Request": "invalid_request_error",
+    "NotFoundError": "not_found_error",
+}
 #: the vLLM server flags the tool cases need (the wrapper's preset must name the same parser)
 TOOL_FLAGS = ("--enable-auto-tool-choice", "--tool-call-parser", "hermes")
 RESULTS = ROOT / "bench" / "results"
@@ -534,7 +539,11 @@ def error_of(answer: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(err, dict):
         return {"shape": "no error object", "body": _short(body or answer.get("text"), 80)}
     kind = str(err.get("type"))
-    return {"type": ERROR_TYPES.get(kind, kind), "param": err.get("param")}
+    param = err.get("param")
+    # vLLM names a field its pydantic model refused by FastAPI's location: `body.messages`
+    if isinstance(param, str) and param.startswith("body."):
+        param = param.removeprefix("body.")
+    return {"type": ERROR_TYPES.get(kind, kind), "param": param}
 
 
 def fold_stream(chunks: list[Any], done: bool, ignored: frozenset[str]) -> dict[str, Any]:
@@ -626,11 +635,7 @@ def compare(
             row.diffs.append(f"{side}: {answer['transport_error']}")
     if vllm["status"] != ours["status"]:
         row.diffs.append(f"status {vllm['status']} / {ours['status']}")
-        if ours["status"] is not None and ours["status"] >= 400:
-            err = error_of(ours)
-            row.diffs.append(f"wrapper error {err}: {_short(_message(ours), 100)}")
-        elif vllm["status"] is not None and vllm["status"] >= 400:
-            row.diffs.append(f"vllm error {error_of(vllm)}: {_short(_message(vllm), 100)}")
+        row.diffs += [*_errors_said("wrapper", ours), *_errors_said("vllm", vllm)]
         return row
     if case.status_only or row.diffs:
         return row
@@ -648,6 +653,16 @@ def compare(
     else:
         row.diffs += diff_json(vllm.get("json"), ours.get("json"), ignored, tol)
     return row
+
+
+def _errors_said(side: str, answer: dict[str, Any]) -> list[str]:
+    """What an answer says went wrong: its error body, or an error event in a 200 stream."""
+    if answer["status"] is not None and answer["status"] >= 400:
+        return [f"{side} error {error_of(answer)}: {_short(_message(answer), 100)}"]
+    for chunk in answer.get("chunks") or []:
+        if isinstance(chunk, dict) and "error" in chunk:
+            return [f"{side} streamed 200 then the error event {error_of({'json': chunk})}"]
+    return []
 
 
 def _message(answer: dict[str, Any]) -> str:
@@ -760,7 +775,8 @@ def write_report(
     header = (
         f"`python -m bench.parity_vllm`, {stamp}, wrapper at {commit}; {versions()}; "
         f"preset `{PRESET}` (SmolLM2-135M fp32, eager, max_model_len 2048) behind both; "
-        f"vLLM's server with `{' '.join(TOOL_FLAGS)}`. Run time {seconds:.0f} s."
+        f"vLLM's server with `{' '.join(TOOL_FLAGS)}`. Run time {seconds:.0f} s "
+        f"(reused from an earlier run: {args.reused})."
     )
     notes = [f"- `{c.name}`: {c.note}" for c in CASES if c.note and c.name in args.case_names]
     text = "\n".join(
@@ -855,6 +871,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     stored: dict[str, dict[str, dict[str, Any]]] = {}
     for side, path in (("vllm", args.vllm_answers), ("wrapper", args.wrapper_answers)):
         stored[side] = {} if path is None else json.loads(path.read_text())[side]
+    pairs = sum(len(modes(c)) for c in cases)
+    args.reused = ", ".join(
+        f"{pairs - len(missing(cases, stored[side], side))} of {pairs} {side} answers"
+        for side in SIDES
+    )
     try:
         run_servers(args, cases, stored)
     except ServerError as exc:

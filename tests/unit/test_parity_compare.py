@@ -209,3 +209,27 @@ def test_a_stored_answer_is_reused_only_for_the_same_request() -> None:
     retrieve = next(c for c in CASES if c.name == "models.retrieve")
     assert request_of(retrieve, "whole", "vllm")["path"] == "/v1/models"
     assert request_of(retrieve, "whole", "wrapper")["path"] == "/v1/models/smollm2-135m-vllm"
+
+
+def test_an_error_event_after_a_200_stream_is_named() -> None:
+    """Where vLLM refuses before streaming, a server that sends 200 then an error event differs."""
+    vllm = error(400, "BadRequestError", "max_tokens", "too long")
+    ours = {
+        "status": 200, "json": None, "text": None, "done": True,
+        "chunks": [{"error": {"message": "m", "type": "invalid_request_error",
+                              "param": "max_tokens", "code": None}}],
+    }  # fmt: skip
+    row = compare(CHAT, "stream", vllm, ours, 1e-3)
+    assert row.diffs[0] == "status 400 / 200"
+    assert row.diffs[1] == (
+        "wrapper streamed 200 then the error event "
+        "{'type': 'invalid_request_error', 'param': 'max_tokens'}"
+    )
+    missing_field = error(400, "Bad Request", "body.messages", "1 validation error")
+    expected = (
+        "error vllm {'type': 'invalid_request_error', 'param': 'messages'} / "
+        "wrapper {'type': 'x', 'param': 'messages'}"
+    )
+    assert compare(CHAT, "whole", missing_field, error(400, "x", "messages", "y"), 0).diffs == [
+        expected
+    ]
