@@ -29,7 +29,7 @@ only the wrapper needs to start again (each answer is stored with its request: a
 changed since is sent to a fresh vLLM server, alone). The exit code is 0 (it is a report) unless
 `--strict`, where any mismatch exits 1.
 
-    .venv/bin/python -m bench.parity_vllm                  # both servers (~5 min on 2 cores)
+    .venv/bin/python -m bench.parity_vllm     # both servers: 19 min on the busy shared 2 cores
     .venv/bin/python -m bench.parity_vllm --vllm-answers bench/results/parity_vllm.json
     .venv/bin/python -m bench.parity_vllm --vllm-answers F --wrapper-answers F   # report only
     .venv/bin/python -m bench.parity_vllm --cases chat.plain chat.logprobs --strict
