@@ -148,37 +148,45 @@ class EchoAdapter(BaseAdapter):
     async def _one_choice(
         self, source: list[str], index: int, prompt_tokens: int, req: GenerationRequest
     ) -> AsyncIterator[TokenDelta]:
+        # what does not change during the choice is read once: this loop runs per token, and
+        # the benchmark (bench/overhead.py) must measure the service, not the fake engine
         sampling = req.sampling
+        max_tokens, ignore_eos, min_tokens = (
+            sampling.max_tokens, sampling.ignore_eos, sampling.min_tokens
+        )  # fmt: skip
         stops = StopMatcher(sampling.stop)
-        delay = self.params.token_delay_ms / 1000
+        feed = stops.feed
+        params = self.params
+        delay = params.token_delay_ms / 1000
+        first_delay = params.first_token_delay_ms / 1000
+        fail_after = params.fail_after_tokens
+        closing = self._closing.is_set
         produced = 0
         while True:
-            if produced >= sampling.max_tokens:
+            if produced >= max_tokens:
                 yield TokenDelta(stops.flush(), 0, index, "length", prompt_tokens)
                 return
             exhausted = produced >= len(source)
-            if exhausted and not sampling.ignore_eos and produced >= sampling.min_tokens:
+            if exhausted and not ignore_eos and produced >= min_tokens:
                 yield TokenDelta(stops.flush(), 0, index, "stop", prompt_tokens)
                 return
             if not source:
                 source = ["."]  # ignore_eos/min_tokens on an empty message: repeat a dot
-            wait = delay + (self.params.first_token_delay_ms / 1000 if produced == 0 else 0)
+            wait = delay + (first_delay if produced == 0 else 0)
             if wait and await self._closed_within(wait):
                 yield TokenDelta(stops.flush(), 0, index, "abort", prompt_tokens)
                 return
-            if self._closing.is_set():
+            if closing():
                 yield TokenDelta("", 0, index, "abort", prompt_tokens)
                 return
-            if self.params.fail_after_tokens is not None and produced >= (
-                self.params.fail_after_tokens
-            ):
+            if fail_after is not None and produced >= fail_after:
                 raise EngineError(
                     f"echo: failing after {produced} tokens as configured",
-                    code="engine_dead" if self.params.fail_fatal else None,
+                    code="engine_dead" if params.fail_fatal else None,
                 )
             token = source[produced % len(source)]
             produced += 1
-            text = stops.feed(token)
+            text = feed(token)
             if stops.stopped:
                 yield TokenDelta(text, 1, index, "stop", prompt_tokens)
                 return
