@@ -80,6 +80,8 @@ _decode = msgspec.json.decode
 # --- the floor: the least a server can do to stream these bytes --------------------------------
 
 #: the wrapper's final chunk carries a `metrics` object; the floor sends one of the same shape
+#: (every field of `RequestRecord.metrics()`, null where not applicable, as the wrapper sends it;
+#: tests/unit/test_bench_floor.py keeps the two in step)
 _FLOOR_METRICS = {
     "finish_reason": "length", "prompt_tokens": 0, "completion_tokens": 0,
     "time_to_first_token_ms": 0.0, "e2e_ms": 0.0, "tpot_ms": 0.0, "mean_itl_ms": 0.0,
@@ -88,6 +90,7 @@ _FLOOR_METRICS = {
     "engine_tpot_ms": None, "vram_delta_mib": None, "peak_vram_mib": None, "rss_delta_mib": 0.0,
     "memory_method": "rss: psutil process tree", "gpu_util_mean": None,
     "device_memory_max_mib": None, "cpu_percent_mean": None, "kv_cache_usage": None,
+    "hooks_ms": None,
 }  # fmt: skip
 _SSE_HEADERS = [
     (b"cache-control", b"no-cache"),

@@ -573,7 +573,11 @@ class Run:
         n = self.gen.sampling.n
         role_sent = [False] * n
         frame = self.timer.frame
+        # the per-token path, bound once: one clock read and one append per frame (what
+        # `RequestTimer.frame` does, without the call), the request's state updated inline
+        stamp, clock = self.timer.stamps.append, time.perf_counter
         ctx = self.ctx
+        observe = self._observe
         try:
             agen = await self._start()
             try:
@@ -581,14 +585,24 @@ class Run:
                 async for delta in agen:
                     if ctx.cut:  # the stall watch dropped the connection: nobody reads on
                         return
-                    self._observe(delta)
                     text, reasoning = delta.text, delta.reasoning
                     index = delta.index
-                    if text and role_sent[index] and not reasoning and not delta.logprobs:
-                        chunk = text_frame(index, text)  # the common frame, built in one go
-                        frame()
+                    if (
+                        text
+                        and role_sent[index]
+                        and not reasoning
+                        and not delta.logprobs
+                        and delta.finish_reason is None
+                        and delta.prompt_tokens is None
+                    ):
+                        # the common frame: only the count and the last delta move (`_observe`)
+                        self.completion_tokens += delta.token_count
+                        self.last_delta = delta
+                        chunk = text_frame(index, text)  # built in one go
+                        stamp(clock())
                         yield chunk
                         continue
+                    observe(delta)
                     # a first token without text (a special token, or text held back for a stop
                     # string) still sends the role chunk, as vLLM does: clients time TTFT on it
                     if (

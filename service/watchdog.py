@@ -321,7 +321,17 @@ class ResourceWatchdog:
 
     def window(self, start: float, end: float) -> WindowSummary:
         """Summary of samples with `start <= mono <= end` (perf_counter seconds)."""
-        inside = [s for s in self._samples if start <= s.mono <= end]
+        # newest first, stopping at the window's start: every request asks, and the whole
+        # history (up to max_samples, 600 after ten minutes) scanned each time cost more than
+        # the request's other telemetry (bench/overhead.py). Samples are appended in time
+        # order on the event loop, which is where this runs too.
+        inside = []
+        for s in reversed(self._samples):
+            if s.mono < start:
+                break
+            if s.mono <= end:
+                inside.append(s)
+        inside.reverse()
         if not inside:
             return WindowSummary(samples=0)
         utils = [
