@@ -70,6 +70,10 @@ def inner_adapter_class(engine: str) -> type[Any]:
     return cls
 
 
+#: feature names (schemas/features.py) that constrain decoding from the first token
+_CONSTRAINED = ("response_format.", "structured_outputs.", "tool", "parallel_tool_calls")
+
+
 @runtime_checkable
 class ChatPromptSource(Protocol):
     """What an inner adapter may offer so that reasoning detection can read the chat template."""
@@ -201,7 +205,10 @@ class DeepseekAdapter(BaseAdapter):
     def capabilities(self) -> Capabilities:
         """The inner adapter's, plus reasoning deltas."""
         base = self._inner.capabilities if self._inner is not None else Capabilities()
-        return attrs.evolve(base, reasoning=True)
+        # a constraint from the first token would also bind the <think> part, which this
+        # adapter splits off afterwards: structured output and tools stay refused here
+        features = frozenset(f for f in base.features if not f.startswith(_CONSTRAINED))
+        return attrs.evolve(base, reasoning=True, features=features)
 
     @classmethod
     def check_extra_allow(cls, entries: Sequence[str]) -> None:
