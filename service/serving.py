@@ -6,6 +6,10 @@ refusing by name (400 + `param`) anything the adapter cannot honour. A `Run` the
 request's resources (in-flight ticket, admission slot, timer) and releases them exactly once in
 `close()`, which every path reaches: normal end, error, client disconnect, unload.
 
+Structured output (`schemas.structured`) and tools (`schemas.tools`) become one decoding
+constraint on the `GenerationRequest`; a forced tool call's answer (that constraint's JSON) is
+turned into `tool_calls` here, in `_tool_frames` and `_tool_choice`, off the plain-text path.
+
 Hooks (hooks/, configured in adapters.yaml): `before_request` runs after the request is built
 and before admission, so a refused request never takes a slot; `on_chunk` wraps the adapter's
 stream (streamed and whole responses alike); `after_response` is queued from `close()`. With no
