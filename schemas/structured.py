@@ -91,11 +91,23 @@ def check_schema(schema: Any, param: str) -> str:
         raise InvalidRequestError(
             f"{param}: the schema must be at most {MAX_SCHEMA_BYTES} bytes", param=param
         )
-    try:
-        _schema_checker()(schema)
-    except ValueError as exc:
-        raise InvalidRequestError(f"{param}: not a valid JSON Schema: {exc}", param=param) from None
+    problem = _schema_problem(text.decode())
+    if problem is not None:
+        raise InvalidRequestError(f"{param}: not a valid JSON Schema: {problem}", param=param)
     return text.decode()
+
+
+@functools.lru_cache(maxsize=256)
+def _schema_problem(text: str) -> str | None:
+    """Why the schema (JSON text) fails the meta-schema, or None.
+
+    Cached by text: the meta-schema check costs milliseconds and clients resend the same schema.
+    """
+    try:
+        _schema_checker()(msgspec.json.decode(text))
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def _from_response_format(rf: dict[str, Any]) -> StructuredOutput | None:
