@@ -827,6 +827,11 @@ def constraint_of(req: ChatCompletionRequest) -> tuple[StructuredOutput | None, 
     if plan is None:
         return structured, ()
     if plan.structured is not None:
+        if req.stream and req.logprobs:
+            # the streamed tool_calls deltas carry no logprobs (nor do vLLM's)
+            raise UnsupportedParameterError(
+                "logprobs cannot be streamed with a forced tool call", param="logprobs"
+            )
         if structured is not None:
             raise InvalidRequestError(
                 "response_format/structured_outputs cannot be combined with tool_choice"

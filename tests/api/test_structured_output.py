@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from fakes.adapters import ConstrainedEchoAdapter
-from helpers import API, TEST_REGISTRY, chat_body, load
+from helpers import API, TEST_REGISTRY, chat_body, load, sse_events
 from schemas.generation import StructuredOutput, ToolCall
 from schemas.structured import (
     MAX_CHOICE_CHARS,
@@ -267,3 +267,58 @@ def test_forced_tool_constraint_and_history(constrained: Any) -> None:
     named = ConstrainedEchoAdapter.last[-1].structured
     assert named is not None
     assert json.loads(named.spec) == OBJ  # type: ignore[arg-type]
+
+
+def test_forced_tool_answer_becomes_tool_calls(constrained: Any) -> None:
+    """The constraint's JSON (here echoed back) is sent as `tool_calls`, whole and streamed.
+
+    Echo answers with the user's text, so the text is exactly the JSON an engine would produce
+    under the constraint: this pins the conversion and the stream's delta shapes.
+    """
+    tools = [fn("a", parameters=OBJ), fn("b")]
+    required = '[{"name": "a", "parameters": {"a": "x y"}}, {"name": "b", "parameters": {}}]'
+    body = chat_body(required, tools=tools, tool_choice="required")
+    r = constrained.post("/v1/chat/completions", json=body, headers=API)
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["content"] == ""
+    calls = choice["message"]["tool_calls"]
+    assert [(c["type"], c["function"]["name"]) for c in calls] == [
+        ("function", "a"),
+        ("function", "b"),
+    ]
+    assert [json.loads(c["function"]["arguments"]) for c in calls] == [{"a": "x y"}, {}]
+    assert all(c["id"].startswith("chatcmpl-tool-") for c in calls)
+    events = [json.loads(e) for e in sse_events(
+        constrained.post("/v1/chat/completions", json={**body, "stream": True}, headers=API).text
+    ) if e != "[DONE]"]  # fmt: skip
+    deltas = [e["choices"][0]["delta"] for e in events]
+    assert deltas[0] == {"role": "assistant"}
+    streamed = [tc for d in deltas for tc in d.get("tool_calls", ())]
+    assert [(tc["index"], tc["function"]["name"]) for tc in streamed] == [(0, "a"), (1, "b")]
+    assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    # named: the id, type and name first, then the arguments in the engine's pieces
+    named = chat_body('{"a": "x y z"}', tools=tools,
+                      tool_choice={"type": "function", "function": {"name": "a"}})  # fmt: skip
+    r = constrained.post("/v1/chat/completions", json=named, headers=API)
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "stop"
+    assert choice["message"]["tool_calls"][0]["function"] == {
+        "name": "a", "arguments": '{"a": "x y z"}'
+    }  # fmt: skip
+    r = constrained.post("/v1/chat/completions", json={**named, "stream": True}, headers=API)
+    events = [json.loads(e) for e in sse_events(r.text) if e != "[DONE]"]
+    pieces = [tc for e in events for tc in e["choices"][0]["delta"].get("tool_calls", ())]
+    first, *rest = pieces
+    assert first["id"].startswith("chatcmpl-tool-")
+    assert (first["index"], first["type"], first["function"]["name"]) == (0, "function", "a")
+    assert rest
+    assert all(
+        set(p) == {"index", "function"} and set(p["function"]) == {"arguments"} for p in rest
+    )
+    assert "".join(p["function"]["arguments"] for p in pieces) == '{"a": "x y z"}'
+    # a cut answer (not complete JSON) is content, with no calls
+    r = constrained.post("/v1/chat/completions", json={**body, "max_tokens": 2}, headers=API)
+    choice = r.json()["choices"][0]
+    assert (choice["finish_reason"], choice["message"]["tool_calls"]) == ("length", [])
+    assert choice["message"]["content"]
