@@ -31,6 +31,10 @@ MAX_CHOICES = 256
 MAX_CHOICE_CHARS = 1024
 MAX_REGEX_CHARS = 4096
 MAX_GRAMMAR_CHARS = 64 * 1024
+#: a counted repetition (`{m}`, `{m,n}`) in a regex or grammar: the automaton grows with it
+#: (xgrammar compiles `[a-z]{200}` in about 1.5 s on this CPU), and compiling is not preemptible
+MAX_REPEAT = 256
+_REPEAT = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
 #: the name of a `json_schema` response format, as OpenAI documents it
 _NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 _KINDS: tuple[StructuredKind, ...] = ("json", "regex", "choice", "grammar")
@@ -186,6 +190,10 @@ def _from_extension(so: dict[str, Any]) -> StructuredOutput:  # noqa: C901  (a f
         )
     if kind == "grammar" and not value.strip():
         raise InvalidRequestError(f"{param} cannot be empty", param=param)
+    if any(int(n) > MAX_REPEAT for m in _REPEAT.finditer(value) for n in m.groups() if n):
+        raise InvalidRequestError(
+            f"{param}: counted repetitions ({{m,n}}) may be at most {MAX_REPEAT}", param=param
+        )
     if kind == "regex":
         try:
             re.compile(value)
