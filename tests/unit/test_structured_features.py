@@ -16,7 +16,7 @@ FORCED_TOOLS = {"tools", "tool_choice.required", "tool_choice.named", "parallel_
 
 
 def test_engines_declare_catalogued_names() -> None:
-    """The vLLM and transformers adapters declare every constraint and forced tools; no parser, no `auto`."""
+    """Both engines declare every constraint and the forced tools; no parser, so no `auto`."""
     for declared in (TRANSFORMERS, VLLM):
         check_declared(declared)
         assert declared >= STRUCTURED | FORCED_TOOLS
