@@ -70,6 +70,10 @@ def inner_adapter_class(engine: str) -> type[Any]:
     return cls
 
 
+#: feature names (schemas/features.py) that constrain decoding from the first token
+_CONSTRAINED = ("response_format.", "structured_outputs.", "tool", "parallel_tool_calls")
+
+
 @runtime_checkable
 class ChatPromptSource(Protocol):
     """What an inner adapter may offer so that reasoning detection can read the chat template."""
@@ -202,8 +206,14 @@ class DeepseekAdapter(BaseAdapter):
         """The inner adapter's, plus reasoning deltas."""
         base = self._inner.capabilities if self._inner is not None else Capabilities()
         # raw prompts skip the template this adapter reads `<think>` from, and the completions
-        # text has no reasoning field: the routes are the inner engine's, not served here
-        features = base.features - {"/v1/completions", "/tokenize", "/detokenize"}
+        # text has no reasoning field: the routes are the inner engine's, not served here.
+        # A constraint from the first token would also bind the <think> part, which this
+        # adapter splits off afterwards: structured output and tools stay refused here too.
+        features = frozenset(
+            f
+            for f in base.features - {"/v1/completions", "/tokenize", "/detokenize"}
+            if not f.startswith(_CONSTRAINED)
+        )
         return attrs.evolve(base, reasoning=True, features=features)
 
     @classmethod

@@ -57,8 +57,11 @@ from schemas.generation import (
     GenerationRequest,
     Message,
     SamplingOptions,
+    StructuredOutput,
     TokenDelta,
 )
+from schemas.structured import choice_grammar
+from schemas.tools import template_message, template_tools
 from schemas.validators import FieldValueError, in_range
 
 if TYPE_CHECKING:
@@ -116,6 +119,24 @@ _SAMPLING = frozenset(
 _FEATURES = frozenset({"/v1/completions", "/tokenize", "/detokenize"})
 
 
+#: catalogued features (schemas/features.py) this backend honours
+_FEATURES = frozenset(
+    {
+        "response_format.json_object",
+        "response_format.json_schema",
+        "structured_outputs.json",
+        "structured_outputs.regex",
+        "structured_outputs.choice",
+        "structured_outputs.grammar",
+        # forced tool calls are structured output; `auto` would need a tool parser
+        "tools",
+        "tool_choice.required",
+        "tool_choice.named",
+        "parallel_tool_calls",
+    }
+)
+
+
 # --- per-request plan and the pieces that run inside `generate` ---------------------------------
 
 
@@ -136,6 +157,8 @@ class _Plan:
     stop: tuple[str, ...]
     stop_token_ids: frozenset[int]
     ignore_eos: bool
+    grammar: Any = None
+    """The request's compiled xgrammar grammar (structured output), or None."""
 
 
 class _Job:
@@ -200,6 +223,7 @@ class _StepHook:
         self.longest_stop = max((len(x) for x in plan.stop), default=0)
         self.recent = ""
         """The last text fed to the stop matcher, to tell which stop string completed."""
+        self.constraint = _Constraint(engine, plan.grammar) if plan.grammar is not None else None
 
     def __call__(self, input_ids: Any, _scores: Any, **_: Any) -> Any:
         token = int(input_ids[0, -1])
@@ -211,6 +235,10 @@ class _StepHook:
         stop = self.job.cancel.is_set()
         if token in self.end_ids:
             # `_MinTokens` masked these until min_tokens: reaching one here ends the choice
+            self.ended_by = token
+            stop = True
+        elif self.constraint is not None and self.constraint.accept(token):
+            # the grammar is complete (it accepted an end token that ignore_eos let through)
             self.ended_by = token
             stop = True
         else:
@@ -283,6 +311,79 @@ class _StepHook:
         )
 
 
+class _Constraint:
+    """Structured output on transformers: xgrammar's matcher masks the logits at every step.
+
+    xgrammar rather than llguidance or outlines: it comes with vLLM already (the same engine, so
+    both backends accept the same grammars), compiles JSON Schema, regex and EBNF, and runs on
+    CPU. xgrammar's own `contrib.hf.LogitsProcessor` is not used: it asserts on every accepted
+    token and leaves a stale mask after the grammar ends; here `_StepHook` feeds the matcher the
+    token it just chose, in the same step, and ends the choice when the grammar is complete.
+    """
+
+    def __init__(self, engine: _Engine, compiled: Any) -> None:
+        xgr = engine.xgr
+        self.xgr = xgr
+        self.matcher = xgr.GrammarMatcher(compiled)
+        self.bitmask = xgr.allocate_token_bitmask(1, compiled.tokenizer_info.vocab_size)
+
+    def __call__(self, _input_ids: Any, scores: Any) -> Any:
+        self.matcher.fill_next_token_bitmask(self.bitmask)
+        if scores.device.type == "cpu":
+            self.xgr.apply_token_bitmask_inplace(scores, self.bitmask)
+        else:
+            self.xgr.apply_token_bitmask_inplace(scores, self.bitmask.to(scores.device))
+        return scores
+
+    def accept(self, token: int) -> bool:
+        """Advance the grammar by the chosen token; True when the grammar has ended."""
+        if not self.matcher.accept_token(token):
+            # the mask allowed only grammar tokens: this cannot happen unless a later processor
+            # brought a masked token back; end here rather than emit text outside the grammar
+            return True
+        return bool(self.matcher.is_terminated())
+
+
+class _Grammars:
+    """xgrammar's compiler for the loaded tokenizer; its cache, keyed by spec, is bounded."""
+
+    #: compiled grammars kept (xgrammar's cache evicts the least recently used past this)
+    CACHE_BYTES = 64 * 1024 * 1024
+
+    def __init__(self, engine: _Engine) -> None:
+        xgr = engine.xgr
+        info = xgr.TokenizerInfo.from_huggingface(
+            engine.tokenizer,
+            vocab_size=int(engine.model.config.vocab_size),
+            stop_token_ids=sorted(engine.eos_ids),
+        )
+        self.compiler = xgr.GrammarCompiler(
+            info, max_threads=1, cache_enabled=True, cache_limit_bytes=self.CACHE_BYTES
+        )
+
+    def compile(self, structured: StructuredOutput) -> Any:
+        """The compiled grammar of `structured`; a 400 naming the field when it does not compile."""
+        kind, spec = structured.kind, structured.spec
+        compiler = self.compiler
+        try:
+            if kind == "json_object":
+                return compiler.compile_json_schema('{"type": "object"}')
+            if kind == "choice":
+                assert isinstance(spec, tuple)  # noqa: S101  (the service builds it so)
+                return compiler.compile_grammar(choice_grammar(spec))
+            assert isinstance(spec, str)  # noqa: S101
+            if kind == "json":
+                return compiler.compile_json_schema(spec)
+            if kind == "regex":
+                return compiler.compile_regex(spec)
+            return compiler.compile_grammar(spec)
+        except (RuntimeError, ValueError) as exc:
+            detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            raise InvalidRequestError(
+                f"the {kind} constraint does not compile: {detail}", param=structured.param
+            ) from None
+
+
 class _MinTokens:
     """Masks end tokens until `min_tokens` tokens exist (what vLLM's `min_tokens` does)."""
 
@@ -334,6 +435,19 @@ class _Engine:
         self.previous_threads: int | None = None
         self.executor: ThreadPoolExecutor | None = None
         self.slots = asyncio.Semaphore(params.max_concurrency)
+        self.xgr: Any = None
+        self.grammars: _Grammars | None = None
+        self.grammars_lock = threading.Lock()
+
+    def grammar(self, structured: StructuredOutput) -> Any:
+        """Compile `structured` for this tokenizer (the compiler is built on first use)."""
+        with self.grammars_lock:
+            if self.grammars is None:
+                import xgrammar  # noqa: PLC0415  (imports torch: only once a request needs it)
+
+                self.xgr = xgrammar
+                self.grammars = _Grammars(self)
+        return self.grammars.compile(structured)
 
     # -- building (load thread) --
 
@@ -356,11 +470,16 @@ class _Engine:
         conversation = [
             # templates know system/user/assistant/tool; OpenAI's developer role is a system turn
             {"role": "system" if m.role == "developer" else m.role, "content": m.content}
+            if not (m.tool_calls or m.tool_call_id)
+            else template_message(m, arguments_as_objects=True)
             for m in req.messages
         ]
         try:
             text = self.tokenizer.apply_chat_template(
-                conversation, add_generation_prompt=True, tokenize=False
+                conversation,
+                tools=template_tools(req.tools),
+                add_generation_prompt=True,
+                tokenize=False,
             )
         except self.template_errors as exc:
             # jinja's raise_exception() in a template: its text is the template author's message
@@ -388,6 +507,15 @@ class _Engine:
             raise InvalidRequestError(
                 "repetition_penalty must be greater than 0", param="repetition_penalty"
             )
+        grammar = None
+        if req.structured is not None:
+            if s.min_tokens:
+                # masking end tokens could leave a finished grammar no token at all
+                raise UnsupportedParameterError(
+                    "min_tokens cannot be combined with structured output on this backend",
+                    param="min_tokens",
+                )
+            grammar = self.grammar(req.structured)
         defaults = self.sampling_defaults
         temperature = s.temperature if s.temperature is not None else defaults.get("temperature")
         top_k = s.top_k if s.top_k is not None else defaults.get("top_k")
@@ -405,6 +533,7 @@ class _Engine:
             stop=s.stop,
             stop_token_ids=frozenset(s.stop_token_ids),
             ignore_eos=s.ignore_eos,
+            grammar=grammar,
         )
 
     # -- generating (worker thread) --
@@ -431,6 +560,9 @@ class _Engine:
         if plan.min_tokens > 0 and end_ids:
             mask = torch.tensor(sorted(end_ids), dtype=torch.long, device=self.device)
             processors.append(_MinTokens(len(plan.prompt_ids), plan.min_tokens, mask))
+        if hook.constraint is not None:
+            # before the warpers: top-k/top-p must choose among the tokens the grammar allows
+            processors.append(hook.constraint)
         if plan.temperature > 0:
             if plan.temperature != 1.0:
                 processors.append(tf.TemperatureLogitsWarper(plan.temperature))

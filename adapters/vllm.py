@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 import os
@@ -81,9 +82,11 @@ from schemas.generation import (
     GenerationRequest,
     Message,
     SamplingOptions,
+    StructuredOutput,
     TokenDelta,
     TokenLogprob,
 )
+from schemas.tools import template_message, template_tools
 from schemas.validators import FieldValueError, in_range, max_length
 
 _log = logging.getLogger(__name__)
@@ -969,7 +972,7 @@ class VllmAdapter(BaseAdapter):
             raise ServiceUnavailableError("no vllm model is loaded")
         rid = req.request_id
         engine_input, prompt_len = await self._render(engine, api, req)
-        sampling = self._sampling_params(api, req.sampling, prompt_len)
+        sampling = self._sampling_params(api, req.sampling, prompt_len, req.structured)
         top_n = req.sampling.top_logprobs or 0
         open_choices = set(range(req.sampling.n))
         started: set[int] = set()
@@ -1021,7 +1024,7 @@ class VllmAdapter(BaseAdapter):
             open_choices.clear()
         except api.VLLMClientError as exc:
             raise InvalidRequestError(
-                sanitise(_message(exc), mask=self.context.mask), param=_param(exc)
+                sanitise(_message(exc), mask=self.context.mask), param=_param(exc, req.structured)
             ) from None
         except api.EngineDeadError:
             raise EngineError("the vllm engine process died", code="engine_dead") from None
@@ -1045,12 +1048,13 @@ class VllmAdapter(BaseAdapter):
         """
         if req.prompt is not None:
             return await self._render_raw(engine, api, req)
-        conversation = [
-            {"role": m.role, "content": m.content, "name": m.name}
-            if m.name is not None
-            else {"role": m.role, "content": m.content}
-            for m in req.messages
-        ]
+        # vLLM's renderer takes OpenAI's shape (tool call arguments as JSON text) and decodes
+        # the arguments for the template itself
+        conversation = [template_message(m, arguments_as_objects=False) for m in req.messages]
+        chat_params = self._chat_params
+        if req.tools:
+            kwargs = {**chat_params.chat_template_kwargs, "tools": template_tools(req.tools)}
+            chat_params = dataclasses.replace(chat_params, chat_template_kwargs=kwargs)
         try:
             tok_params = api.TokenizeParams(
                 max_total_tokens=self._max_model_len,
@@ -1061,7 +1065,7 @@ class VllmAdapter(BaseAdapter):
                 max_output_tokens_param="max_tokens",
             )
             _, (engine_input,) = await engine.renderer.render_chat_async(
-                [conversation], self._chat_params, tok_params
+                [conversation], chat_params, tok_params
             )
         except api.VLLMClientError as exc:
             if getattr(exc, "parameter", None) in ("input_text", "input_tokens"):
@@ -1122,7 +1126,13 @@ class VllmAdapter(BaseAdapter):
             return None
         return TokenOps(tokenizer, self._max_model_len)
 
-    def _sampling_params(self, api: _Vllm, s: SamplingOptions, prompt_len: int) -> Any:
+    def _sampling_params(
+        self,
+        api: _Vllm,
+        s: SamplingOptions,
+        prompt_len: int,
+        structured: StructuredOutput | None = None,
+    ) -> Any:
         """`SamplingParams` as vLLM's chat server builds them (request, else model, else OpenAI)."""
         defaults = self._sampling_defaults
 
@@ -1149,6 +1159,7 @@ class VllmAdapter(BaseAdapter):
                 logprobs=(s.top_logprobs or 0) if s.logprobs else None,
                 output_kind=api.RequestOutputKind.DELTA,
                 skip_clone=True,
+                structured_outputs=_structured_outputs(structured),
             )
         except (api.VLLMClientError, ValueError) as exc:
             raise InvalidRequestError(
@@ -1273,14 +1284,52 @@ def _message(exc: BaseException) -> str:
 
 
 #: vLLM's names for request fields that ours spell differently
+#: catalogued features (schemas/features.py) this backend honours once a model is loaded
+_FEATURES = frozenset(
+    {
+        "response_format.json_object",
+        "response_format.json_schema",
+        "structured_outputs.json",
+        "structured_outputs.regex",
+        "structured_outputs.choice",
+        "structured_outputs.grammar",
+        # forced tool calls are structured output; `auto` would need a tool parser
+        "tools",
+        "tool_choice.required",
+        "tool_choice.named",
+        "parallel_tool_calls",
+    }
+)
+
+
+def _structured_outputs(structured: StructuredOutput | None) -> Any:
+    """The `StructuredOutputsParams` of a constraint, as vLLM's chat server builds them.
+
+    The engine's structured-output backend (`auto`: xgrammar, falling back to guidance) compiles
+    and enforces it; vLLM refuses what its backend cannot compile (a 400 from `generate`).
+    """
+    if structured is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams  # noqa: PLC0415  (vLLM is loaded)
+
+    kind, spec = structured.kind, structured.spec
+    if kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if kind == "choice":
+        return StructuredOutputsParams(choice=list(spec))
+    return StructuredOutputsParams(**{kind: spec})
+
+
 _PARAMS = {"input_tokens": "messages", "input_text": "messages", "logprobs": "top_logprobs"}
 
 
-def _param(exc: BaseException) -> str:
+def _param(exc: BaseException, structured: StructuredOutput | None = None) -> str:
     """The OpenAI `param` a vLLM validation error concerns (the messages when it does not say)."""
     parameter = getattr(exc, "parameter", None)
     if not isinstance(parameter, str):
-        return "messages"
+        # the prompt was checked in _render: an unnamed refusal of a constrained request is
+        # the constraint's (its grammar did not compile)
+        return structured.param if structured is not None else "messages"
     return _PARAMS.get(parameter, parameter)
 
 

@@ -29,6 +29,7 @@ from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, Iterabl
 from cattrs.gen import make_dict_structure_fn
 from cattrs.preconf.json import make_converter
 
+from schemas.generation import Message
 from schemas.suggest import NAME_LIMIT, closest, hint, shown
 
 T = TypeVar("T")
@@ -205,6 +206,19 @@ def _build() -> cattrs.Converter:
 
 
 converter: cattrs.Converter = _build()
+
+
+def _unstructure_message(message: Message) -> dict[str, Any]:
+    # a turn without tool calls reads as it always did (logs, hooks): no empty tool keys
+    out: dict[str, Any] = {"role": message.role, "content": message.content, "name": message.name}
+    if message.tool_calls:
+        out["tool_calls"] = [attrs.asdict(c) for c in message.tool_calls]
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    return out
+
+
+converter.register_unstructure_hook(Message, _unstructure_message)
 
 
 def _format(exc: BaseException) -> str:

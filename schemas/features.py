@@ -43,10 +43,11 @@ _CATALOGUE = (
     Feature("structured_outputs.choice", "structured output", "vLLM extension: one of strings"),
     Feature("structured_outputs.grammar", "structured output", "vLLM extension: EBNF grammar"),
     # tools
-    Feature("tools", "tools", "function tools, tool_choice auto/none, tool messages"),
+    Feature("tools", "tools", "function tools, tool_choice none, tool calls in the history"),
     Feature("tool_choice.required", "tools", "the model must call a tool"),
     Feature("tool_choice.named", "tools", "the model must call the named function"),
     Feature("parallel_tool_calls", "tools", "several tool calls in one answer"),
+    Feature("tool_choice.auto", "tools", "the model decides (needs the model's tool parser)"),
     # sampling and scoring
     Feature("logit_bias", "sampling", "token id -> bias"),
     Feature("prompt_logprobs", "sampling", "vLLM extension: logprobs of the prompt tokens"),
@@ -111,6 +112,8 @@ _CHAT_USES: tuple[tuple[str, str, Callable[[Any], bool]], ...] = (
      lambda r: set_value(r.tools) and isinstance(r.tool_choice, dict)),
     ("parallel_tool_calls", "parallel_tool_calls",
      lambda r: set_value(r.tools) and bool(r.parallel_tool_calls)),
+    ("tool_choice.auto", "tool_choice",
+     lambda r: set_value(r.tools) and r.tool_choice in (None, "auto")),
     ("logit_bias", "logit_bias", lambda r: set_value(r.logit_bias)),
     ("prompt_logprobs", "prompt_logprobs", lambda r: r.prompt_logprobs is not None),
     ("return_token_ids", "return_token_ids", lambda r: bool(r.return_token_ids)),

@@ -18,12 +18,36 @@ FinishReason = Literal["stop", "length", "abort", "error", "tool_calls", "conten
 
 
 @frozen
+class ToolCall:
+    """A function call: from an assistant turn of the history, or parsed from the output."""
+
+    id: str
+    name: str
+    arguments: str
+    """The arguments as JSON text, as OpenAI sends them."""
+
+
+@frozen
+class Tool:
+    """A function the model may call (OpenAI's `tools[].function`)."""
+
+    name: str
+    description: str | None = None
+    parameters: str | None = None
+    """Its JSON Schema as JSON text, None when the tool declares none."""
+
+
+@frozen
 class Message:
     """One chat turn, content already flattened to text."""
 
     role: Role
     content: str
     name: str | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
+    """The calls an assistant turn made (chat templates that know tools render them)."""
+    tool_call_id: str | None = None
+    """The call a `tool` turn answers."""
 
 
 @frozen
@@ -62,6 +86,10 @@ class GenerationRequest:
     prompt: str | tuple[int, ...] | None = None
     """A raw prompt (`/v1/completions`): text or token ids. When set, the adapter runs it as is,
     without the chat template, and `messages` is empty."""
+    structured: StructuredOutput | None = None
+    """Constrained decoding (`response_format`, `structured_outputs`, forced tool calls)."""
+    tools: tuple[Tool, ...] = ()
+    """Functions the chat template is given (`tools=`), for templates that render them."""
 
 
 @frozen
@@ -97,3 +125,21 @@ class TokenDelta:
     engine_first_token_at: float | None = None
     engine_last_token_at: float | None = None
     stop_reason: str | int | None = field(default=None)
+
+
+StructuredKind = Literal["json", "json_object", "regex", "choice", "grammar"]
+
+
+@frozen
+class StructuredOutput:
+    """A constraint on the generated text, enforced by the engine's grammar machinery.
+
+    `spec` is the JSON Schema as JSON text (`json`), the regex, the EBNF grammar, the choices
+    (`choice`), or empty (`json_object`: any JSON object). Built and bounded by the service
+    (`schemas.structured`); an adapter that declares the matching feature must enforce it.
+    """
+
+    kind: StructuredKind
+    spec: str | tuple[str, ...] = ""
+    param: str = "response_format"
+    """The request field the constraint came from: what an engine's refusal names."""

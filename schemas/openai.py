@@ -205,12 +205,16 @@ class AssistantMessage:
     reasoning_content: str | None = None
     with_reasoning: bool = False
     """The backend produces reasoning: send the key (`null` when there was none this time)."""
+    tool_calls: list[dict[str, Any]] | None = None
+    """OpenAI's `tool_calls`, sent only when the request forced tool calls."""
 
 
 def _unstructure_message(message: AssistantMessage) -> dict[str, Any]:
     out: dict[str, Any] = {"role": message.role, "content": message.content}
     if message.with_reasoning:
         out["reasoning_content"] = message.reasoning_content
+    if message.tool_calls is not None:
+        out["tool_calls"] = message.tool_calls
     return out
 
 

@@ -6,6 +6,10 @@ refusing by name (400 + `param`) anything the adapter cannot honour. A `Run` the
 request's resources (in-flight ticket, admission slot, timer) and releases them exactly once in
 `close()`, which every path reaches: normal end, error, client disconnect, unload.
 
+Structured output (`schemas.structured`) and tools (`schemas.tools`) become one decoding
+constraint on the `GenerationRequest`; a forced tool call's answer (that constraint's JSON) is
+turned into `tool_calls` here, in `_tool_frames` and `_tool_choice`, off the plain-text path.
+
 Hooks (hooks/, configured in adapters.yaml): `before_request` runs after the request is built
 and before admission, so a refused request never takes a slot; `on_chunk` wraps the adapter's
 stream (streamed and whole responses alike); `after_response` is queued from `close()`. With no
@@ -28,6 +32,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, S
 from typing import Any, get_args
 
 import anyio
+import attrs
 from litestar import Request
 from litestar.types import Receive
 
@@ -48,7 +53,15 @@ from schemas.errors import (
     WrapperError,
 )
 from schemas.features import chat_request_features
-from schemas.generation import GenerationRequest, Message, Role, SamplingOptions, TokenDelta
+from schemas.generation import (
+    GenerationRequest,
+    Message,
+    Role,
+    SamplingOptions,
+    StructuredOutput,
+    TokenDelta,
+    Tool,
+)
 from schemas.openai import (
     CHAT_REQUEST_FIELDS,
     AssistantMessage,
@@ -57,7 +70,10 @@ from schemas.openai import (
     Choice,
     Usage,
 )
+from schemas.structured import from_request as structured_from_request
 from schemas.suggest import NAME_LIMIT, closest
+from schemas.tools import ToolMode, call_id, history_calls, parse_output, wire_calls
+from schemas.tools import from_request as tools_from_request
 from service.admission import Admission, Slot, shutting_down
 from service.aio import shielded
 from service.context import RequestContext
@@ -162,11 +178,14 @@ class ChatServing:
                 param="response_format",
             )
         backend = loaded.plan.backend.name
+        check_tool_features(req, caps, backend)
         for feature, param in chat_request_features(req):
             if feature not in caps.features:
                 raise UnsupportedParameterError(
                     f"{param} is not supported by backend '{backend}'", param=param
                 )
+        # after the capability check: a backend without the feature refuses it by name first
+        structured, tools = constraint_of(req)
         if req.modalities not in (None, ["text"]):
             raise UnsupportedParameterError(
                 "only the text modality is supported", param="modalities"
@@ -237,8 +256,21 @@ class ChatServing:
             logprobs=req.logprobs,
             top_logprobs=req.top_logprobs,
         )
-        messages = tuple(Message(m.role, m.text(), m.name) for m in req.messages)
-        return GenerationRequest(request_id, messages, sampling, served)
+        messages = tuple(
+            Message(m.role, m.text(), m.name)
+            if m.tool_calls is None and m.tool_call_id is None
+            else Message(
+                m.role,
+                m.text(),
+                m.name,
+                history_calls(i, m.tool_calls) if m.tool_calls is not None else (),
+                m.tool_call_id,
+            )
+            for i, m in enumerate(req.messages)
+        )
+        return GenerationRequest(
+            request_id, messages, sampling, served, structured=structured, tools=tools
+        )
 
     def check_amended(  # noqa: C901, PLR0912  (one flat list of limits)
         self, old: GenerationRequest, new: GenerationRequest, loaded: LoadedModel
@@ -246,6 +278,8 @@ class ChatServing:
         """A hook's amended request must keep within what `build` allows; ValueError if not."""
         if new.request_id != old.request_id or new.model != old.model:
             raise ValueError("a hook may not change the request id or the model")
+        if new.structured != old.structured:
+            raise ValueError("a hook may not change the structured-output constraint")
         if new.prompt != old.prompt and not (
             isinstance(new.prompt, str)
             and isinstance(old.prompt, str)
@@ -428,6 +462,7 @@ class Run:
         self.chain = chain
         self.call = call
         self.error: ErrorDetail | None = None
+        self.tool_mode, self.tool_name = _tool_mode(req, gen)
         # text as sent, per choice: kept only when an after_response hook will read it
         self.sent: list[list[str]] | None = (
             [[] for _ in range(n)] if chain and chain.after else None
@@ -568,6 +603,10 @@ class Run:
 
     async def frames(self) -> AsyncIterator[bytes]:
         """The SSE body: token frames, finish chunks, optional usage chunk, `[DONE]`."""
+        if self.tool_mode is not None:
+            async for chunk in self._tool_frames():
+                yield chunk
+            return
         include_usage = bool(self.req.stream_options and self.req.stream_options.include_usage)
         enc = ChunkEncoder(self.completion_id, self.created, self.model, include_usage)
         n = self.gen.sampling.n
@@ -640,6 +679,72 @@ class Run:
             yield error_event(ErrorDetail(err.message, err.error_type, err.param, err.code))
         yield DONE
 
+    async def _tool_frames(self) -> AsyncIterator[bytes]:  # noqa: C901, PLR0912, PLR0915
+        """The SSE body of a forced tool call (`required` or named), as vLLM streams it.
+
+        Named: the call's id, type and name on the first delta, then the arguments as the engine
+        makes them. Required: the answer is a JSON array of calls, sent as `tool_calls` deltas
+        once complete (a role delta goes first, at the first token). Text that never became
+        complete JSON (cut by max_tokens) is sent as content.
+        """
+        include_usage = bool(self.req.stream_options and self.req.stream_options.include_usage)
+        enc = ChunkEncoder(self.completion_id, self.created, self.model, include_usage)
+        n = self.gen.sampling.n
+        named = self.tool_mode == "named"
+        texts: list[list[str]] = [[] for _ in range(n)]
+        started = [False] * n
+        ids = [call_id() for _ in range(n)]
+        frame = self.timer.frame
+        try:
+            agen = await self._start()
+            try:
+                async for delta in agen:
+                    if self.ctx.cut:
+                        return
+                    self._observe(delta)
+                    i = delta.index
+                    if delta.text:
+                        texts[i].append(delta.text)
+                    if not named and not started[i] and delta.token_count:
+                        started[i] = True
+                        frame()
+                        yield enc.delta(i, None, role=True)
+                    elif named and delta.text:
+                        fn: dict[str, Any] = {"arguments": delta.text}
+                        call: dict[str, Any] = {"index": 0, "function": fn}
+                        if not started[i]:
+                            call.update(id=ids[i], type="function")
+                            fn["name"] = self.tool_name
+                        frame()
+                        yield enc.tool_calls(i, [call], role=not started[i])
+                        started[i] = True
+            finally:
+                await shielded(agen.aclose())
+            self._check_end()
+            self.status = "ok"
+            metrics = self._metrics()
+            for i in range(n):
+                reason = self.finish[i] or "stop"
+                if not named:
+                    calls = parse_output("".join(texts[i]), "required", None)
+                    if calls:
+                        yield enc.tool_calls(i, wire_calls(calls, indexed=True))
+                        reason = "tool_calls" if reason == "stop" else reason
+                    elif texts[i]:
+                        yield enc.delta(i, "".join(texts[i]))
+                yield enc.finish(
+                    i,
+                    reason,
+                    role=not started[i],
+                    metrics=metrics if i == n - 1 and not include_usage else None,
+                )
+            if include_usage:
+                yield enc.usage(self._usage(), metrics)
+        except Exception as exc:
+            err = self._fail(exc)
+            yield error_event(ErrorDetail(err.message, err.error_type, err.param, err.code))
+        yield DONE
+
     # --- non-streaming -------------------------------------------------------------------------
 
     async def _collect(self) -> ChatCompletion:
@@ -676,10 +781,25 @@ class Run:
             )
             for i in range(n)
         ]
+        if self.tool_mode is not None:
+            choices = [self._tool_choice(c) for c in choices]
         usage = Usage(**self._usage())
         return ChatCompletion(
             self.completion_id, "chat.completion", self.created, self.model, choices, usage, metrics
         )
+
+    def _tool_choice(self, choice: Choice) -> Choice:
+        """A forced tool call's choice: its JSON as `tool_calls` (vLLM's shape and reasons)."""
+        text = choice.message.content or ""
+        calls = parse_output(text, self.tool_mode or "required", self.tool_name)
+        if calls is None:  # cut before the JSON was complete: the text as it is, no calls
+            return attrs.evolve(choice, message=attrs.evolve(choice.message, tool_calls=[]))
+        message = attrs.evolve(choice.message, content="", tool_calls=wire_calls(calls))
+        reason = choice.finish_reason
+        # vLLM: "tool_calls" for required; a named function keeps the engine's reason
+        if self.tool_mode == "required" and reason == "stop":
+            reason = "tool_calls"
+        return attrs.evolve(choice, message=message, finish_reason=reason)
 
     async def complete(self, receive: Receive) -> ChatCompletion:
         """Run to the end, unless the client goes away first (then stop the engine's work)."""
@@ -744,6 +864,75 @@ class Run:
             tags=dict(call.tags) if call is not None else {},
             error=self.error,
         )
+
+
+def constraint_of(req: ChatCompletionRequest) -> tuple[StructuredOutput | None, tuple[Tool, ...]]:
+    """The request's one decoding constraint (structured output or forced tool calls); its tools."""
+    structured = structured_from_request(req.response_format, req.structured_outputs)
+    plan = tools_from_request(req.tools, req.tool_choice, req.parallel_tool_calls)
+    if plan is None:
+        return structured, ()
+    if plan.structured is not None:
+        if req.stream and req.logprobs:
+            # the streamed tool_calls deltas carry no logprobs (nor do vLLM's)
+            raise UnsupportedParameterError(
+                "logprobs cannot be streamed with a forced tool call", param="logprobs"
+            )
+        if structured is not None:
+            raise InvalidRequestError(
+                "response_format/structured_outputs cannot be combined with tool_choice"
+                " 'required' or a named function (both constrain the whole answer)",
+                param="tool_choice",
+            )
+        structured = plan.structured
+    return structured, plan.tools
+
+
+def _tool_mode(
+    req: ChatCompletionRequest | CompletionRequest, gen: GenerationRequest
+) -> tuple[ToolMode | None, str]:
+    """Whether the answer is a forced tool call (its constraint came from `tool_choice`)."""
+    if (
+        not isinstance(req, ChatCompletionRequest)
+        or gen.structured is None
+        or gen.structured.param != "tool_choice"
+    ):
+        return None, ""
+    if req.tool_choice == "required":
+        return "required", ""
+    return "named", str(req.tool_choice["function"]["name"])
+
+
+def check_tool_features(req: ChatCompletionRequest, caps: Capabilities, backend: str) -> None:
+    """Tool fields the backend cannot honour, refused by name with what does work."""
+    features = caps.features
+    if (
+        req.tools
+        and req.tool_choice in (None, "auto")
+        and "tools" in features  # else `tools` itself is refused by name
+        and "tool_choice.auto" not in features
+    ):
+        works = [
+            f"'{name}'"
+            for name, feature in (("required", "tool_choice.required"),
+                                  ("a named function", "tool_choice.named"))
+            if feature in features
+        ]  # fmt: skip
+        hint = f"; {' and '.join(works)} work (enforced by structured output)" if works else ""
+        raise UnsupportedParameterError(
+            f"tool_choice 'auto' (the default with tools) needs a tool parser, and backend"
+            f" '{backend}' has none configured{hint}",
+            param="tool_choice",
+        )
+    if "tools" not in features:
+        for i, m in enumerate(req.messages):
+            if m.tool_calls is not None or m.tool_call_id is not None:
+                param = (
+                    f"messages[{i}].{'tool_calls' if m.tool_calls is not None else 'tool_call_id'}"
+                )
+                raise UnsupportedParameterError(
+                    f"{param}: tool calls are not supported by backend '{backend}'", param=param
+                )
 
 
 def with_text(delta: TokenDelta, text: str, reasoning: str) -> TokenDelta:

@@ -91,6 +91,21 @@ class ChunkEncoder:
             + self._tail
         )
 
+    def tool_calls(self, index: int, calls: list[dict[str, Any]], *, role: bool = False) -> bytes:
+        """A chunk carrying `tool_calls` deltas (off the text path: tool answers only)."""
+        delta = (
+            (b'{"role":"assistant",' if role else b"{") + b'"tool_calls":' + _encode(calls) + b"}"
+        )
+        return (
+            self._head
+            + b',"choices":[{"index":'
+            + str(index).encode()
+            + b',"delta":'
+            + delta
+            + b',"logprobs":null,"finish_reason":null}]'
+            + self._tail
+        )
+
     def finish(
         self, index: int, reason: str, *, role: bool = False, metrics: dict[str, Any] | None = None
     ) -> bytes:

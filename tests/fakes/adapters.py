@@ -3,7 +3,8 @@
 `CrashingAdapter` fails its load with an engine-style exception whose text quotes the injected
 HF_TOKEN (the way a real HTTP client error quotes a URL with a token in it), so tests can prove
 the text is masked everywhere and the manager cleans up. `ReasoningEchoAdapter` is echo with
-reasoning on, for the `reasoning_content` rules.
+reasoning on, for the `reasoning_content` rules. `ConstrainedEchoAdapter`
+declares the structured-output features, for the service's checks of them.
 """
 
 from __future__ import annotations
@@ -101,3 +102,40 @@ class NoisyAdapter(CrashingAdapter):
         )
         await asyncio.wait_for(child.wait(), 30)
         return LoadInfo()
+
+
+class ConstrainedEchoAdapter(EchoAdapter):
+    """Echo that declares the structured-output and forced-tool features, for the service's checks.
+
+    It does not constrain anything (echo has no sampler): it keeps the last request's
+    `structured` so a test can see what the service built from the request's fields.
+    """
+
+    last: ClassVar[list[GenerationRequest]] = []
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """Echo's, plus the structured-output features."""
+        return attrs.evolve(
+            super().capabilities,
+            features=frozenset(
+                {
+                    "response_format.json_object",
+                    "response_format.json_schema",
+                    "structured_outputs.json",
+                    "structured_outputs.regex",
+                    "structured_outputs.choice",
+                    "structured_outputs.grammar",
+                    "tools",
+                    "tool_choice.required",
+                    "tool_choice.named",
+                    "parallel_tool_calls",
+                }
+            ),
+        )
+
+    async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenDelta]:
+        """Echo, after noting the request."""
+        type(self).last[:] = [req]
+        async for delta in super().generate(req):
+            yield delta
