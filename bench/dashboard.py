@@ -504,6 +504,8 @@ def _format(unit: str) -> Callable[[float, Any], str]:
     return fmt
 
 
+#: Grafana's classic palette
+PALETTE = ("#73bf69", "#f2cc0c", "#8ab8ff", "#ff780a", "#f2495c", "#5794f2", "#b877d9", "#705da0")
 STATE_COLOURS = {
     "empty": "#8e8e8e",
     "loading": "#ff9830",
@@ -569,7 +571,7 @@ def draw(
                 va="center",
             )
             continue
-        ax = fig.add_axes((x0 + 0.035, y0 + 0.035, w - 0.05, h - 0.075), facecolor="#181b1f")
+        ax = fig.add_axes((x0 + 0.035, y0 + 0.035, w - 0.07, h - 0.075), facecolor="#181b1f")
         ax.set_title(panel["title"], color="#d8d9da", fontsize=10, loc="left")
         ax.tick_params(colors="#a0a0a0", labelsize=8)
         for spine in ax.spines.values():
@@ -607,14 +609,18 @@ def draw(
             ax.set_ylim(-0.6, len(names) - 0.4)
             continue
         axes = {"left": ax}
-        for name, (times, values) in sorted(finite.items(), key=lambda kv: kv[0]):
+        peak: dict[str, float] = {}
+        for n, (name, (times, values)) in enumerate(sorted(finite.items())):
             unit, placement = field_config(panel, name)
             if placement not in axes:
                 axes[placement] = ax.twinx()
                 axes[placement].tick_params(colors="#a0a0a0", labelsize=8)
             target = axes[placement]
-            target.plot(times, values, linewidth=1.4, label=name)
+            # one colour sequence per panel, whichever axis a series is on (as Grafana does)
+            target.plot(times, values, linewidth=1.4, label=name, color=PALETTE[n % len(PALETTE)])
             target.yaxis.set_major_formatter(FuncFormatter(_format(unit)))
+            finite_values = [v for v in values if math.isfinite(v)]
+            peak[placement] = max([peak.get(placement, 0.0), *finite_values])
         handles = [line for a in axes.values() for line in a.get_lines()]
         ax.legend(
             handles=handles,
@@ -624,9 +630,10 @@ def draw(
             edgecolor="#2c3235",
             labelcolor="#d8d9da",
         )
-        for a in axes.values():
+        for placement, a in axes.items():
+            # a flat zero (no pressure, no leak) is drawn on 0..1, not on a range of +-0.04
             lo, hi = a.get_ylim()
-            a.set_ylim(min(lo, 0), hi)
+            a.set_ylim(min(lo, 0), hi if peak.get(placement, 0.0) > 0 else 1.0)
     fig.text(
         0.5, 0.004, "time since the first scrape (s)", color="#a0a0a0", ha="center", fontsize=9
     )
