@@ -63,7 +63,7 @@ REQUIREMENTS = {
 BUILD_TIMEOUT_S = {"transformers": 900, "vllm": 2400}[ENGINES]
 #: start to /ready: ~35 s with transformers, vLLM adds its import and engine start
 READY_TIMEOUT_S = {"transformers": 180, "vllm": 600}[ENGINES]
-#: measured: 1.8 GB and 4.2 GB (README, "Deploy")
+#: measured: 1.8 GB and 3.1 GB (README, "Deploy")
 MAX_SIZE_MB = {"transformers": 2500, "vllm": 5500}[ENGINES]
 CHROOT = shutil.which("chroot") or "/usr/sbin/chroot"
 SOURCES = (
