@@ -19,32 +19,12 @@ from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 from attrs import field, frozen
 
 from adapters.kit.errors import no_mask
+from adapters.kit.sampling import SAMPLING_FIELDS as SAMPLING_FIELDS  # noqa: PLC0414 (re-export)
 from schemas.errors import ParamsValidationError
 from schemas.generation import GenerationRequest, Message, TokenDelta
 
 ParamsT = TypeVar("ParamsT")
 ParamsT_contra = TypeVar("ParamsT_contra", contravariant=True)
-
-#: names of `SamplingOptions` fields an adapter may declare it honours
-SAMPLING_FIELDS = frozenset(
-    {
-        "temperature",
-        "top_p",
-        "top_k",
-        "min_p",
-        "seed",
-        "stop",
-        "stop_token_ids",
-        "ignore_eos",
-        "min_tokens",
-        "presence_penalty",
-        "frequency_penalty",
-        "repetition_penalty",
-        "n",
-        "logprobs",
-        "top_logprobs",
-    }
-)
 
 
 @frozen

@@ -29,6 +29,7 @@ from attrs import field, frozen
 
 from adapters.base import BaseAdapter, Capabilities, EngineStats, LoadInfo
 from adapters.kit import clean_error_text, no_mask
+from adapters.kit.sampling import OPENAI_FIELDS, VLLM_EXTENSION_FIELDS
 from schemas.errors import (
     EngineError,
     InvalidRequestError,
@@ -41,13 +42,8 @@ from schemas.errors import (
 from schemas.generation import FinishReason, GenerationRequest, TokenDelta
 from schemas.validators import in_range, max_length
 
-#: OpenAI's own sampling parameters; vLLM's extensions are added with `vllm_extensions`
-_OPENAI_SAMPLING = frozenset(
-    {"temperature", "top_p", "seed", "stop", "presence_penalty", "frequency_penalty", "n"}
-)
-_VLLM_SAMPLING = frozenset(
-    {"top_k", "min_p", "repetition_penalty", "ignore_eos", "min_tokens", "stop_token_ids"}
-)
+_OPENAI_SAMPLING = OPENAI_FIELDS
+_VLLM_SAMPLING = VLLM_EXTENSION_FIELDS
 
 
 @frozen

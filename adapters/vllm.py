@@ -37,7 +37,6 @@ import warnings
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
-import psutil
 from attrs import define, field, frozen
 
 from adapters.base import (
@@ -68,6 +67,8 @@ from adapters.kit import (
 )
 from adapters.kit.context import context_exceeded, fit_max_tokens
 from adapters.kit.models import check_reachable
+from adapters.kit.processes import child_pids as _child_pids
+from adapters.kit.processes import reap as _reap
 from schemas.errors import (
     ConflictError,
     EngineError,
@@ -669,17 +670,6 @@ def _start_failure(exc: BaseException, causes: Sequence[str]) -> str:
 # --- processes ------------------------------------------------------------------------------------
 
 
-def _child_pids() -> set[int]:
-    """Our descendant processes, minus multiprocessing's resource tracker (it outlives engines)."""
-    pids: set[int] = set()
-    for child in psutil.Process().children(recursive=True):
-        with contextlib.suppress(psutil.Error):
-            if "multiprocessing.resource_tracker" in " ".join(child.cmdline()):
-                continue
-            pids.add(child.pid)
-    return pids
-
-
 def _close_zmq_context(engine: Any) -> None:
     """Close the ZeroMQ context the engine client made and never terminates.
 
@@ -717,22 +707,6 @@ def _release(exc: BaseException) -> None:
             current.__traceback__ = None
             current = current.__cause__ or current.__context__
         gc.collect()
-
-
-def _reap(pids: set[int], timeout: float) -> list[int]:
-    """Wait up to `timeout` s for `pids` to exit, then kill what is left; return the killed pids."""
-    procs: list[psutil.Process] = []
-    for pid in pids:
-        with contextlib.suppress(psutil.Error):
-            procs.append(psutil.Process(pid))
-    if not procs:
-        return []
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    for proc in alive:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-    psutil.wait_procs(alive, timeout=5)
-    return [p.pid for p in alive]
 
 
 # --- the adapter ----------------------------------------------------------------------------------
