@@ -18,8 +18,8 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
-from typing import Any, ClassVar
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
 
 from attrs import evolve, field, frozen
 
@@ -66,10 +66,10 @@ _CHILD = (
 )
 
 
-class EchoAdapter(BaseAdapter):
+class EchoAdapter(BaseAdapter[EchoParams]):
     """Echoes the last user message; see the module docstring."""
 
-    params_type: ClassVar[type[Any]] = EchoParams
+    params_type = EchoParams
 
     def __init__(self, context: Any) -> None:
         super().__init__(context)
@@ -92,16 +92,16 @@ class EchoAdapter(BaseAdapter):
             max_context=self.params.max_context,
         )
 
-    def check(self, model: str, params: Any) -> None:
+    def check(self, model: str, params: EchoParams) -> None:
         """Any model name is fine: echo loads nothing."""
 
-    def estimate_memory(self, model: str, params: Any) -> MemoryEstimate | None:
+    def estimate_memory(self, model: str, params: EchoParams) -> MemoryEstimate | None:
         """Only what `claims_memory_mib` says (echo itself needs nothing)."""
         if params.claims_memory_mib is None:
             return None
         return MemoryEstimate(host_mib=params.claims_memory_mib, basis="claims_memory_mib param")
 
-    async def load(self, model: str, params: Any) -> LoadInfo:
+    async def load(self, model: str, params: EchoParams) -> LoadInfo:
         """Pretend to load: wait `load_delay_ms`, fail if asked to."""
         started = time.perf_counter()
         self.params = params
@@ -125,7 +125,7 @@ class EchoAdapter(BaseAdapter):
             engine_pids=pids,
         )
 
-    async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenDelta]:
+    async def generate(self, req: GenerationRequest) -> AsyncGenerator[TokenDelta, None]:
         """Yield the last user message token by token, for each of `n` choices."""
         user = next((m.content for m in reversed(req.messages) if m.role == "user"), "")
         source = _TOKEN.findall(user)

@@ -19,8 +19,8 @@ redirects (they could leave the allowlist).
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any, ClassVar
+from collections.abc import AsyncGenerator, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -93,10 +93,10 @@ def _check_url(base_url: str, allowed: tuple[str, ...]) -> httpx.URL:
     return httpx.URL(base_url.rstrip("/") + "/")
 
 
-class OpenAIUpstreamAdapter(BaseAdapter):
+class OpenAIUpstreamAdapter(BaseAdapter[OpenAIUpstreamParams]):
     """Forwards chat completions to an allowed OpenAI-compatible server."""
 
-    params_type: ClassVar[type[Any]] = OpenAIUpstreamParams
+    params_type = OpenAIUpstreamParams
 
     def __init__(self, context: Any) -> None:
         super().__init__(context)
@@ -120,7 +120,7 @@ class OpenAIUpstreamAdapter(BaseAdapter):
             max_context=self._max_context,
         )
 
-    def check(self, model: str, params: Any) -> None:
+    def check(self, model: str, params: OpenAIUpstreamParams) -> None:
         """The host must be allowed; the model is the upstream's name for it."""
         if not model.strip():
             raise ParamsValidationError(
@@ -147,7 +147,7 @@ class OpenAIUpstreamAdapter(BaseAdapter):
             )
         return key
 
-    async def load(self, model: str, params: Any) -> LoadInfo:
+    async def load(self, model: str, params: OpenAIUpstreamParams) -> LoadInfo:
         """Open a pooled client and ask the upstream's /models (connectivity and key check)."""
         started = time.perf_counter()
         base = _check_url(params.base_url, self.context.allowed_hosts)
@@ -225,7 +225,7 @@ class OpenAIUpstreamAdapter(BaseAdapter):
         body.update({k: v for k, v in optional.items() if v is not None})
         return body
 
-    async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenDelta]:
+    async def generate(self, req: GenerationRequest) -> AsyncGenerator[TokenDelta, None]:
         """POST a streaming request and translate its chunks into deltas."""
         client = self._client
         if client is None:

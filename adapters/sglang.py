@@ -384,10 +384,10 @@ def finish_reason(
     return "stop", matched if isinstance(matched, str | int) else None
 
 
-class SglangAdapter(BaseAdapter):
+class SglangAdapter(BaseAdapter[SglangParams]):
     """SGLang's offline `Engine` in this process; its scheduler runs in processes of its own."""
 
-    params_type: ClassVar[type[Any]] = SglangParams
+    params_type = SglangParams
     #: the `extra` allowlist (DeepSeek applies it to its nested params too)
     extra_policy: ClassVar[ParamPolicy] = SGLANG_EXTRA
 
@@ -463,13 +463,13 @@ class SglangAdapter(BaseAdapter):
 
     # --- lifecycle ---------------------------------------------------------------------------
 
-    def check(self, model: str, params: Any) -> None:
+    def check(self, model: str, params: SglangParams) -> None:
         """Model reference (bundled names too), registry gates and the `extra` allowlist."""
         check_model_source(model, self.context)
         check_trust_remote_code(params, self.context)
         SGLANG_EXTRA.check(params.extra, allow=self.context.extra_allow)
 
-    async def load(self, model: str, params: Any) -> LoadInfo:
+    async def load(self, model: str, params: SglangParams) -> LoadInfo:
         """Resolve the model, import sglang, build the engine off the event loop, take its loop."""
         if self._engine is not None:
             raise ConflictError("an sglang model is already loaded; unload it first")

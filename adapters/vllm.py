@@ -730,10 +730,10 @@ _OPENAI_DEFAULTS: Mapping[str, float | int] = {
 }
 
 
-class VllmAdapter(BaseAdapter):
+class VllmAdapter(BaseAdapter[VllmParams]):
     """vLLM's `AsyncLLM` behind the adapter contract; see the module docstring."""
 
-    params_type: ClassVar[type[Any]] = VllmParams
+    params_type = VllmParams
     #: the `extra` allowlist (DeepSeek applies it to its nested params too)
     extra_policy: ClassVar[ParamPolicy] = VLLM_EXTRA
 
@@ -782,7 +782,7 @@ class VllmAdapter(BaseAdapter):
         )
         return str(text)
 
-    def check(self, model: str, params: Any) -> None:
+    def check(self, model: str, params: VllmParams) -> None:
         """Model reference, registry gates and `extra` keys, without importing vLLM."""
         check_model_source(model, self.context)
         ref = parse_model_ref(model, self.context)
@@ -790,7 +790,7 @@ class VllmAdapter(BaseAdapter):
         check_trust_remote_code(params, self.context)
         check_extra(params.extra, self.context.extra_allow)
 
-    async def load(self, model: str, params: Any) -> LoadInfo:
+    async def load(self, model: str, params: VllmParams) -> LoadInfo:
         """Import vLLM, start the engine, warm it up; on failure leave nothing running."""
         if self._engine is not None or self._pending is not None:
             raise ConflictError("a vllm model is already loaded; unload it first")
