@@ -25,8 +25,9 @@ from attrs import evolve, field, frozen
 
 from adapters.base import BaseAdapter, Capabilities, LoadInfo, MemoryEstimate
 from adapters.kit.context import fit_max_tokens
+from adapters.kit.errors import clean_error_text
 from adapters.text import StopMatcher
-from schemas.errors import EngineError
+from schemas.errors import ConflictError, EngineError, ServiceUnavailableError
 from schemas.generation import GenerationRequest, TokenDelta
 from schemas.validators import in_range
 
@@ -80,6 +81,7 @@ class EchoAdapter(BaseAdapter[EchoParams]):
         self.finished: list[tuple[str, str]] = []
         """(request id, how it ended) for every generation, in order: complete/cancelled/aborted."""
         self.child: subprocess.Popen[bytes] | None = None
+        self._loaded = False
 
     @property
     def capabilities(self) -> Capabilities:
@@ -102,14 +104,16 @@ class EchoAdapter(BaseAdapter[EchoParams]):
         return MemoryEstimate(host_mib=params.claims_memory_mib, basis="claims_memory_mib param")
 
     async def load(self, model: str, params: EchoParams) -> LoadInfo:
-        """Pretend to load: wait `load_delay_ms`, fail if asked to."""
+        """Pretend to load: wait `load_delay_ms`, fail if asked to; refuse a second load."""
+        if self._loaded:
+            raise ConflictError("a model is loaded; unload it first")
         started = time.perf_counter()
         self.params = params
         self._closing = asyncio.Event()
         if params.load_delay_ms:
             await asyncio.sleep(params.load_delay_ms / 1000)
         if params.fail_on_load is not None:
-            raise EngineError(params.fail_on_load)
+            raise EngineError(clean_error_text(params.fail_on_load, self.context.mask))
         pids: tuple[int, ...] = ()
         if params.spawn_child:
             # S603: our own interpreter running fixed code; ASYNC220: Popen returns at once,
@@ -118,6 +122,7 @@ class EchoAdapter(BaseAdapter[EchoParams]):
                 [sys.executable, "-c", _CHILD], stdin=subprocess.DEVNULL
             )
             pids = (self.child.pid,)
+        self._loaded = True
         return LoadInfo(
             init_s=time.perf_counter() - started,
             max_context=params.max_context,
@@ -127,6 +132,8 @@ class EchoAdapter(BaseAdapter[EchoParams]):
 
     async def generate(self, req: GenerationRequest) -> AsyncGenerator[TokenDelta, None]:
         """Yield the last user message token by token, for each of `n` choices."""
+        if not self._loaded:
+            raise ServiceUnavailableError("no model is loaded")
         user = next((m.content for m in reversed(req.messages) if m.role == "user"), "")
         source = _TOKEN.findall(user)
         prompt_tokens = sum(len(_TOKEN.findall(m.content)) + 1 for m in req.messages)
@@ -195,6 +202,7 @@ class EchoAdapter(BaseAdapter[EchoParams]):
     async def unload(self) -> None:
         """End in-flight generations (they finish with `abort`); stop and reap the child."""
         self._closing.set()
+        self._loaded = False
         child, self.child = self.child, None
         if child is not None:
             child.kill()

@@ -93,6 +93,7 @@ from schemas.errors import (
     EngineError,
     InvalidRequestError,
     ParamsValidationError,
+    ServiceUnavailableError,
 )
 from schemas.generation import FinishReason, GenerationRequest, Message, TokenDelta
 from schemas.validators import FieldValueError, in_range, max_length
@@ -440,7 +441,7 @@ class SglangAdapter(BaseAdapter[SglangParams]):
     def render_prompt(self, messages: Sequence[Message]) -> str:
         """The prompt text the model's chat template makes of `messages`, generation prompt on."""
         if self._tokenizer is None:
-            raise EngineError("no sglang model is loaded")
+            raise ServiceUnavailableError("no sglang model is loaded")
         conversation = []
         for message in messages:
             # chat templates know "system"; OpenAI's "developer" role means the same thing
@@ -593,7 +594,7 @@ class SglangAdapter(BaseAdapter[SglangParams]):
         """Stream one choice; closing or cancelling this generator aborts the sglang request."""
         engine = self._engine
         if engine is None or self._tokenizer is None:
-            raise EngineError("no sglang model is loaded")
+            raise ServiceUnavailableError("no sglang model is loaded")
         prompt_ids = list(
             self._tokenizer.encode(self.render_prompt(req.messages), add_special_tokens=False)
         )
