@@ -38,7 +38,7 @@ PRESET ?= smollm2-135m
 endif
 
 .PHONY: help serve test lint typecheck pytest prepare-model install-serve install-vllm install-test \
-	install-llamacpp \
+	install-llamacpp bench-llamacpp \
 	install-base clean gpu-bundle image image-wheels base-image bench
 
 help:
@@ -85,11 +85,12 @@ $(VENV)/.test-deps: pyproject.toml $(VENV)/.serve-deps
 # minutes on 2 cores, so not part of install-test). The default build detects the build machine's
 # CPU and emits instructions (AVX-VNNI) this VM's CPU rejects with SIGILL; these flags pin a
 # portable AVX2 build instead. Its tests and the llamacpp backend need it; without it they skip
-# with that reason.
+# with that reason. LLAVA_BUILD=OFF skips the multimodal library (about half the sources), which
+# the text-only adapter never loads (llama_cpp imports it lazily, for image chat handlers only).
 LLAMACPP := llama-cpp-python==0.3.36
 LLAMACPP_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
 	-DGGML_AVX_VNNI=OFF -DGGML_AVX512=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
+	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAVA_BUILD=OFF
 $(VENV)/.llamacpp-deps: $(VENV)/.serve-deps
 	$(PHASE)"building $(LLAMACPP) from source (CPU, AVX2; about LLAMACPP_BUILD_MIN minutes on 2 cores)"
 	CMAKE_ARGS="$(LLAMACPP_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
@@ -184,6 +185,10 @@ $(VENV)/.bench-deps: pyproject.toml | $(BIN)/python
 
 bench: $(VENV)/.bench-deps
 	$(BIN)/python -m bench.overhead
+
+# llama.cpp through the wrapper vs driven directly (bench/llamacpp.py; about a minute)
+bench-llamacpp: $(VENV)/.llamacpp-deps prepare-model
+	$(BIN)/python -m bench.llamacpp
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
