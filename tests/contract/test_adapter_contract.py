@@ -187,7 +187,7 @@ CASES = [
     ),
     Case(
         "llamacpp", "adapters.llamacpp", "LlamaCppAdapter", "bundled:smollm2-135m",
-        {"max_model_len": CONTEXT, "n_threads": 2}, {"ignore_eos": True}, _fail_llamacpp,
+        {"max_model_len": CONTEXT, "n_threads": 1}, {"ignore_eos": True}, _fail_llamacpp,
         _idle_by_stats, needs="llama_cpp", marks=(pytest.mark.engine,),
     ),
     Case(
