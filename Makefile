@@ -81,7 +81,7 @@ $(VENV)/.test-deps: pyproject.toml $(VENV)/.serve-deps
 	$(PIP) uninstall -y torchvision torchaudio torchcodec triton $(QUIET)
 	touch $@
 
-# llama-cpp-python has no wheel for this platform on PyPI: it is compiled (about LLAMACPP_BUILD_MIN
+# llama-cpp-python has no wheel for this platform on PyPI: it is compiled (about 60
 # minutes on 2 cores, so not part of install-test). The default build detects the build machine's
 # CPU and emits instructions (AVX-VNNI) this VM's CPU rejects with SIGILL; these flags pin a
 # portable AVX2 build instead. Its tests and the llamacpp backend need it; without it they skip
@@ -92,7 +92,7 @@ LLAMACPP_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -
 	-DGGML_AVX_VNNI=OFF -DGGML_AVX512=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
 	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAVA_BUILD=OFF
 $(VENV)/.llamacpp-deps: $(VENV)/.serve-deps
-	$(PHASE)"building $(LLAMACPP) from source (CPU, AVX2; about LLAMACPP_BUILD_MIN minutes on 2 cores)"
+	$(PHASE)"building $(LLAMACPP) from source (CPU, AVX2; about 60 minutes on 2 cores)"
 	CMAKE_ARGS="$(LLAMACPP_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
 	  $(PIP_SHOW_INSTALL) --no-binary llama-cpp-python $(LLAMACPP) $(SHOWN)
 	touch $@
