@@ -38,6 +38,7 @@ PRESET ?= smollm2-135m
 endif
 
 .PHONY: help serve test lint typecheck pytest prepare-model install-serve install-vllm install-test \
+	install-llamacpp bench-llamacpp \
 	install-base clean gpu-bundle image image-wheels base-image image-smoke bench parity
 
 help:
@@ -48,6 +49,7 @@ help:
 	@echo "make image               - build the CPU container image (deploy/Dockerfile.cpu, with vLLM)"
 	@echo "make image-smoke         - serve a chat from inside the image make image built (root, podman)"
 	@echo "make parity              - the wrapper vs vLLM's own server, same requests (report)"
+	@echo "make install-llamacpp    - build llama-cpp-python from source (the llamacpp backend)"
 
 $(BIN)/python:
 	$(PHASE)"creating the virtual environment $(VENV)"
@@ -81,6 +83,23 @@ $(VENV)/.test-deps: pyproject.toml $(VENV)/.serve-deps
 	$(PIP) uninstall -y torchvision torchaudio torchcodec triton $(QUIET)
 	touch $@
 
+# llama-cpp-python has no wheel for this platform on PyPI: it is compiled (about 60
+# minutes on 2 cores, so not part of install-test). The default build detects the build machine's
+# CPU and emits instructions (AVX-VNNI) this VM's CPU rejects with SIGILL; these flags pin a
+# portable AVX2 build instead. Its tests and the llamacpp backend need it; without it they skip
+# with that reason. LLAVA_BUILD=OFF skips the multimodal library (about half the sources), which
+# the text-only adapter never loads (llama_cpp imports it lazily, for image chat handlers only).
+LLAMACPP := llama-cpp-python==0.3.36
+LLAMACPP_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+	-DGGML_AVX_VNNI=OFF -DGGML_AVX512=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAVA_BUILD=OFF
+$(VENV)/.llamacpp-deps: $(VENV)/.serve-deps
+	$(PHASE)"building $(LLAMACPP) from source (CPU, AVX2; about 60 minutes on 2 cores)"
+	CMAKE_ARGS="$(LLAMACPP_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	  $(PIP_SHOW_INSTALL) --no-binary llama-cpp-python $(LLAMACPP) $(SHOWN)
+	touch $@
+
+install-llamacpp: $(VENV)/.llamacpp-deps
 install-base: $(VENV)/.base-deps
 install-serve: $(VENV)/.serve-deps
 install-vllm: $(VENV)/.vllm-deps
@@ -182,6 +201,9 @@ bench: $(VENV)/.bench-deps
 # on any difference
 parity: $(VENV)/.test-deps
 	$(BIN)/python -m bench.parity_vllm $(PARITY_ARGS)
+# llama.cpp through the wrapper vs driven directly (bench/llamacpp.py; about a minute)
+bench-llamacpp: $(VENV)/.llamacpp-deps prepare-model
+	$(BIN)/python -m bench.llamacpp
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

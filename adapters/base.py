@@ -12,40 +12,23 @@ write to `os.environ` (the registry's env scope owns that).
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 from attrs import field, frozen
 
 from adapters.kit.errors import no_mask
+from adapters.kit.sampling import SAMPLING_FIELDS as SAMPLING_FIELDS  # noqa: PLC0414 (re-export)
 from adapters.kit.tokens import TokenOps
 from schemas.errors import ParamsValidationError
 from schemas.generation import GenerationRequest, Message, TokenDelta
 
 ParamsT = TypeVar("ParamsT")
 ParamsT_contra = TypeVar("ParamsT_contra", contravariant=True)
-
-#: names of `SamplingOptions` fields an adapter may declare it honours
-SAMPLING_FIELDS = frozenset(
-    {
-        "temperature",
-        "top_p",
-        "top_k",
-        "min_p",
-        "seed",
-        "stop",
-        "stop_token_ids",
-        "ignore_eos",
-        "min_tokens",
-        "presence_penalty",
-        "frequency_penalty",
-        "repetition_penalty",
-        "n",
-        "logprobs",
-        "top_logprobs",
-    }
-)
+#: an adapter's params class (a frozen attrs class the registry structures loads into)
+P = TypeVar("P")
 
 
 @frozen
@@ -127,7 +110,9 @@ class EngineStats:
 class Adapter(Protocol[ParamsT_contra]):
     """One engine behind the uniform interface (see DESIGN.md, "Adapter contract")."""
 
-    params_type: ClassVar[type[Any]]
+    # not a ClassVar: `BaseAdapter[P]` declares it `type[P]`, which a ClassVar cannot be
+    params_type: type[Any]
+    context: AdapterContext
 
     def __init__(self, context: AdapterContext) -> None: ...
 
@@ -158,6 +143,14 @@ class Adapter(Protocol[ParamsT_contra]):
 
     def estimate_memory(self, model: str, params: ParamsT_contra) -> MemoryEstimate | None:
         """Memory the load will need, for the watchdog's admission check (None: unknown)."""
+        ...
+
+    def count_prompt_tokens(self, messages: Sequence[Message]) -> int | None:
+        """Prompt tokens by the loaded model's tokenizer; None when it has none at hand."""
+        ...
+
+    def token_ops(self) -> TokenOps | None:
+        """The loaded tokenizer for `/tokenize` and `/detokenize`; None when there is none."""
         ...
 
 
@@ -216,18 +209,43 @@ def check_trust_remote_code(params: Any, context: AdapterContext) -> None:
         )
 
 
-class BaseAdapter:
-    """Shared defaults: model-ref and trust_remote_code checks; subclasses add the engine."""
+class BaseAdapter(ABC, Generic[P]):
+    """The contract as a base class, generic over the params class `P`.
 
-    params_type: ClassVar[type[Any]]
+    Subclass it as `class MyAdapter(BaseAdapter[MyParams])` with `params_type = MyParams`: mypy
+    then checks `check`/`load`/`estimate_memory` take `MyParams` and that `capabilities`,
+    `generate`, `unload` keep the contract's signatures (they are abstract here, so a missing one
+    fails at instantiation too). Shared defaults: model-ref and trust_remote_code checks, no
+    stats, no memory estimate, no token counting.
+    """
+
+    # a ClassVar cannot name a type variable; the registry reads it on the class
+    params_type: type[P]
 
     def __init__(self, context: AdapterContext) -> None:
         self.context = context
 
-    def check(self, model: str, params: Any) -> None:
+    @property
+    @abstractmethod
+    def capabilities(self) -> Capabilities:
+        """What this adapter honours now (may depend on the loaded model)."""
+
+    def check(self, model: str, params: P) -> None:
         """Validate the model reference and registry-gated params."""
         parse_model_ref(model, self.context)
         check_trust_remote_code(params, self.context)
+
+    @abstractmethod
+    async def load(self, model: str, params: P) -> LoadInfo:
+        """Build the engine; on failure raise (the manager calls `unload()` to clean up)."""
+
+    @abstractmethod
+    def generate(self, req: GenerationRequest) -> AsyncGenerator[TokenDelta, None]:
+        """Stream deltas; on `aclose()`/cancellation stop the engine's work for this request."""
+
+    @abstractmethod
+    async def unload(self) -> None:
+        """Abort what is in flight, free engine memory. Idempotent, safe after a failed load."""
 
     @classmethod
     def check_extra_allow(cls, entries: Sequence[str]) -> None:
@@ -246,7 +264,7 @@ class BaseAdapter:
         """No engine-side figures by default."""
         return EngineStats()
 
-    def estimate_memory(self, model: str, params: Any) -> MemoryEstimate | None:
+    def estimate_memory(self, model: str, params: P) -> MemoryEstimate | None:
         """Unknown by default: the load is not refused on memory grounds."""
         return None
 

@@ -131,6 +131,11 @@ def locate_gguf(model: BundledModel) -> Path:
     return path
 
 
+def bundled_gguf(name: str) -> Path:
+    """The GGUF file of bundled model `name`, for engines that read GGUF directly (llama.cpp)."""
+    return locate_gguf(_lookup(name))
+
+
 def bundled_dir(name: str, cache_dir: Path, gguf: Path) -> Path:
     """Where the converted folder of `name` lives: stable for one GGUF, new when it changes."""
     size = gguf.stat().st_size

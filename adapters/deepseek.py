@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, runtime_checkable
 
 import attrs
 from attrs import field, frozen
@@ -189,10 +189,10 @@ class _Pending:
         return merged
 
 
-class DeepseekAdapter(BaseAdapter):
+class DeepseekAdapter(BaseAdapter[DeepseekParams]):
     """DeepSeek models behind an inner vLLM or SGLang adapter; see the module docstring."""
 
-    params_type: ClassVar[type[Any]] = DeepseekParams
+    params_type = DeepseekParams
 
     def __init__(self, context: AdapterContext, *, inner: Any | None = None) -> None:
         super().__init__(context)
@@ -245,7 +245,7 @@ class DeepseekAdapter(BaseAdapter):
             first = exc.first
             raise ParamsValidationError(first.render(), param=first.param or "$") from None
 
-    def check(self, model: str, params: Any) -> None:
+    def check(self, model: str, params: DeepseekParams) -> None:
         """The inner engine's `extra` allowlist and the inner adapter's checks, under our path."""
         inner_params = self._inner_params(params)
         # the inner engine's allowlist, applied here too: it holds whichever inner adapter runs
@@ -264,7 +264,7 @@ class DeepseekAdapter(BaseAdapter):
         except ParamsValidationError as exc:
             raise _reparam(exc) from None
 
-    async def load(self, model: str, params: Any) -> LoadInfo:
+    async def load(self, model: str, params: DeepseekParams) -> LoadInfo:
         """Load the inner engine; decide whether to split reasoning from its chat template."""
         inner_params = self._inner_params(params)
         inner = self._make_inner(params.engine)
@@ -344,7 +344,7 @@ class DeepseekAdapter(BaseAdapter):
     @staticmethod
     async def _split_stream(
         stream: AsyncIterator[TokenDelta], opened: bool
-    ) -> AsyncIterator[TokenDelta]:
+    ) -> AsyncGenerator[TokenDelta, None]:
         splitters: dict[int, ReasoningSplitter] = {}
         pending: dict[int, _Pending] = {}
         async for delta in stream:

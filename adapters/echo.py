@@ -19,15 +19,16 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
-from typing import Any, ClassVar
+from collections.abc import AsyncGenerator
+from typing import Any
 
 from attrs import evolve, field, frozen
 
 from adapters.base import BaseAdapter, Capabilities, LoadInfo, MemoryEstimate
 from adapters.kit.context import fit_max_tokens
+from adapters.kit.errors import clean_error_text
 from adapters.text import StopMatcher
-from schemas.errors import EngineError
+from schemas.errors import ConflictError, EngineError, ServiceUnavailableError
 from schemas.generation import GenerationRequest, TokenDelta
 from schemas.validators import in_range
 
@@ -67,10 +68,10 @@ _CHILD = (
 )
 
 
-class EchoAdapter(BaseAdapter):
+class EchoAdapter(BaseAdapter[EchoParams]):
     """Echoes the last user message; see the module docstring."""
 
-    params_type: ClassVar[type[Any]] = EchoParams
+    params_type = EchoParams
 
     def __init__(self, context: Any) -> None:
         super().__init__(context)
@@ -82,6 +83,7 @@ class EchoAdapter(BaseAdapter):
         """(request id, how it ended) for every generation, in order: complete/cancelled/aborted."""
         self.child: subprocess.Popen[bytes] | None = None
         self._caps: tuple[EchoParams, Capabilities] | None = None
+        self._loaded = False
 
     @property
     def capabilities(self) -> Capabilities:
@@ -101,24 +103,26 @@ class EchoAdapter(BaseAdapter):
             cached = self._caps = (params, caps)
         return cached[1]
 
-    def check(self, model: str, params: Any) -> None:
+    def check(self, model: str, params: EchoParams) -> None:
         """Any model name is fine: echo loads nothing."""
 
-    def estimate_memory(self, model: str, params: Any) -> MemoryEstimate | None:
+    def estimate_memory(self, model: str, params: EchoParams) -> MemoryEstimate | None:
         """Only what `claims_memory_mib` says (echo itself needs nothing)."""
         if params.claims_memory_mib is None:
             return None
         return MemoryEstimate(host_mib=params.claims_memory_mib, basis="claims_memory_mib param")
 
-    async def load(self, model: str, params: Any) -> LoadInfo:
-        """Pretend to load: wait `load_delay_ms`, fail if asked to."""
+    async def load(self, model: str, params: EchoParams) -> LoadInfo:
+        """Pretend to load: wait `load_delay_ms`, fail if asked to; refuse a second load."""
+        if self._loaded:
+            raise ConflictError("a model is loaded; unload it first")
         started = time.perf_counter()
         self.params = params
         self._closing = asyncio.Event()
         if params.load_delay_ms:
             await asyncio.sleep(params.load_delay_ms / 1000)
         if params.fail_on_load is not None:
-            raise EngineError(params.fail_on_load)
+            raise EngineError(clean_error_text(params.fail_on_load, self.context.mask))
         pids: tuple[int, ...] = ()
         if params.spawn_child:
             # S603: our own interpreter running fixed code; ASYNC220: Popen returns at once,
@@ -127,6 +131,7 @@ class EchoAdapter(BaseAdapter):
                 [sys.executable, "-c", _CHILD], stdin=subprocess.DEVNULL
             )
             pids = (self.child.pid,)
+        self._loaded = True
         return LoadInfo(
             init_s=time.perf_counter() - started,
             max_context=params.max_context,
@@ -136,8 +141,10 @@ class EchoAdapter(BaseAdapter):
 
     async def generate(  # noqa: C901, PLR0912, PLR0915  (one flat loop: no relaying generator per token)
         self, req: GenerationRequest
-    ) -> AsyncIterator[TokenDelta]:
+    ) -> AsyncGenerator[TokenDelta, None]:
         """Yield the last user message (or the raw prompt) token by token, for each choice."""
+        if not self._loaded:
+            raise ServiceUnavailableError("no model is loaded")
         if isinstance(req.prompt, str):
             source = _TOKEN.findall(req.prompt)
             prompt_tokens = len(source)
@@ -219,6 +226,7 @@ class EchoAdapter(BaseAdapter):
     async def unload(self) -> None:
         """End in-flight generations (they finish with `abort`); stop and reap the child."""
         self._closing.set()
+        self._loaded = False
         child, self.child = self.child, None
         if child is not None:
             child.kill()

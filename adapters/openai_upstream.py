@@ -21,8 +21,8 @@ redirects (they could leave the allowlist).
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any, ClassVar
+from collections.abc import AsyncGenerator, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -31,6 +31,7 @@ from attrs import field, frozen
 
 from adapters.base import BaseAdapter, Capabilities, EngineStats, LoadInfo
 from adapters.kit import clean_error_text, no_mask
+from adapters.kit.sampling import OPENAI_FIELDS, VLLM_EXTENSION_FIELDS
 from schemas.errors import (
     EngineError,
     InvalidRequestError,
@@ -43,13 +44,8 @@ from schemas.errors import (
 from schemas.generation import FinishReason, GenerationRequest, TokenDelta
 from schemas.validators import in_range, max_length
 
-#: OpenAI's own sampling parameters; vLLM's extensions are added with `vllm_extensions`
-_OPENAI_SAMPLING = frozenset(
-    {"temperature", "top_p", "seed", "stop", "presence_penalty", "frequency_penalty", "n"}
-)
-_VLLM_SAMPLING = frozenset(
-    {"top_k", "min_p", "repetition_penalty", "ignore_eos", "min_tokens", "stop_token_ids"}
-)
+_OPENAI_SAMPLING = OPENAI_FIELDS
+_VLLM_SAMPLING = VLLM_EXTENSION_FIELDS
 
 
 @frozen
@@ -99,10 +95,10 @@ def _check_url(base_url: str, allowed: tuple[str, ...]) -> httpx.URL:
     return httpx.URL(base_url.rstrip("/") + "/")
 
 
-class OpenAIUpstreamAdapter(BaseAdapter):
+class OpenAIUpstreamAdapter(BaseAdapter[OpenAIUpstreamParams]):
     """Forwards chat completions to an allowed OpenAI-compatible server."""
 
-    params_type: ClassVar[type[Any]] = OpenAIUpstreamParams
+    params_type = OpenAIUpstreamParams
 
     def __init__(self, context: Any) -> None:
         super().__init__(context)
@@ -127,7 +123,7 @@ class OpenAIUpstreamAdapter(BaseAdapter):
             features=frozenset({"/v1/completions"}),
         )
 
-    def check(self, model: str, params: Any) -> None:
+    def check(self, model: str, params: OpenAIUpstreamParams) -> None:
         """The host must be allowed; the model is the upstream's name for it."""
         if not model.strip():
             raise ParamsValidationError(
@@ -154,7 +150,7 @@ class OpenAIUpstreamAdapter(BaseAdapter):
             )
         return key
 
-    async def load(self, model: str, params: Any) -> LoadInfo:
+    async def load(self, model: str, params: OpenAIUpstreamParams) -> LoadInfo:
         """Open a pooled client and ask the upstream's /models (connectivity and key check)."""
         started = time.perf_counter()
         base = _check_url(params.base_url, self.context.allowed_hosts)
@@ -234,7 +230,7 @@ class OpenAIUpstreamAdapter(BaseAdapter):
         body.update({k: v for k, v in optional.items() if v is not None})
         return body
 
-    async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenDelta]:
+    async def generate(self, req: GenerationRequest) -> AsyncGenerator[TokenDelta, None]:
         """POST a streaming request and translate its chunks into deltas."""
         client = self._client
         if client is None:

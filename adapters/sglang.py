@@ -93,6 +93,7 @@ from schemas.errors import (
     EngineError,
     InvalidRequestError,
     ParamsValidationError,
+    ServiceUnavailableError,
 )
 from schemas.generation import FinishReason, GenerationRequest, Message, TokenDelta
 from schemas.validators import FieldValueError, in_range, max_length
@@ -384,10 +385,10 @@ def finish_reason(
     return "stop", matched if isinstance(matched, str | int) else None
 
 
-class SglangAdapter(BaseAdapter):
+class SglangAdapter(BaseAdapter[SglangParams]):
     """SGLang's offline `Engine` in this process; its scheduler runs in processes of its own."""
 
-    params_type: ClassVar[type[Any]] = SglangParams
+    params_type = SglangParams
     #: the `extra` allowlist (DeepSeek applies it to its nested params too)
     extra_policy: ClassVar[ParamPolicy] = SGLANG_EXTRA
 
@@ -441,7 +442,7 @@ class SglangAdapter(BaseAdapter):
     def render_prompt(self, messages: Sequence[Message]) -> str:
         """The prompt text the model's chat template makes of `messages`, generation prompt on."""
         if self._tokenizer is None:
-            raise EngineError("no sglang model is loaded")
+            raise ServiceUnavailableError("no sglang model is loaded")
         conversation = []
         for message in messages:
             # chat templates know "system"; OpenAI's "developer" role means the same thing
@@ -464,13 +465,13 @@ class SglangAdapter(BaseAdapter):
 
     # --- lifecycle ---------------------------------------------------------------------------
 
-    def check(self, model: str, params: Any) -> None:
+    def check(self, model: str, params: SglangParams) -> None:
         """Model reference (bundled names too), registry gates and the `extra` allowlist."""
         check_model_source(model, self.context)
         check_trust_remote_code(params, self.context)
         SGLANG_EXTRA.check(params.extra, allow=self.context.extra_allow)
 
-    async def load(self, model: str, params: Any) -> LoadInfo:
+    async def load(self, model: str, params: SglangParams) -> LoadInfo:
         """Resolve the model, import sglang, build the engine off the event loop, take its loop."""
         if self._engine is not None:
             raise ConflictError("an sglang model is already loaded; unload it first")
@@ -594,7 +595,7 @@ class SglangAdapter(BaseAdapter):
         """Stream one choice; closing or cancelling this generator aborts the sglang request."""
         engine = self._engine
         if engine is None or self._tokenizer is None:
-            raise EngineError("no sglang model is loaded")
+            raise ServiceUnavailableError("no sglang model is loaded")
         prompt_ids = self._prompt_ids(req)
         sampling = req.sampling
         if self._max_context:

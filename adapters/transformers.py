@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from attrs import field, frozen
 
@@ -619,10 +619,10 @@ def _import_engine() -> tuple[ModuleType, ModuleType]:
 # --- the adapter --------------------------------------------------------------------------------
 
 
-class TransformersAdapter(BaseAdapter):
+class TransformersAdapter(BaseAdapter[TransformersParams]):
     """Serves one HF causal LM with `generate`; see the module docstring."""
 
-    params_type: ClassVar[type[Any]] = TransformersParams
+    params_type = TransformersParams
 
     def __init__(self, context: AdapterContext) -> None:
         super().__init__(context)
@@ -650,7 +650,7 @@ class TransformersAdapter(BaseAdapter):
             return None
         return TokenOps(engine.tokenizer, engine.params.max_model_len, engine.template_errors)
 
-    def check(self, model: str, params: Any) -> None:
+    def check(self, model: str, params: TransformersParams) -> None:
         """Model reference (including the bundled name) and trust_remote_code, nothing loaded."""
         super().check(model, params)
         check_model_source(model, self.context)
@@ -672,7 +672,7 @@ class TransformersAdapter(BaseAdapter):
 
     # -- load --
 
-    async def load(self, model: str, params: Any) -> LoadInfo:
+    async def load(self, model: str, params: TransformersParams) -> LoadInfo:
         """Import torch/transformers, build tokenizer and model, run one tiny generation."""
         if self._engine is not None:
             raise EngineError(

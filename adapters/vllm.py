@@ -38,7 +38,6 @@ import warnings
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
-import psutil
 from attrs import define, field, frozen
 
 from adapters.base import (
@@ -69,6 +68,8 @@ from adapters.kit import (
 )
 from adapters.kit.context import context_exceeded, fit_max_tokens
 from adapters.kit.models import check_reachable
+from adapters.kit.processes import child_pids as _child_pids
+from adapters.kit.processes import reap as _reap
 from adapters.kit.tokens import TokenOps
 from schemas.errors import (
     ConflictError,
@@ -673,17 +674,6 @@ def _start_failure(exc: BaseException, causes: Sequence[str]) -> str:
 # --- processes ------------------------------------------------------------------------------------
 
 
-def _child_pids() -> set[int]:
-    """Our descendant processes, minus multiprocessing's resource tracker (it outlives engines)."""
-    pids: set[int] = set()
-    for child in psutil.Process().children(recursive=True):
-        with contextlib.suppress(psutil.Error):
-            if "multiprocessing.resource_tracker" in " ".join(child.cmdline()):
-                continue
-            pids.add(child.pid)
-    return pids
-
-
 def _close_zmq_context(engine: Any) -> None:
     """Close the ZeroMQ context the engine client made and never terminates.
 
@@ -723,22 +713,6 @@ def _release(exc: BaseException) -> None:
         gc.collect()
 
 
-def _reap(pids: set[int], timeout: float) -> list[int]:
-    """Wait up to `timeout` s for `pids` to exit, then kill what is left; return the killed pids."""
-    procs: list[psutil.Process] = []
-    for pid in pids:
-        with contextlib.suppress(psutil.Error):
-            procs.append(psutil.Process(pid))
-    if not procs:
-        return []
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    for proc in alive:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-    psutil.wait_procs(alive, timeout=5)
-    return [p.pid for p in alive]
-
-
 # --- the adapter ----------------------------------------------------------------------------------
 
 #: catalogued routes served here (schemas.features)
@@ -762,10 +736,10 @@ _OPENAI_DEFAULTS: Mapping[str, float | int] = {
 }
 
 
-class VllmAdapter(BaseAdapter):
+class VllmAdapter(BaseAdapter[VllmParams]):
     """vLLM's `AsyncLLM` behind the adapter contract; see the module docstring."""
 
-    params_type: ClassVar[type[Any]] = VllmParams
+    params_type = VllmParams
     #: the `extra` allowlist (DeepSeek applies it to its nested params too)
     extra_policy: ClassVar[ParamPolicy] = VLLM_EXTRA
 
@@ -814,7 +788,7 @@ class VllmAdapter(BaseAdapter):
         )
         return str(text)
 
-    def check(self, model: str, params: Any) -> None:
+    def check(self, model: str, params: VllmParams) -> None:
         """Model reference, registry gates and `extra` keys, without importing vLLM."""
         check_model_source(model, self.context)
         ref = parse_model_ref(model, self.context)
@@ -822,7 +796,7 @@ class VllmAdapter(BaseAdapter):
         check_trust_remote_code(params, self.context)
         check_extra(params.extra, self.context.extra_allow)
 
-    async def load(self, model: str, params: Any) -> LoadInfo:
+    async def load(self, model: str, params: VllmParams) -> LoadInfo:
         """Import vLLM, start the engine, warm it up; on failure leave nothing running."""
         if self._engine is not None or self._pending is not None:
             raise ConflictError("a vllm model is already loaded; unload it first")

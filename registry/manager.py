@@ -117,7 +117,7 @@ class LoadPlan:
     """A validated load request: everything `load()` needs, nothing loaded yet."""
 
     backend: RegisteredAdapter
-    adapter: Any  # an Adapter instance, checked but not loaded
+    adapter: Adapter[Any]  # checked but not loaded
     model: str
     served_model_name: str
     preset: str | None
@@ -146,7 +146,7 @@ class LoadedModel:
     """The model being served."""
 
     plan: LoadPlan
-    adapter: Any
+    adapter: Adapter[Any]
     info: LoadInfo
     response: LoadResponse
     baseline: MemorySnapshot

@@ -37,6 +37,7 @@ from litestar import Request
 from litestar.types import Receive
 
 from adapters.base import BaseAdapter, Capabilities
+from adapters.kit.sampling import GATED_FIELDS
 from hooks.base import HIDDEN_HEADERS, Exchange, HookCall
 from hooks.chain import HookChain, HookSet
 from registry.manager import InflightTicket, LoadedModel, ModelManager, sanitize_exception
@@ -97,10 +98,7 @@ _REFUSED = (
     "functions", "function_call", "audio", "prediction", "web_search_options", "reasoning_effort",
 )  # fmt: skip
 #: request field → SamplingOptions field, for the capability check
-_SAMPLING_FIELDS = (
-    "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "ignore_eos",
-    "min_tokens", "presence_penalty", "frequency_penalty", "repetition_penalty",
-)  # fmt: skip
+_SAMPLING_FIELDS = GATED_FIELDS
 
 
 def _unloaded_error() -> ServiceUnavailableError:

@@ -24,7 +24,8 @@ import pytest_asyncio
 
 from adapters.base import AdapterContext, EngineStats, LoadInfo
 from adapters.bundled import default_cache_dir, resolve_model_source
-from adapters.vllm import VllmAdapter, VllmParams, _child_pids
+from adapters.kit.processes import child_pids as _child_pids
+from adapters.vllm import VllmAdapter, VllmParams
 from schemas.errors import EngineError, InvalidRequestError, ParamsValidationError, WrapperError
 from schemas.generation import GenerationRequest, Message, SamplingOptions, TokenDelta
 

@@ -13,7 +13,7 @@ import asyncio
 import os
 import sys
 import warnings
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any, ClassVar
 
 import attrs
@@ -32,10 +32,10 @@ class CrashingParams:
     """Whether load() raises."""
 
 
-class CrashingAdapter(BaseAdapter):
+class CrashingAdapter(BaseAdapter[CrashingParams]):
     """Raises RuntimeError in load() with the injected token in its message."""
 
-    params_type: ClassVar[type[Any]] = CrashingParams
+    params_type = CrashingParams
     unloads = 0
 
     @property
@@ -43,10 +43,10 @@ class CrashingAdapter(BaseAdapter):
         """Nothing beyond max_tokens."""
         return Capabilities()
 
-    def check(self, model: str, params: Any) -> None:
+    def check(self, model: str, params: CrashingParams) -> None:
         """Any model name."""
 
-    async def load(self, model: str, params: Any) -> LoadInfo:
+    async def load(self, model: str, params: CrashingParams) -> LoadInfo:
         """Fail like an engine whose hub request was refused."""
         if params.crash:
             token = os.environ.get("HF_TOKEN", "<none>")
@@ -54,7 +54,7 @@ class CrashingAdapter(BaseAdapter):
             raise RuntimeError(msg)
         return LoadInfo()
 
-    async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenDelta]:
+    async def generate(self, req: GenerationRequest) -> AsyncGenerator[TokenDelta, None]:
         """One fixed token."""
         yield TokenDelta("ok", 1, 0, "stop", 1)
 
@@ -73,7 +73,7 @@ class ReasoningEchoAdapter(EchoAdapter):
         """Echo's, plus reasoning deltas."""
         return attrs.evolve(super().capabilities, reasoning=True)
 
-    async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenDelta]:
+    async def generate(self, req: GenerationRequest) -> AsyncGenerator[TokenDelta, None]:
         """One reasoning delta (no token counted), then what echo yields."""
         yield TokenDelta("", 0, 0, reasoning=self.REASONING)
         async for delta in super().generate(req):
@@ -134,7 +134,7 @@ class ConstrainedEchoAdapter(EchoAdapter):
             ),
         )
 
-    async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenDelta]:
+    async def generate(self, req: GenerationRequest) -> AsyncGenerator[TokenDelta, None]:
         """Echo, after noting the request."""
         type(self).last[:] = [req]
         async for delta in super().generate(req):

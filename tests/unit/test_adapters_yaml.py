@@ -15,14 +15,16 @@ def registry() -> AdapterRegistry:
 
 
 def test_every_backend_is_registered_without_importing_an_engine() -> None:
-    """All six backends load from adapters.yaml; building the app imports no engine package."""
+    """All seven backends load from adapters.yaml; building the app imports no engine package."""
     names = set(registry().names)
-    assert names == {"echo", "transformers", "vllm", "sglang", "deepseek", "openai-upstream"}
+    assert names == {
+        "echo", "transformers", "vllm", "sglang", "deepseek", "openai-upstream", "llamacpp"
+    }  # fmt: skip
     # a fresh interpreter: this test process may have imported engines for other tests
     probe = (
         "import sys; from service.app import create_app; from service.settings import Settings; "
         "create_app(Settings(admin_keys=('k-123456',)));"
-        "print(sorted({'torch', 'vllm', 'sglang', 'transformers'} & set(sys.modules)))"
+        "print(sorted({'torch', 'vllm', 'sglang', 'transformers', 'llama_cpp'} & set(sys.modules)))"
     )
     out = subprocess.run(  # noqa: S603
         [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True

@@ -33,7 +33,12 @@ from adapters.sglang import (
 )
 from registry.config import AdapterEntry, RegistryConfig
 from registry.registry import AdapterRegistry
-from schemas.errors import EngineError, InvalidRequestError, ParamsValidationError
+from schemas.errors import (
+    EngineError,
+    InvalidRequestError,
+    ParamsValidationError,
+    ServiceUnavailableError,
+)
 from schemas.generation import GenerationRequest, Message, SamplingOptions, TokenDelta
 
 FAKE_ROOT = Path(__file__).resolve().parents[1] / "fakes" / "fake_sglang"
@@ -498,7 +503,7 @@ async def test_unload_aborts_in_flight_and_is_idempotent(
     assert engine.shutdown_calls == 1
     assert all(task.done() for task in engine.tokenizer_manager.asyncio_tasks)
     assert adapter.stats().running is None
-    with pytest.raises(EngineError):
+    with pytest.raises(ServiceUnavailableError):  # 503 like every adapter, not a 500
         await _collect(adapter.generate(_request()))
 
 
