@@ -383,7 +383,11 @@ class _Engine:
             # vLLM's "-1 (or 0) means no top-k"
             top_k=int(top_k) if top_k is not None and top_k > 0 else None,
             min_p=_float(s.min_p if s.min_p is not None else defaults.get("min_p")),
-            repetition_penalty=_float(s.repetition_penalty),
+            repetition_penalty=_float(
+                s.repetition_penalty
+                if s.repetition_penalty is not None
+                else defaults.get("repetition_penalty")
+            ),
             seed=s.seed,
             stop=s.stop,
             stop_token_ids=frozenset(s.stop_token_ids),
@@ -830,7 +834,7 @@ def _sampling_defaults(generation_config: Any) -> dict[str, float]:
     explicit = generation_config.to_diff_dict()
     return {
         key: explicit[key]
-        for key in ("temperature", "top_p", "top_k", "min_p")
+        for key in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
         if isinstance(explicit.get(key), int | float) and not isinstance(explicit.get(key), bool)
     }
 

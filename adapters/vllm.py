@@ -869,6 +869,8 @@ class VllmAdapter(BaseAdapter):
                 "dtype": str(config.model_config.dtype).removeprefix("torch."),
                 "kv_cache_tokens": _kv_cache_tokens(config.cache_config),
                 "max_num_seqs": config.scheduler_config.max_num_seqs,
+                # the model's generation_config.json values vLLM samples unset fields with
+                "sampling_defaults": dict(self._sampling_defaults),
             },
         )
 

@@ -240,7 +240,7 @@ def _operation(op_id: str, summary: str, doc: str, tags: list[str]) -> dict[str,
             "schema": {
                 "type": "object",
                 "description": "One server-sent event: `data: <chat.completion.chunk JSON>`, an"
-                " error event `data: {\"error\": {...}}`, and last `data: [DONE]`",
+                ' error event `data: {"error": {...}}`, and last `data: [DONE]`',
                 "required": ["data"],
                 "properties": {
                     "data": {"type": "string"},

@@ -56,6 +56,7 @@ from schemas.openai import (
     Choice,
     Usage,
 )
+from schemas.sampling import fill_defaults
 from schemas.suggest import NAME_LIMIT, closest
 from service.admission import Admission, Slot, shutting_down
 from service.aio import shielded
@@ -236,6 +237,8 @@ class ChatServing:
             logprobs=req.logprobs,
             top_logprobs=req.top_logprobs,
         )
+        # fields the request left unset: the preset's defaults (the adapter adds the model's)
+        sampling = fill_defaults(sampling, loaded.plan.sampling_defaults)
         messages = tuple(Message(m.role, m.text(), m.name) for m in req.messages)
         return GenerationRequest(request_id, messages, sampling, served)
 

@@ -160,6 +160,25 @@ def test_seed_makes_sampling_repeatable(oai: openai.OpenAI) -> None:
     assert len({sample(s) for s in (1, 2, 3, 4)}) > 1
 
 
+def test_preset_default_sampling_answers_paris(oai: openai.OpenAI, loaded: LiveServer) -> None:
+    """README's first request, no sampling set: the preset's temperature 0.2 / top_p 0.9 apply.
+
+    At the engine's temperature 1.0 this model rambles; at the preset's it names Paris. Seeds
+    make the draws repeatable (a seed is no sampling default); four of five must name Paris.
+    """
+    status = httpx.get(f"{loaded.url}/v1/model/status", headers=ADMIN).json()
+    effective = status["capabilities"]["sampling_defaults"]["effective"]
+    assert effective == {"temperature": 0.2, "top_p": 0.9}
+    answers = [
+        oai.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=32, seed=seed)
+        .choices[0]
+        .message.content
+        or ""
+        for seed in range(5)
+    ]
+    assert sum("Paris" in a for a in answers) >= 4, answers
+
+
 def test_disconnect_frees_the_slot(loaded: LiveServer) -> None:
     """A client that hangs up stops generation: the next request is not stuck behind it."""
     body = {"model": MODEL, "messages": MSGS, "max_tokens": 400, "stream": True,
