@@ -756,6 +756,10 @@ _OPENAI_DEFAULTS: Mapping[str, float | int] = {
 }
 
 
+#: catalogued features (schemas.features) the loaded engine honours
+_FEATURES = frozenset({"logit_bias"})
+
+
 class VllmAdapter(BaseAdapter):
     """vLLM's `AsyncLLM` behind the adapter contract; see the module docstring."""
 
@@ -948,6 +952,7 @@ class VllmAdapter(BaseAdapter):
             max_n=int(engine.vllm_config.scheduler_config.max_num_seqs),
             max_top_logprobs=20 if max_logprobs < 0 else min(max_logprobs, 20),
             max_context=self._max_model_len,
+            features=_FEATURES,
         )
 
     async def _warm_up(self) -> None:
@@ -1095,6 +1100,7 @@ class VllmAdapter(BaseAdapter):
                 max_tokens=fit_max_tokens(prompt_len, s, self._max_model_len),
                 min_tokens=s.min_tokens,
                 logprobs=(s.top_logprobs or 0) if s.logprobs else None,
+                logit_bias=dict(s.logit_bias) or None,
                 output_kind=api.RequestOutputKind.DELTA,
                 skip_clone=True,
             )

@@ -49,6 +49,8 @@ class SamplingOptions:
     n: int = 1
     logprobs: bool = False
     top_logprobs: int | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias added to its logit), ids checked against the vocabulary by the adapter."""
 
 
 @frozen

@@ -236,6 +236,7 @@ class ChatServing:
             n=req.n,
             logprobs=req.logprobs,
             top_logprobs=req.top_logprobs,
+            logit_bias=parse_logit_bias(req.logit_bias),
         )
         # fields the request left unset: the preset's defaults (the adapter adds the model's)
         sampling = fill_defaults(sampling, loaded.plan.sampling_defaults)
@@ -703,6 +704,38 @@ class Run:
             tags=dict(call.tags) if call is not None else {},
             error=self.error,
         )
+
+
+#: most `logit_bias` entries one request may give (OpenAI's documented limit is 300)
+MAX_LOGIT_BIAS = 300
+
+
+def parse_logit_bias(value: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    """`logit_bias` as (token id, bias) pairs; 400 naming `logit_bias` when it is malformed.
+
+    Keys are token ids as strings (OpenAI's form); biases lie in [-100, 100] as OpenAI documents
+    them (vLLM clamps larger ones silently; a refusal says so instead). The adapter checks the
+    ids against the model's vocabulary.
+    """
+    if not value:
+        return ()
+    if len(value) > MAX_LOGIT_BIAS:
+        raise InvalidRequestError(
+            f"logit_bias: at most {MAX_LOGIT_BIAS} entries", param="logit_bias"
+        )
+    out: list[tuple[int, float]] = []
+    for key, bias in value.items():
+        if not (key.isascii() and key.isdigit() and len(key) <= 9):
+            raise InvalidRequestError(
+                "logit_bias keys must be token ids (non-negative integers as strings)",
+                param="logit_bias",
+            )
+        if not -100 <= bias <= 100:
+            raise InvalidRequestError(
+                "logit_bias values must lie between -100 and 100", param="logit_bias"
+            )
+        out.append((int(key), float(bias)))
+    return tuple(out)
 
 
 def with_text(delta: TokenDelta, text: str, reasoning: str) -> TokenDelta:
