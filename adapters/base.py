@@ -219,6 +219,10 @@ class BaseAdapter:
     """Shared defaults: model-ref and trust_remote_code checks; subclasses add the engine."""
 
     params_type: ClassVar[type[Any]]
+    declared_features: ClassVar[frozenset[str]] = frozenset()
+    """Every catalogued feature (`schemas.features`) this adapter can honour, readable without
+    loading an engine (the README's table); a loaded model's `capabilities.features` is a
+    subset of it."""
 
     def __init__(self, context: AdapterContext) -> None:
         self.context = context

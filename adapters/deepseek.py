@@ -189,6 +189,9 @@ class DeepseekAdapter(BaseAdapter):
     """DeepSeek models behind an inner vLLM or SGLang adapter; see the module docstring."""
 
     params_type: ClassVar[type[Any]] = DeepseekParams
+    #: what its inner engines can honour, together (the inner's capabilities pass through);
+    #: a unit test ties it to their `declared_features`
+    declared_features: ClassVar[frozenset[str]] = frozenset({"logit_bias"})
 
     def __init__(self, context: AdapterContext, *, inner: Any | None = None) -> None:
         super().__init__(context)

@@ -595,6 +595,7 @@ class TransformersAdapter(BaseAdapter):
     """Serves one HF causal LM with `generate`; see the module docstring."""
 
     params_type: ClassVar[type[Any]] = TransformersParams
+    declared_features: ClassVar[frozenset[str]] = _FEATURES
 
     def __init__(self, context: AdapterContext) -> None:
         super().__init__(context)

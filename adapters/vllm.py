@@ -764,6 +764,7 @@ class VllmAdapter(BaseAdapter):
     """vLLM's `AsyncLLM` behind the adapter contract; see the module docstring."""
 
     params_type: ClassVar[type[Any]] = VllmParams
+    declared_features: ClassVar[frozenset[str]] = _FEATURES
     #: the `extra` allowlist (DeepSeek applies it to its nested params too)
     extra_policy: ClassVar[ParamPolicy] = VLLM_EXTRA
 

@@ -18,10 +18,8 @@ import httpx
 import openai
 import psutil
 import pytest
-import transformers
 
-from adapters.base import AdapterContext
-from adapters.bundled import default_cache_dir, resolve_model_source
+import sampling_checks
 from helpers import ADMIN, API, API_KEY, ROOT, LiveServer, make_settings
 from registry.registry import AdapterRegistry
 from service.app import create_app
@@ -164,85 +162,18 @@ def test_seed_makes_sampling_repeatable(oai: openai.OpenAI) -> None:
 
 
 def test_preset_default_sampling_answers_paris(oai: openai.OpenAI, loaded: LiveServer) -> None:
-    """README's first request, no sampling set: the preset's temperature 0.2 / top_p 0.9 apply.
-
-    At the engine's temperature 1.0 this model rambles; at the preset's it names Paris. Seeds
-    make the draws repeatable (a seed is no sampling default); four of five must name Paris.
-    """
-    status = httpx.get(f"{loaded.url}/v1/model/status", headers=ADMIN).json()
-    effective = status["capabilities"]["sampling_defaults"]["effective"]
-    assert effective == {"temperature": 0.2, "top_p": 0.9}
-    answers = [
-        oai.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=32, seed=seed)
-        .choices[0]
-        .message.content
-        or ""
-        for seed in range(5)
-    ]
-    assert sum("Paris" in a for a in answers) >= 4, answers
+    """README's first request, no sampling set: the preset's temperature 0.2 / top_p 0.9 apply."""
+    sampling_checks.preset_defaults_answer_paris(oai, loaded, MODEL)
 
 
 def test_n_logprobs_streamed_equal_whole(oai: openai.OpenAI) -> None:
     """n=2 with top_logprobs, seeded: OpenAI's logprobs shape, usage summed, stream == whole."""
-    ask: dict[str, Any] = {
-        "model": MODEL, "messages": MSGS, "max_tokens": 6, "seed": 11, "temperature": 1.0,
-        "n": 2, "logprobs": True, "top_logprobs": 2,
-    }  # fmt: skip
-    whole = oai.chat.completions.create(**ask)
-    assert [c.index for c in whole.choices] == [0, 1]
-    count = 0
-    for choice in whole.choices:
-        assert choice.logprobs is not None
-        assert choice.logprobs.content
-        for entry in choice.logprobs.content:
-            assert entry.logprob <= 0
-            assert entry.bytes == list(entry.token.encode())
-            assert len(entry.top_logprobs) == 2
-            assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
-            assert entry.logprob <= entry.top_logprobs[0].logprob
-        count += len(choice.logprobs.content)
-    assert whole.usage is not None
-    assert whole.usage.completion_tokens == count
-    texts, tokens = ["", ""], [[], []]  # type: list[str], list[list[str]]
-    for chunk in oai.chat.completions.create(**ask, stream=True):
-        for c in chunk.choices:
-            texts[c.index] += c.delta.content or ""
-            if c.logprobs is not None and c.logprobs.content:
-                tokens[c.index] += [e.token for e in c.logprobs.content]
-    for i, choice in enumerate(whole.choices):
-        assert texts[i] == choice.message.content
-        assert choice.logprobs is not None
-        assert choice.logprobs.content
-        assert tokens[i] == [e.token for e in choice.logprobs.content]
+    sampling_checks.n_logprobs_streamed_equal_whole(oai, MODEL)
 
 
 def test_logit_bias_through_the_client(oai: openai.OpenAI) -> None:
     """A token id past the vocabulary is a 400 naming logit_bias; a -100 bias bans a token."""
-    with pytest.raises(openai.BadRequestError) as refused:
-        oai.chat.completions.create(
-            model=MODEL, messages=MSGS, max_tokens=2, logit_bias={"10000000": 5}
-        )
-    assert refused.value.body["param"] == "logit_bias"  # type: ignore[index]
-    greedy = oai.chat.completions.create(
-        model=MODEL, messages=MSGS, max_tokens=1, temperature=0, logprobs=True, top_logprobs=2
-    )
-    assert greedy.choices[0].logprobs is not None
-    assert greedy.choices[0].logprobs.content
-    first = greedy.choices[0].logprobs.content[0]
-    tokenizer = transformers.AutoTokenizer.from_pretrained(
-        resolve_model_source(
-            "bundled:smollm2-135m",
-            AdapterContext("transformers", cache_dir=default_cache_dir()),
-        )
-    )
-    (banned,) = tokenizer(first.token, add_special_tokens=False)["input_ids"]
-    biased = oai.chat.completions.create(
-        model=MODEL, messages=MSGS, max_tokens=1, temperature=0, logprobs=True,
-        logit_bias={str(banned): -100},
-    )  # fmt: skip
-    assert biased.choices[0].logprobs is not None
-    assert biased.choices[0].logprobs.content
-    assert biased.choices[0].logprobs.content[0].token != first.token
+    sampling_checks.logit_bias_bans_and_is_checked(oai, MODEL)
 
 
 def test_disconnect_frees_the_slot(loaded: LiveServer) -> None:

@@ -20,6 +20,7 @@ import openai
 import psutil
 import pytest
 
+import sampling_checks
 from helpers import ADMIN, API, API_KEY, ROOT, LiveServer, make_settings
 from registry.registry import AdapterRegistry
 from schemas.generation import Message
@@ -113,6 +114,21 @@ def test_chat_both_modes(oai: openai.OpenAI, server: LiveServer) -> None:
     assert record["engine_ttft_ms"] is not None
     assert record["engine_ttft_ms"] <= record["time_to_first_token_ms"]
     assert record["kv_cache_usage"] is not None
+
+
+def test_preset_default_sampling_answers_paris(oai: openai.OpenAI, server: LiveServer) -> None:
+    """README's first request, no sampling set: the preset's temperature 0.2 / top_p 0.9 apply."""
+    sampling_checks.preset_defaults_answer_paris(oai, server, PRESET)
+
+
+def test_n_logprobs_streamed_equal_whole(oai: openai.OpenAI) -> None:
+    """n=2 with top_logprobs, seeded: the same checks as on transformers."""
+    sampling_checks.n_logprobs_streamed_equal_whole(oai, PRESET)
+
+
+def test_logit_bias_through_the_client(oai: openai.OpenAI) -> None:
+    """Out-of-vocabulary ids are a 400 naming logit_bias; -100 bans a token."""
+    sampling_checks.logit_bias_bans_and_is_checked(oai, PRESET)
 
 
 def test_no_max_tokens_fills_the_context_then_length(oai: openai.OpenAI) -> None:
