@@ -189,8 +189,8 @@ class DeepseekAdapter(BaseAdapter):
     """DeepSeek models behind an inner vLLM or SGLang adapter; see the module docstring."""
 
     params_type: ClassVar[type[Any]] = DeepseekParams
-    #: what its inner engines can honour, together (the inner's capabilities pass through);
-    #: a unit test ties it to their `declared_features`
+    #: of what its inner engines honour, what leaves the <think> split alone (the template
+    #: switches change where the answer starts); a unit test keeps it within theirs
     declared_features: ClassVar[frozenset[str]] = frozenset({"logit_bias"})
 
     def __init__(self, context: AdapterContext, *, inner: Any | None = None) -> None:
@@ -204,7 +204,7 @@ class DeepseekAdapter(BaseAdapter):
     def capabilities(self) -> Capabilities:
         """The inner adapter's, plus reasoning deltas."""
         base = self._inner.capabilities if self._inner is not None else Capabilities()
-        return attrs.evolve(base, reasoning=True)
+        return attrs.evolve(base, reasoning=True, features=base.features & self.declared_features)
 
     @classmethod
     def check_extra_allow(cls, entries: Sequence[str]) -> None:

@@ -116,7 +116,15 @@ _SAMPLING = frozenset(
     }
 )
 #: catalogued features (schemas.features) this backend honours
-_FEATURES = frozenset({"logit_bias"})
+_FEATURES = frozenset(
+    {
+        "logit_bias",
+        "add_generation_prompt",
+        "continue_final_message",
+        "chat_template_kwargs",
+        "skip_special_tokens",
+    }
+)
 #: choices of one request, generated one after the other in the request's slot
 _MAX_N = 8
 #: alternatives per token, as OpenAI bounds `top_logprobs`
@@ -147,6 +155,7 @@ class _Plan:
     logprobs: bool = False
     top_logprobs: int = 0
     logit_bias: tuple[tuple[int, float], ...] = ()
+    skip_special_tokens: bool = True
 
 
 class _Job:
@@ -273,8 +282,9 @@ class _StepHook:
 
     def _window(self) -> tuple[str, str]:
         decode = self.engine.tokenizer.decode
-        prefix = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
-        full = decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
+        skip = self.plan.skip_special_tokens
+        prefix = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=skip)
+        full = decode(self.ids[self.prefix_offset :], skip_special_tokens=skip)
         return prefix, full
 
     def final(self) -> _Final:
@@ -426,9 +436,15 @@ class _Engine:
             {"role": "system" if m.role == "developer" else m.role, "content": m.content}
             for m in req.messages
         ]
+        options = req.options
         try:
+            # as vLLM's server: the request's template variables, then its own two switches
             text = self.tokenizer.apply_chat_template(
-                conversation, add_generation_prompt=True, tokenize=False
+                conversation,
+                **dict(options.chat_template_kwargs),
+                add_generation_prompt=options.add_generation_prompt,
+                continue_final_message=options.continue_final_message,
+                tokenize=False,
             )
         except self.template_errors as exc:
             # jinja's raise_exception() in a template: its text is the template author's message
@@ -486,6 +502,7 @@ class _Engine:
             logprobs=s.logprobs,
             top_logprobs=s.top_logprobs or 0,
             logit_bias=s.logit_bias,
+            skip_special_tokens=req.options.skip_special_tokens,
         )
 
     # -- generating (worker thread) --

@@ -76,6 +76,7 @@ from schemas.errors import (
     ServiceUnavailableError,
 )
 from schemas.generation import (
+    ChatOptions,
     FinishReason,
     GenerationRequest,
     Message,
@@ -757,7 +758,18 @@ _OPENAI_DEFAULTS: Mapping[str, float | int] = {
 
 
 #: catalogued features (schemas.features) the loaded engine honours
-_FEATURES = frozenset({"logit_bias"})
+_FEATURES = frozenset(
+    {
+        "logit_bias",
+        "add_generation_prompt",
+        "continue_final_message",
+        "chat_template_kwargs",
+        "skip_special_tokens",
+        "spaces_between_special_tokens",
+    }
+)
+#: a request that sets none of the chat extensions
+_PLAIN_CHAT = ChatOptions()
 
 
 class VllmAdapter(BaseAdapter):
@@ -934,19 +946,7 @@ class VllmAdapter(BaseAdapter):
         self._max_model_len = int(model_config.max_model_len)
         self._sampling_defaults = dict(model_config.get_diff_sampling_param())
         # what vLLM's chat server passes for a plain request (no tools, generation prompt on)
-        self._chat_params = api.ChatParams(
-            chat_template=None,
-            chat_template_content_format="auto",
-            chat_template_kwargs={"add_generation_prompt": True, "continue_final_message": False},
-        ).with_defaults(
-            {
-                "tools": None,
-                "tokenize": bool(
-                    api.is_mistral_tokenizer(engine.renderer.tokenizer)
-                    or model_config.enable_prompt_embeds
-                ),
-            }
-        )
+        self._chat_params = self._chat_params_for(api, engine, _PLAIN_CHAT)
         max_logprobs = int(model_config.max_logprobs)
         self._caps = Capabilities(
             sampling=SAMPLING_FIELDS,
@@ -954,6 +954,30 @@ class VllmAdapter(BaseAdapter):
             max_top_logprobs=20 if max_logprobs < 0 else min(max_logprobs, 20),
             max_context=self._max_model_len,
             features=_FEATURES,
+        )
+
+    @staticmethod
+    def _chat_params_for(api: _Vllm, engine: Any, options: ChatOptions) -> Any:
+        """`ChatParams` as vLLM's `build_chat_params` makes them.
+
+        The request's template kwargs, then its add_generation_prompt / continue_final_message
+        over them.
+        """
+        kwargs = {
+            **dict(options.chat_template_kwargs),
+            "add_generation_prompt": options.add_generation_prompt,
+            "continue_final_message": options.continue_final_message,
+        }
+        return api.ChatParams(
+            chat_template=None, chat_template_content_format="auto", chat_template_kwargs=kwargs
+        ).with_defaults(
+            {
+                "tools": None,
+                "tokenize": bool(
+                    api.is_mistral_tokenizer(engine.renderer.tokenizer)
+                    or engine.model_config.enable_prompt_embeds
+                ),
+            }
         )
 
     async def _warm_up(self) -> None:
@@ -973,7 +997,7 @@ class VllmAdapter(BaseAdapter):
             raise ServiceUnavailableError("no vllm model is loaded")
         rid = req.request_id
         engine_input, prompt_len = await self._render(engine, api, req)
-        sampling = self._sampling_params(api, req.sampling, prompt_len)
+        sampling = self._sampling_params(api, req.sampling, prompt_len, req.options)
         top_n = req.sampling.top_logprobs or 0
         open_choices = set(range(req.sampling.n))
         started: set[int] = set()
@@ -1058,8 +1082,11 @@ class VllmAdapter(BaseAdapter):
                 max_total_tokens_param="max_model_len",
                 max_output_tokens_param="max_tokens",
             )
+            chat_params = self._chat_params
+            if req.options != _PLAIN_CHAT:
+                chat_params = self._chat_params_for(api, engine, req.options)
             _, (engine_input,) = await engine.renderer.render_chat_async(
-                [conversation], self._chat_params, tok_params
+                [conversation], chat_params, tok_params
             )
         except api.VLLMClientError as exc:
             if getattr(exc, "parameter", None) in ("input_text", "input_tokens"):
@@ -1076,7 +1103,9 @@ class VllmAdapter(BaseAdapter):
         fit_max_tokens(prompt_len, req.sampling, self._max_model_len)
         return engine_input, prompt_len
 
-    def _sampling_params(self, api: _Vllm, s: SamplingOptions, prompt_len: int) -> Any:
+    def _sampling_params(
+        self, api: _Vllm, s: SamplingOptions, prompt_len: int, options: ChatOptions | None = None
+    ) -> Any:
         """`SamplingParams` as vLLM's chat server builds them (request, else model, else OpenAI)."""
         defaults = self._sampling_defaults
 
@@ -1102,6 +1131,10 @@ class VllmAdapter(BaseAdapter):
                 min_tokens=s.min_tokens,
                 logprobs=(s.top_logprobs or 0) if s.logprobs else None,
                 logit_bias=dict(s.logit_bias) or None,
+                skip_special_tokens=(options or _PLAIN_CHAT).skip_special_tokens,
+                spaces_between_special_tokens=(
+                    options or _PLAIN_CHAT
+                ).spaces_between_special_tokens,
                 output_kind=api.RequestOutputKind.DELTA,
                 skip_clone=True,
             )

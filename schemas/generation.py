@@ -9,7 +9,7 @@ Must never: grow wire concerns (ids, `object` names, SSE) or engine types.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from attrs import field, frozen
 
@@ -54,6 +54,22 @@ class SamplingOptions:
 
 
 @frozen
+class ChatOptions:
+    """vLLM's chat-template and detokenisation extensions (`schemas.features`).
+
+    The defaults change nothing; an adapter sees other values only for features it declares.
+    """
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: tuple[tuple[str, Any], ...] = ()
+    """Extra template variables, checked by `schemas.chat_options` (bounded plain JSON; never a
+    name the template call itself takes, such as `messages`, `tools` or `tokenize`)."""
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+
+
+@frozen
 class GenerationRequest:
     """A chat generation the adapter must run; `request_id` is unique while it is in flight."""
 
@@ -61,6 +77,7 @@ class GenerationRequest:
     messages: tuple[Message, ...]
     sampling: SamplingOptions
     model: str = ""
+    options: ChatOptions = ChatOptions()
 
 
 @frozen

@@ -36,6 +36,7 @@ from hooks.base import HIDDEN_HEADERS, Exchange, HookCall
 from hooks.chain import HookChain, HookSet
 from registry.manager import InflightTicket, LoadedModel, ModelManager, sanitize_exception
 from registry.secrets import SecretStore
+from schemas.chat_options import check_template_kwargs
 from schemas.converter import StructureError, structure
 from schemas.errors import (
     EngineError,
@@ -47,7 +48,14 @@ from schemas.errors import (
     WrapperError,
 )
 from schemas.features import chat_request_features
-from schemas.generation import GenerationRequest, Message, Role, SamplingOptions, TokenDelta
+from schemas.generation import (
+    ChatOptions,
+    GenerationRequest,
+    Message,
+    Role,
+    SamplingOptions,
+    TokenDelta,
+)
 from schemas.openai import (
     CHAT_REQUEST_FIELDS,
     AssistantMessage,
@@ -241,9 +249,9 @@ class ChatServing:
         # fields the request left unset: the preset's defaults (the adapter adds the model's)
         sampling = fill_defaults(sampling, loaded.plan.sampling_defaults)
         messages = tuple(Message(m.role, m.text(), m.name) for m in req.messages)
-        return GenerationRequest(request_id, messages, sampling, served)
+        return GenerationRequest(request_id, messages, sampling, served, chat_options(req))
 
-    def check_amended(  # noqa: C901  (one flat list of limits)
+    def check_amended(  # noqa: C901, PLR0912  (one flat list of limits)
         self, old: GenerationRequest, new: GenerationRequest, loaded: LoadedModel
     ) -> None:
         """A hook's amended request must keep within what `build` allows; ValueError if not."""
@@ -254,6 +262,8 @@ class ChatServing:
         for m in new.messages:
             if not isinstance(m, Message) or m.role not in _ROLES or not isinstance(m.content, str):
                 raise ValueError("messages must be Message(role, content) with a known role")
+        if new.options != old.options:
+            raise ValueError("a hook may not change the chat template options")
         s = new.sampling
         if not isinstance(s, SamplingOptions):
             raise TypeError("sampling must be SamplingOptions")
@@ -736,6 +746,23 @@ def parse_logit_bias(value: dict[str, float] | None) -> tuple[tuple[int, float],
             )
         out.append((int(key), float(bias)))
     return tuple(out)
+
+
+def chat_options(req: ChatCompletionRequest) -> ChatOptions:
+    """The chat-template extensions of `req` (features already checked); 400 when refused."""
+    if req.continue_final_message and req.add_generation_prompt:
+        # vLLM's own rule and wording (ChatCompletionRequest.check_generation_prompt)
+        raise InvalidRequestError(
+            "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+            param="continue_final_message",
+        )
+    return ChatOptions(
+        add_generation_prompt=req.add_generation_prompt,
+        continue_final_message=req.continue_final_message,
+        chat_template_kwargs=check_template_kwargs(req.chat_template_kwargs),
+        skip_special_tokens=req.skip_special_tokens,
+        spaces_between_special_tokens=req.spaces_between_special_tokens,
+    )
 
 
 def with_text(delta: TokenDelta, text: str, reasoning: str) -> TokenDelta:

@@ -104,3 +104,60 @@ def logit_bias_bans_and_is_checked(oai: openai.OpenAI, model: str) -> None:
     assert biased.choices[0].logprobs is not None
     assert biased.choices[0].logprobs.content
     assert biased.choices[0].logprobs.content[0].token != first
+
+
+def template_switches(oai: openai.OpenAI, model: str) -> None:
+    """add_generation_prompt, continue_final_message, skip_special_tokens, template kwargs.
+
+    Passed as the official client passes vLLM's extensions: in `extra_body`.
+    """
+    plain = oai.chat.completions.create(model=model, messages=README_MSGS, max_tokens=1)
+    bare = oai.chat.completions.create(
+        model=model,
+        messages=README_MSGS,
+        max_tokens=1,
+        extra_body={"add_generation_prompt": False, "chat_template_kwargs": {"note": "x"}},
+    )
+    assert plain.usage is not None
+    assert bare.usage is not None
+    # SmolLM2's generation prompt is "<|im_start|>assistant\n"
+    generation_prompt = bundled_tokenizer()("<|im_start|>assistant\n", add_special_tokens=False)
+    assert bare.usage.prompt_tokens == plain.usage.prompt_tokens - len(
+        generation_prompt["input_ids"]
+    )
+    started: list[Any] = [
+        *README_MSGS,
+        {"role": "assistant", "content": "The capital of France is"},
+    ]
+    cont = oai.chat.completions.create(
+        model=model,
+        messages=started,
+        max_tokens=3,
+        temperature=0,
+        extra_body={"add_generation_prompt": False, "continue_final_message": True},
+    )
+    assert "Paris" in (cont.choices[0].message.content or "")
+    with pytest.raises(openai.BadRequestError) as refused:
+        oai.chat.completions.create(
+            model=model,
+            messages=README_MSGS,
+            max_tokens=1,
+            extra_body={"chat_template_kwargs": {"messages": []}},
+        )
+    assert refused.value.body["param"] == "chat_template_kwargs"  # type: ignore[index]
+    # past the end token (ignore_eos) the text shows it only when special tokens are kept
+    texts = [
+        oai.chat.completions.create(
+            model=model,
+            messages=README_MSGS,
+            max_tokens=24,
+            temperature=0,
+            extra_body={"ignore_eos": True, "skip_special_tokens": skip},
+        )
+        .choices[0]
+        .message.content
+        or ""
+        for skip in (True, False)
+    ]
+    assert "<|im_end|>" not in texts[0]
+    assert "<|im_end|>" in texts[1]

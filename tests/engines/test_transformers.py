@@ -171,6 +171,11 @@ def test_n_logprobs_streamed_equal_whole(oai: openai.OpenAI) -> None:
     sampling_checks.n_logprobs_streamed_equal_whole(oai, MODEL)
 
 
+def test_chat_template_extensions(oai: openai.OpenAI) -> None:
+    """VLLM's template and detokenisation switches through the client's extra_body."""
+    sampling_checks.template_switches(oai, MODEL)
+
+
 def test_logit_bias_through_the_client(oai: openai.OpenAI) -> None:
     """A token id past the vocabulary is a 400 naming logit_bias; a -100 bias bans a token."""
     sampling_checks.logit_bias_bans_and_is_checked(oai, MODEL)

@@ -31,8 +31,8 @@ def test_loaded_capabilities_stay_within_the_declaration() -> None:
 
 
 def test_deepseek_declares_what_its_inner_engines_can() -> None:
-    """The deepseek adapter passes its inner engine's capabilities through."""
+    """The deepseek adapter declares no more than its inner engines can honour."""
     inner = frozenset().union(
         *(inner_adapter_class(engine).declared_features for engine in ("vllm", "sglang"))
     )
-    assert inner == DeepseekAdapter.declared_features
+    assert DeepseekAdapter.declared_features <= inner
