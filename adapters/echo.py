@@ -70,6 +70,10 @@ class EchoAdapter(BaseAdapter):
     """Echoes the last user message; see the module docstring."""
 
     params_type: ClassVar[type[Any]] = EchoParams
+    #: the service's own streaming options work over any token stream
+    declared_features: ClassVar[frozenset[str]] = frozenset(
+        {"stream_options.continuous_usage_stats"}
+    )
 
     def __init__(self, context: Any) -> None:
         super().__init__(context)
@@ -90,6 +94,7 @@ class EchoAdapter(BaseAdapter):
             ),
             max_n=self.params.max_n,
             max_context=self.params.max_context,
+            features=self.declared_features,
         )
 
     def check(self, model: str, params: Any) -> None:

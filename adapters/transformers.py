@@ -119,6 +119,7 @@ _SAMPLING = frozenset(
 _FEATURES = frozenset(
     {
         "logit_bias",
+        "stream_options.continuous_usage_stats",
         "add_generation_prompt",
         "continue_final_message",
         "chat_template_kwargs",

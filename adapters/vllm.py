@@ -761,6 +761,7 @@ _OPENAI_DEFAULTS: Mapping[str, float | int] = {
 _FEATURES = frozenset(
     {
         "logit_bias",
+        "stream_options.continuous_usage_stats",
         "add_generation_prompt",
         "continue_final_message",
         "chat_template_kwargs",

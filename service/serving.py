@@ -552,7 +552,10 @@ class Run:
 
     async def frames(self) -> AsyncIterator[bytes]:
         """The SSE body: token frames, finish chunks, optional usage chunk, `[DONE]`."""
-        include_usage = bool(self.req.stream_options and self.req.stream_options.include_usage)
+        options = self.req.stream_options
+        include_usage = bool(options and options.include_usage)
+        # vLLM's rule: continuous usage only together with include_usage
+        continuous = bool(include_usage and options and options.continuous_usage_stats)
         enc = ChunkEncoder(self.completion_id, self.created, self.model, include_usage)
         n = self.gen.sampling.n
         role_sent = [False] * n
@@ -568,6 +571,12 @@ class Run:
                     self._observe(delta)
                     text, reasoning = delta.text, delta.reasoning
                     index = delta.index
+                    if continuous:
+                        chunk = self._continuous_chunk(enc, delta, role_sent)
+                        if chunk:
+                            frame()
+                            yield chunk
+                        continue
                     if text and role_sent[index] and not reasoning and not delta.logprobs:
                         chunk = text_frame(index, text)  # the common frame, built in one go
                         frame()
@@ -597,18 +606,38 @@ class Run:
             self.status = "ok"
             metrics = self._metrics()
             for index in range(n):
-                yield enc.finish(
+                chunk = enc.finish(
                     index,
                     self.finish[index] or "stop",
                     role=not role_sent[index],
                     metrics=metrics if index == n - 1 and not include_usage else None,
                 )
+                yield enc.with_usage(chunk, self._usage()) if continuous else chunk
             if include_usage:
                 yield enc.usage(self._usage(), metrics)
         except Exception as exc:
             err = self._fail(exc)
             yield error_event(ErrorDetail(err.message, err.error_type, err.param, err.code))
         yield DONE
+
+    def _continuous_chunk(
+        self, enc: ChunkEncoder, delta: TokenDelta, role_sent: list[bool]
+    ) -> bytes | None:
+        """The chunk of `delta` with the usage so far (continuous_usage_stats), or None."""
+        text, reasoning, index = delta.text, delta.reasoning, delta.index
+        if not (
+            text or reasoning or delta.logprobs or (delta.token_count and not role_sent[index])
+        ):
+            return None
+        chunk = enc.delta(
+            index,
+            text if text or not reasoning else None,
+            role=not role_sent[index],
+            reasoning=reasoning or None,
+            logprobs=_logprobs(delta) if delta.logprobs else None,
+        )
+        role_sent[index] = True
+        return enc.with_usage(chunk, self._usage())
 
     # --- non-streaming -------------------------------------------------------------------------
 

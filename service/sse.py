@@ -110,6 +110,13 @@ class ChunkEncoder:
             + self._tail
         )
 
+    def with_usage(self, chunk: bytes, usage: dict[str, int]) -> bytes:
+        """`chunk` (text, delta or finish) with `usage` in place of `"usage":null`.
+
+        vLLM's `stream_options.continuous_usage_stats`: the counts so far on every chunk.
+        """
+        return chunk[: -len(self._tail)] + b',"usage":' + _encode(usage) + b"}\n\n"
+
     def usage(self, usage: dict[str, int], metrics: dict[str, Any] | None) -> bytes:
         """The last chunk with `include_usage`: no choices, the usage, and our metrics."""
         extra = b',"metrics":' + _encode(metrics) if metrics is not None else b""
