@@ -124,6 +124,8 @@ _FEATURES = frozenset(
         "continue_final_message",
         "chat_template_kwargs",
         "skip_special_tokens",
+        "return_token_ids",
+        "echo",
     }
 )
 #: choices of one request, generated one after the other in the request's slot
@@ -157,6 +159,7 @@ class _Plan:
     top_logprobs: int = 0
     logit_bias: tuple[tuple[int, float], ...] = ()
     skip_special_tokens: bool = True
+    return_token_ids: bool = False
 
 
 class _Job:
@@ -171,7 +174,10 @@ class _Job:
 class _Final:
     """The last item a worker puts on a request's queue."""
 
-    __slots__ = ("error", "finish", "index", "last_at", "logprobs", "stop_reason", "text", "tokens")
+    __slots__ = (
+        "error", "finish", "index", "last_at", "logprobs", "stop_reason", "text", "token_ids",
+        "tokens",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -184,6 +190,7 @@ class _Final:
         error: str | None = None,
         index: int = 0,
         logprobs: tuple[TokenLogprob, ...] = (),
+        token_ids: tuple[int, ...] = (),
     ) -> None:
         self.text = text
         self.tokens = tokens
@@ -193,6 +200,7 @@ class _Final:
         self.error = error
         self.index = index
         self.logprobs = logprobs
+        self.token_ids = token_ids
 
 
 Emit = Callable[[Any], None]
@@ -212,6 +220,8 @@ class _StepHook:
         """Set by `_generate` when the request asks for logprobs."""
         self.lps: list[TokenLogprob] = []
         """Logprobs of the tokens produced since the last emitted piece."""
+        self.pending_ids: list[int] = []
+        """Ids of the tokens produced since the last emitted piece (return_token_ids)."""
         self.plan = plan
         self.job = job
         self.emit = emit
@@ -240,6 +250,8 @@ class _StepHook:
             self.first_at = self.last_at
         if self.recorder is not None:
             self.lps.append(self.recorder.entry(token, self.plan.top_logprobs))
+        if self.plan.return_token_ids:
+            self.pending_ids.append(token)
         stop = self.job.cancel.is_set()
         if token in self.end_ids:
             # `_MinTokens` masked these until min_tokens: reaching one here ends the choice
@@ -265,9 +277,12 @@ class _StepHook:
             else:
                 self.recent = window[-self.longest_stop :]
         if piece:
-            self.emit((self.index, piece, self.pending, self.first_at, tuple(self.lps)))
+            self.emit(
+                (self.index, piece, self.pending, self.first_at, tuple(self.lps), self.pending_ids)
+            )
             self.pending = 0
             self.lps.clear()
+            self.pending_ids = []
         return self.stops.stopped
 
     def _detokenise(self, token: int) -> str:
@@ -316,6 +331,7 @@ class _StepHook:
             last_at=self.last_at,
             index=self.index,
             logprobs=tuple(self.lps),
+            token_ids=tuple(self.pending_ids),
         )
 
 
@@ -504,6 +520,7 @@ class _Engine:
             top_logprobs=s.top_logprobs or 0,
             logit_bias=s.logit_bias,
             skip_special_tokens=req.options.skip_special_tokens,
+            return_token_ids=req.options.return_token_ids,
         )
 
     # -- generating (worker thread) --
@@ -827,6 +844,7 @@ class TransformersAdapter(BaseAdapter):
         prompt_len = len(plan.prompt_ids)
         first = True
         open_choices = plan.n
+        want_ids = plan.return_token_ids
         try:
             while True:
                 item = await queue.get()
@@ -844,13 +862,15 @@ class TransformersAdapter(BaseAdapter):
                         engine_scheduled_at=scheduled_at if first else None,
                         engine_last_token_at=item.last_at,
                         stop_reason=item.stop_reason,
+                        token_ids=item.token_ids if want_ids else None,
+                        prompt_token_ids=plan.prompt_ids if want_ids and first else None,
                     )
                     first = False
                     open_choices -= 1
                     if not open_choices:
                         return
                     continue
-                index, text, count, first_at, lps = item
+                index, text, count, first_at, lps, ids = item
                 yield TokenDelta(
                     text,
                     count,
@@ -860,6 +880,8 @@ class TransformersAdapter(BaseAdapter):
                     engine_queued_at=queued_at if first else None,
                     engine_scheduled_at=scheduled_at if first else None,
                     engine_first_token_at=first_at if first else None,
+                    token_ids=tuple(ids) if want_ids else None,
+                    prompt_token_ids=plan.prompt_ids if want_ids and first else None,
                 )
                 first = False
         finally:

@@ -767,6 +767,8 @@ _FEATURES = frozenset(
         "chat_template_kwargs",
         "skip_special_tokens",
         "spaces_between_special_tokens",
+        "return_token_ids",
+        "echo",
     }
 )
 #: a request that sets none of the chat extensions
@@ -991,7 +993,7 @@ class VllmAdapter(BaseAdapter):
         async for _ in self.generate(request):
             pass
 
-    async def generate(self, req: GenerationRequest) -> AsyncGenerator[TokenDelta, None]:  # noqa: C901, PLR0912
+    async def generate(self, req: GenerationRequest) -> AsyncGenerator[TokenDelta, None]:  # noqa: C901, PLR0912, PLR0915
         """Stream `req` through the engine; abort it there if the consumer leaves early."""
         engine, api = self._engine, self._api
         if engine is None or api is None:
@@ -1000,6 +1002,8 @@ class VllmAdapter(BaseAdapter):
         engine_input, prompt_len = await self._render(engine, api, req)
         sampling = self._sampling_params(api, req.sampling, prompt_len, req.options)
         top_n = req.sampling.top_logprobs or 0
+        want_ids = req.options.return_token_ids
+        prompt_ids = tuple(engine_input["prompt_token_ids"]) if want_ids else None
         open_choices = set(range(req.sampling.n))
         started: set[int] = set()
         stream = engine.generate(engine_input, sampling, rid)
@@ -1019,6 +1023,7 @@ class VllmAdapter(BaseAdapter):
                             len(ids),
                             index,
                             logprobs=_logprobs(choice, top_n) if choice.logprobs else None,
+                            token_ids=tuple(ids) if want_ids else None,
                         )
                         continue
                     started.add(index)
@@ -1043,6 +1048,8 @@ class VllmAdapter(BaseAdapter):
                         engine_first_token_at=_ts(metrics, "first_token_ts"),
                         engine_last_token_at=_ts(metrics, "last_token_ts") if finish else None,
                         stop_reason=stop_reason,
+                        token_ids=tuple(ids) if want_ids else None,
+                        prompt_token_ids=prompt_ids if first else None,
                     )
             for index in sorted(open_choices):
                 # the stream ended without finishing this choice: vLLM dropped it

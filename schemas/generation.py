@@ -67,6 +67,8 @@ class ChatOptions:
     name the template call itself takes, such as `messages`, `tools` or `tokenize`)."""
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    return_token_ids: bool = False
+    """Deltas carry `token_ids` (and the first one `prompt_token_ids`)."""
 
 
 @frozen
@@ -113,3 +115,7 @@ class TokenDelta:
     engine_first_token_at: float | None = None
     engine_last_token_at: float | None = None
     stop_reason: str | int | None = field(default=None)
+    token_ids: tuple[int, ...] | None = None
+    """The ids of this delta's tokens, when the request asked for them (`return_token_ids`)."""
+    prompt_token_ids: tuple[int, ...] | None = None
+    """The prompt's ids, on the first delta, when the request asked for them."""

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import attrs
 from attrs import field, frozen
+from cattrs.gen import make_dict_unstructure_fn, override
 
 from schemas.converter import converter
 from schemas.validators import FieldValueError, in_range, min_items
@@ -225,6 +226,8 @@ class Choice:
     message: AssistantMessage
     logprobs: dict[str, Any] | None
     finish_reason: str | None
+    token_ids: list[int] | None = None
+    """vLLM's `return_token_ids`: the choice's token ids (the key is sent only then)."""
 
 
 @frozen
@@ -239,6 +242,21 @@ class ChatCompletion:
     usage: Usage
     metrics: dict[str, Any] | None = None
     system_fingerprint: str | None = None
+    prompt_token_ids: list[int] | None = None
+    """vLLM's `return_token_ids`: the prompt's token ids (the key is sent only then)."""
+
+
+# vLLM's extension keys appear only when asked for: a plain response keeps OpenAI's shape
+converter.register_unstructure_hook(
+    Choice,
+    make_dict_unstructure_fn(Choice, converter, token_ids=override(omit_if_default=True)),
+)
+converter.register_unstructure_hook(
+    ChatCompletion,
+    make_dict_unstructure_fn(
+        ChatCompletion, converter, prompt_token_ids=override(omit_if_default=True)
+    ),
+)
 
 
 @frozen

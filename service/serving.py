@@ -550,7 +550,7 @@ class Run:
 
     # --- streaming -----------------------------------------------------------------------------
 
-    async def frames(self) -> AsyncIterator[bytes]:
+    async def frames(self) -> AsyncIterator[bytes]:  # noqa: C901, PLR0915  (one stream, in order)
         """The SSE body: token frames, finish chunks, optional usage chunk, `[DONE]`."""
         options = self.req.stream_options
         include_usage = bool(options and options.include_usage)
@@ -561,8 +561,16 @@ class Run:
         role_sent = [False] * n
         frame = self.timer.frame
         ctx = self.ctx
+        extended = continuous or self.gen.options.return_token_ids
         try:
             agen = await self._start()
+            echo = self.echoed()
+            if echo:
+                # as vLLM: the echoed text first, one chunk per choice, before any token
+                for index in range(n):
+                    chunk = enc.delta(index, echo, role=True)
+                    role_sent[index] = True
+                    yield enc.with_usage(chunk, self._usage()) if continuous else chunk
             try:
                 text_frame = enc.text
                 async for delta in agen:
@@ -571,11 +579,11 @@ class Run:
                     self._observe(delta)
                     text, reasoning = delta.text, delta.reasoning
                     index = delta.index
-                    if continuous:
-                        chunk = self._continuous_chunk(enc, delta, role_sent)
-                        if chunk:
+                    if extended:
+                        extra = self._extension_chunk(enc, delta, role_sent, continuous)
+                        if extra:
                             frame()
-                            yield chunk
+                            yield extra
                         continue
                     if text and role_sent[index] and not reasoning and not delta.logprobs:
                         chunk = text_frame(index, text)  # the common frame, built in one go
@@ -620,13 +628,17 @@ class Run:
             yield error_event(ErrorDetail(err.message, err.error_type, err.param, err.code))
         yield DONE
 
-    def _continuous_chunk(
-        self, enc: ChunkEncoder, delta: TokenDelta, role_sent: list[bool]
+    def _extension_chunk(
+        self, enc: ChunkEncoder, delta: TokenDelta, role_sent: list[bool], continuous: bool
     ) -> bytes | None:
-        """The chunk of `delta` with the usage so far (continuous_usage_stats), or None."""
+        """The chunk of `delta` with vLLM's extras: usage so far, token ids; None if empty."""
         text, reasoning, index = delta.text, delta.reasoning, delta.index
         if not (
-            text or reasoning or delta.logprobs or (delta.token_count and not role_sent[index])
+            text
+            or reasoning
+            or delta.logprobs
+            or delta.token_ids
+            or (delta.token_count and not role_sent[index])
         ):
             return None
         chunk = enc.delta(
@@ -635,9 +647,23 @@ class Run:
             role=not role_sent[index],
             reasoning=reasoning or None,
             logprobs=_logprobs(delta) if delta.logprobs else None,
+            token_ids=delta.token_ids if self.gen.options.return_token_ids else None,
         )
         role_sent[index] = True
-        return enc.with_usage(chunk, self._usage())
+        if delta.prompt_token_ids is not None and self.gen.options.return_token_ids:
+            chunk = enc.with_prompt_token_ids(chunk, delta.prompt_token_ids)
+        return enc.with_usage(chunk, self._usage()) if continuous else chunk
+
+    def echoed(self) -> str:
+        """VLLM's `echo`: the last message's text when it is the assistant's, else nothing."""
+        if not self.req.echo:
+            return ""
+        last = self.req.messages[-1]
+        if last.role != "assistant" or last.content is None:
+            return ""
+        if isinstance(last.content, str):
+            return last.content
+        return "\n".join(p.text for p in last.content)
 
     # --- non-streaming -------------------------------------------------------------------------
 
@@ -646,6 +672,8 @@ class Run:
         texts: list[list[str]] = [[] for _ in range(n)]
         reasoning: list[list[str]] = [[] for _ in range(n)]
         logprobs: list[list[dict[str, Any]]] = [[] for _ in range(n)]
+        token_ids: list[list[int]] = [[] for _ in range(n)]
+        prompt_ids: list[int] | None = None
         frame = self.timer.frame
         agen = await self._start()
         try:
@@ -658,26 +686,43 @@ class Run:
                         reasoning[delta.index].append(delta.reasoning)
                 if delta.logprobs:
                     logprobs[delta.index].extend(_logprobs(delta)["content"])
+                if delta.token_ids:
+                    token_ids[delta.index].extend(delta.token_ids)
+                if delta.prompt_token_ids is not None and prompt_ids is None:
+                    prompt_ids = list(delta.prompt_token_ids)
         finally:
             await shielded(agen.aclose())
         self._check_end()
         self.status = "ok"
         metrics = self._metrics()
         with_reasoning = self.with_reasoning
+        echo = self.echoed()
+        want_ids = self.gen.options.return_token_ids
         choices = [
             Choice(
                 index=i,
                 message=AssistantMessage(
-                    "assistant", "".join(texts[i]), "".join(reasoning[i]) or None, with_reasoning
+                    "assistant",
+                    echo + "".join(texts[i]),
+                    "".join(reasoning[i]) or None,
+                    with_reasoning,
                 ),
                 logprobs={"content": logprobs[i]} if self.req.logprobs else None,
                 finish_reason=self.finish[i],
+                token_ids=token_ids[i] if want_ids else None,
             )
             for i in range(n)
         ]
         usage = Usage(**self._usage())
         return ChatCompletion(
-            self.completion_id, "chat.completion", self.created, self.model, choices, usage, metrics
+            self.completion_id,
+            "chat.completion",
+            self.created,
+            self.model,
+            choices,
+            usage,
+            metrics,
+            prompt_token_ids=prompt_ids if want_ids else None,
         )
 
     async def complete(self, receive: Receive) -> ChatCompletion:
@@ -791,6 +836,7 @@ def chat_options(req: ChatCompletionRequest) -> ChatOptions:
         chat_template_kwargs=check_template_kwargs(req.chat_template_kwargs),
         skip_special_tokens=req.skip_special_tokens,
         spaces_between_special_tokens=req.spaces_between_special_tokens,
+        return_token_ids=bool(req.return_token_ids),
     )
 
 
@@ -814,6 +860,8 @@ def with_text(delta: TokenDelta, text: str, reasoning: str) -> TokenDelta:
         d.engine_first_token_at,
         d.engine_last_token_at,
         d.stop_reason,
+        d.token_ids,
+        d.prompt_token_ids,
     )
 
 

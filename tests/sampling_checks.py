@@ -161,3 +161,49 @@ def template_switches(oai: openai.OpenAI, model: str) -> None:
     ]
     assert "<|im_end|>" not in texts[0]
     assert "<|im_end|>" in texts[1]
+
+
+def token_ids_and_echo(oai: openai.OpenAI, model: str) -> None:
+    """return_token_ids and echo, whole and streamed, shaped as vLLM's server shapes them.
+
+    The assistant's started answer is continued (continue_final_message) and echoed back in
+    front of the new text; `token_ids` on the choice decode to the new text, the top-level
+    `prompt_token_ids` end with the started answer (no end-of-turn token after it).
+    """
+    started = "The capital of France is"
+    msgs: list[Any] = [*README_MSGS, {"role": "assistant", "content": started}]
+    extra = {
+        "return_token_ids": True, "echo": True,
+        "add_generation_prompt": False, "continue_final_message": True,
+    }  # fmt: skip
+    ask: dict[str, Any] = {
+        "model": model, "messages": msgs, "max_tokens": 4, "temperature": 0, "extra_body": extra,
+    }  # fmt: skip
+    tok = bundled_tokenizer()
+    whole = oai.chat.completions.create(**ask)
+    choice = whole.choices[0]
+    content = choice.message.content or ""
+    assert content.startswith(started)
+    assert choice.model_extra is not None
+    assert whole.model_extra is not None
+    ids, prompt_ids = choice.model_extra["token_ids"], whole.model_extra["prompt_token_ids"]
+    assert whole.usage is not None
+    assert len(ids) == whole.usage.completion_tokens
+    assert len(prompt_ids) == whole.usage.prompt_tokens
+    assert tok.decode(ids, skip_special_tokens=True) == content[len(started) :]
+    assert tok.decode(prompt_ids).endswith(started)
+    streamed_ids: list[int] = []
+    streamed_prompt: list[int] | None = None
+    texts: list[str] = []
+    for chunk in oai.chat.completions.create(**ask, stream=True):
+        extra_top = chunk.model_extra or {}
+        if "prompt_token_ids" in extra_top:
+            assert streamed_prompt is None  # once, on the first token chunk
+            streamed_prompt = extra_top["prompt_token_ids"]
+        for c in chunk.choices:
+            texts.append(c.delta.content or "")
+            streamed_ids += (c.model_extra or {}).get("token_ids") or []
+    assert texts[0] == started  # the echo comes first, alone
+    assert "".join(texts) == content
+    assert streamed_ids == ids
+    assert streamed_prompt == prompt_ids

@@ -131,6 +131,11 @@ def test_chat_template_extensions(oai: openai.OpenAI) -> None:
     sampling_checks.template_switches(oai, PRESET)
 
 
+def test_token_ids_and_echo(oai: openai.OpenAI) -> None:
+    """return_token_ids and echo, whole and streamed, as vLLM's server shapes them."""
+    sampling_checks.token_ids_and_echo(oai, PRESET)
+
+
 def test_logit_bias_through_the_client(oai: openai.OpenAI) -> None:
     """Out-of-vocabulary ids are a 400 naming logit_bias; -100 bans a token."""
     sampling_checks.logit_bias_bans_and_is_checked(oai, PRESET)
