@@ -80,6 +80,7 @@ from schemas.generation import (
     FinishReason,
     GenerationRequest,
     Message,
+    PromptPosition,
     SamplingOptions,
     TokenDelta,
     TokenLogprob,
@@ -769,6 +770,7 @@ _FEATURES = frozenset(
         "spaces_between_special_tokens",
         "return_token_ids",
         "echo",
+        "prompt_logprobs",
     }
 )
 #: a request that sets none of the chat extensions
@@ -1003,6 +1005,7 @@ class VllmAdapter(BaseAdapter):
         sampling = self._sampling_params(api, req.sampling, prompt_len, req.options)
         top_n = req.sampling.top_logprobs or 0
         want_ids = req.options.return_token_ids
+        want_prompt_lps = _prompt_logprobs_asked(req.sampling, req.options) is not None
         prompt_ids = tuple(engine_input["prompt_token_ids"]) if want_ids else None
         open_choices = set(range(req.sampling.n))
         started: set[int] = set()
@@ -1050,6 +1053,11 @@ class VllmAdapter(BaseAdapter):
                         stop_reason=stop_reason,
                         token_ids=tuple(ids) if want_ids else None,
                         prompt_token_ids=prompt_ids if first else None,
+                        prompt_logprobs=(
+                            _prompt_positions(out.prompt_logprobs)
+                            if first and want_prompt_lps and out.prompt_logprobs is not None
+                            else None
+                        ),
                     )
             for index in sorted(open_choices):
                 # the stream ended without finishing this choice: vLLM dropped it
@@ -1139,6 +1147,7 @@ class VllmAdapter(BaseAdapter):
                 min_tokens=s.min_tokens,
                 logprobs=(s.top_logprobs or 0) if s.logprobs else None,
                 logit_bias=dict(s.logit_bias) or None,
+                prompt_logprobs=_prompt_logprobs_asked(s, options or _PLAIN_CHAT),
                 skip_special_tokens=(options or _PLAIN_CHAT).skip_special_tokens,
                 spaces_between_special_tokens=(
                     options or _PLAIN_CHAT
@@ -1255,6 +1264,26 @@ def _logprobs(choice: Any, top_n: int) -> tuple[TokenLogprob, ...]:
             )
         )
     return tuple(out)
+
+
+def _prompt_logprobs_asked(s: SamplingOptions, options: ChatOptions) -> int | None:
+    """VLLM's rule (`to_sampling_params`): echo without prompt_logprobs asks top_logprobs."""
+    if options.prompt_logprobs is None and options.echo:
+        return s.top_logprobs
+    return options.prompt_logprobs
+
+
+def _prompt_positions(prompt_logprobs: Any) -> tuple[PromptPosition, ...]:
+    """VLLM's per-position prompt logprob dicts as engine-neutral tuples."""
+    return tuple(
+        None
+        if position is None
+        else tuple(
+            (int(token), float(lp.logprob), lp.rank, lp.decoded_token or "")
+            for token, lp in position.items()
+        )
+        for position in prompt_logprobs
+    )
 
 
 def _kv_cache_tokens(cache_config: Any) -> int | None:

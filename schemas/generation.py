@@ -69,6 +69,10 @@ class ChatOptions:
     spaces_between_special_tokens: bool = True
     return_token_ids: bool = False
     """Deltas carry `token_ids` (and the first one `prompt_token_ids`)."""
+    prompt_logprobs: int | None = None
+    """vLLM's `prompt_logprobs`: alternatives per prompt position (whole responses only)."""
+    echo: bool = False
+    """The service echoes the last message; vLLM then computes prompt logprobs (its rule)."""
 
 
 @frozen
@@ -90,6 +94,10 @@ class TokenLogprob:
     logprob: float
     bytes: tuple[int, ...] | None = None
     top: tuple[tuple[str, float], ...] = ()
+
+
+#: one prompt position of `prompt_logprobs`: None for the first, else (id, logprob, rank, text)s
+PromptPosition = tuple[tuple[int, float, int | None, str], ...] | None
 
 
 @frozen
@@ -119,3 +127,6 @@ class TokenDelta:
     """The ids of this delta's tokens, when the request asked for them (`return_token_ids`)."""
     prompt_token_ids: tuple[int, ...] | None = None
     """The prompt's ids, on the first delta, when the request asked for them."""
+    prompt_logprobs: tuple[PromptPosition, ...] | None = None
+    """Per prompt position (the first has none): (token id, logprob, rank, text) of the prompt
+    token and its alternatives, as vLLM reports them; on the first delta, when asked for."""

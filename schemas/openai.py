@@ -244,6 +244,8 @@ class ChatCompletion:
     system_fingerprint: str | None = None
     prompt_token_ids: list[int] | None = None
     """vLLM's `return_token_ids`: the prompt's token ids (the key is sent only then)."""
+    prompt_logprobs: list[dict[str, Any] | None] | None = None
+    """vLLM's `prompt_logprobs` (the key is sent only when asked for)."""
 
 
 # vLLM's extension keys appear only when asked for: a plain response keeps OpenAI's shape
@@ -254,7 +256,10 @@ converter.register_unstructure_hook(
 converter.register_unstructure_hook(
     ChatCompletion,
     make_dict_unstructure_fn(
-        ChatCompletion, converter, prompt_token_ids=override(omit_if_default=True)
+        ChatCompletion,
+        converter,
+        prompt_token_ids=override(omit_if_default=True),
+        prompt_logprobs=override(omit_if_default=True),
     ),
 )
 

@@ -52,6 +52,7 @@ from schemas.generation import (
     ChatOptions,
     GenerationRequest,
     Message,
+    PromptPosition,
     Role,
     SamplingOptions,
     TokenDelta,
@@ -674,6 +675,7 @@ class Run:
         logprobs: list[list[dict[str, Any]]] = [[] for _ in range(n)]
         token_ids: list[list[int]] = [[] for _ in range(n)]
         prompt_ids: list[int] | None = None
+        prompt_lps: list[dict[str, Any] | None] | None = None
         frame = self.timer.frame
         agen = await self._start()
         try:
@@ -690,6 +692,8 @@ class Run:
                     token_ids[delta.index].extend(delta.token_ids)
                 if delta.prompt_token_ids is not None and prompt_ids is None:
                     prompt_ids = list(delta.prompt_token_ids)
+                if delta.prompt_logprobs is not None and prompt_lps is None:
+                    prompt_lps = _prompt_logprobs(delta.prompt_logprobs)
         finally:
             await shielded(agen.aclose())
         self._check_end()
@@ -723,6 +727,7 @@ class Run:
             usage,
             metrics,
             prompt_token_ids=prompt_ids if want_ids else None,
+            prompt_logprobs=prompt_lps,
         )
 
     async def complete(self, receive: Receive) -> ChatCompletion:
@@ -824,6 +829,11 @@ def parse_logit_bias(value: dict[str, float] | None) -> tuple[tuple[int, float],
 
 def chat_options(req: ChatCompletionRequest) -> ChatOptions:
     """The chat-template extensions of `req` (features already checked); 400 when refused."""
+    if req.prompt_logprobs and req.stream:
+        # vLLM's own rule and wording: prompt logprobs come with whole responses only
+        raise InvalidRequestError(
+            "`prompt_logprobs` are not available when `stream=True`.", param="prompt_logprobs"
+        )
     if req.continue_final_message and req.add_generation_prompt:
         # vLLM's own rule and wording (ChatCompletionRequest.check_generation_prompt)
         raise InvalidRequestError(
@@ -837,6 +847,8 @@ def chat_options(req: ChatCompletionRequest) -> ChatOptions:
         skip_special_tokens=req.skip_special_tokens,
         spaces_between_special_tokens=req.spaces_between_special_tokens,
         return_token_ids=bool(req.return_token_ids),
+        prompt_logprobs=req.prompt_logprobs,
+        echo=req.echo,
     )
 
 
@@ -862,6 +874,7 @@ def with_text(delta: TokenDelta, text: str, reasoning: str) -> TokenDelta:
         d.stop_reason,
         d.token_ids,
         d.prompt_token_ids,
+        d.prompt_logprobs,
     )
 
 
@@ -887,6 +900,19 @@ async def _disconnected(receive: Receive) -> None:
         message = await receive()
         if message["type"] == "http.disconnect":
             return
+
+
+def _prompt_logprobs(positions: Iterable[PromptPosition]) -> list[dict[str, Any] | None]:
+    """VLLM's `prompt_logprobs` JSON: per position null or {token id: logprob, rank, text}."""
+    return [
+        None
+        if position is None
+        else {
+            str(token): {"logprob": max(lp, -9999.0), "rank": rank, "decoded_token": text}
+            for token, lp, rank, text in position
+        }
+        for position in positions
+    ]
 
 
 def _logprobs(delta: TokenDelta) -> dict[str, Any]:

@@ -136,6 +136,36 @@ def test_token_ids_and_echo(oai: openai.OpenAI) -> None:
     sampling_checks.token_ids_and_echo(oai, PRESET)
 
 
+def test_prompt_logprobs(oai: openai.OpenAI) -> None:
+    """One entry per prompt token (null first) holding the prompt's own token; no streams.
+
+    vLLM refuses prompt_logprobs with stream=True, and so does the service.
+    """
+    r = oai.chat.completions.create(
+        model=PRESET,
+        messages=MSGS,
+        max_tokens=1,
+        extra_body={"prompt_logprobs": 2, "return_token_ids": True},
+    )
+    assert r.model_extra is not None
+    positions, prompt_ids = r.model_extra["prompt_logprobs"], r.model_extra["prompt_token_ids"]
+    assert r.usage is not None
+    assert len(positions) == len(prompt_ids) == r.usage.prompt_tokens
+    assert positions[0] is None
+    for token, position in zip(prompt_ids[1:], positions[1:], strict=True):
+        assert str(token) in position
+        assert 2 <= len(position) <= 3  # the top 2, plus the prompt's token when not among them
+        assert all(
+            v["logprob"] <= 0 and isinstance(v["decoded_token"], str) for v in position.values()
+        )
+    with pytest.raises(openai.BadRequestError) as refused:
+        oai.chat.completions.create(
+            model=PRESET, messages=MSGS, max_tokens=1, stream=True,
+            extra_body={"prompt_logprobs": 2},
+        )  # fmt: skip
+    assert refused.value.body["param"] == "prompt_logprobs"  # type: ignore[index]
+
+
 def test_logit_bias_through_the_client(oai: openai.OpenAI) -> None:
     """Out-of-vocabulary ids are a 400 naming logit_bias; -100 bans a token."""
     sampling_checks.logit_bias_bans_and_is_checked(oai, PRESET)

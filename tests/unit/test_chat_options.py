@@ -71,3 +71,11 @@ def test_refused_kwargs_name_the_field(kwargs: dict[str, Any]) -> None:
     with pytest.raises(InvalidRequestError) as refused:
         check_template_kwargs(kwargs)
     assert refused.value.param == "chat_template_kwargs"
+
+
+def test_prompt_logprobs_with_stream_is_vllms_400() -> None:
+    """Prompt logprobs come with whole responses only (as on vLLM); the refusal names them."""
+    with pytest.raises(InvalidRequestError) as refused:
+        chat_options(request(prompt_logprobs=1, stream=True))
+    assert refused.value.param == "prompt_logprobs"
+    assert chat_options(request(prompt_logprobs=1)).prompt_logprobs == 1
