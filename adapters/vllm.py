@@ -781,7 +781,7 @@ class VllmAdapter(BaseAdapter):
     """vLLM's `AsyncLLM` behind the adapter contract; see the module docstring."""
 
     params_type: ClassVar[type[Any]] = VllmParams
-    declared_features: ClassVar[frozenset[str]] = _FEATURES
+    declared_features: ClassVar[frozenset[str]] = _FEATURES | {"image_url"}
     #: the `extra` allowlist (DeepSeek applies it to its nested params too)
     extra_policy: ClassVar[ParamPolicy] = VLLM_EXTRA
 
@@ -958,7 +958,8 @@ class VllmAdapter(BaseAdapter):
             max_n=int(engine.vllm_config.scheduler_config.max_num_seqs),
             max_top_logprobs=20 if max_logprobs < 0 else min(max_logprobs, 20),
             max_context=self._max_model_len,
-            features=_FEATURES,
+            # images only where the loaded model takes them (vLLM's multimodal config)
+            features=_FEATURES | ({"image_url"} if model_config.is_multimodal_model else set()),
         )
 
     @staticmethod
@@ -1083,10 +1084,10 @@ class VllmAdapter(BaseAdapter):
 
     async def _render(self, engine: Any, api: _Vllm, req: GenerationRequest) -> tuple[Any, int]:
         """Apply the chat template and tokenize, as vLLM's chat server does; 400 when too long."""
-        conversation = [
-            {"role": m.role, "content": m.content, "name": m.name}
+        conversation: list[dict[str, Any]] = [
+            {"role": m.role, "content": _content(m), "name": m.name}
             if m.name is not None
-            else {"role": m.role, "content": m.content}
+            else {"role": m.role, "content": _content(m)}
             for m in req.messages
         ]
         try:
@@ -1264,6 +1265,18 @@ def _logprobs(choice: Any, top_n: int) -> tuple[TokenLogprob, ...]:
             )
         )
     return tuple(out)
+
+
+def _content(message: Message) -> Any:
+    """A message's content as vLLM's chat parser takes it: text, or parts with images."""
+    if not message.parts:
+        return message.content
+    return [
+        {"type": "text", "text": value}
+        if kind == "text"
+        else {"type": "image_url", "image_url": {"url": value}}
+        for kind, value in message.parts
+    ]
 
 
 def _prompt_logprobs_asked(s: SamplingOptions, options: ChatOptions) -> int | None:

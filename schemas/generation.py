@@ -24,6 +24,9 @@ class Message:
     role: Role
     content: str
     name: str | None = None
+    parts: tuple[tuple[Literal["text", "image_url"], str], ...] = ()
+    """Only for a message with images (backends that declare `image_url`): its parts in order,
+    ("text", text) or ("image_url", url); `content` is then its text alone."""
 
 
 @frozen

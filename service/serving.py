@@ -25,7 +25,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
-from typing import Any, get_args
+from typing import Any, Literal, get_args
 
 import anyio
 from litestar import Request
@@ -62,7 +62,10 @@ from schemas.openai import (
     AssistantMessage,
     ChatCompletion,
     ChatCompletionRequest,
+    ChatMessageIn,
     Choice,
+    ImagePart,
+    TextPart,
     Usage,
 )
 from schemas.sampling import fill_defaults
@@ -171,6 +174,14 @@ class ChatServing:
                 param="response_format",
             )
         backend = loaded.plan.backend.name
+        images = "image_url" in caps.features
+        for i, m in enumerate(req.messages):
+            if m.has_images() and not images:
+                raise UnsupportedParameterError(
+                    f"image content parts are not supported by backend '{backend}' "
+                    "(the loaded model takes text only)",
+                    param=f"messages[{i}].content",
+                )
         for feature, param in chat_request_features(req):
             if feature not in caps.features:
                 raise UnsupportedParameterError(
@@ -249,7 +260,10 @@ class ChatServing:
         )
         # fields the request left unset: the preset's defaults (the adapter adds the model's)
         sampling = fill_defaults(sampling, loaded.plan.sampling_defaults)
-        messages = tuple(Message(m.role, m.text(), m.name) for m in req.messages)
+        messages = tuple(
+            Message(m.role, m.text(), m.name, _parts(m) if m.has_images() else ())
+            for m in req.messages
+        )
         return GenerationRequest(request_id, messages, sampling, served, chat_options(req))
 
     def check_amended(  # noqa: C901, PLR0912  (one flat list of limits)
@@ -664,7 +678,7 @@ class Run:
             return ""
         if isinstance(last.content, str):
             return last.content
-        return "\n".join(p.text for p in last.content)
+        return "\n".join(p.text for p in last.content if isinstance(p, TextPart))
 
     # --- non-streaming -------------------------------------------------------------------------
 
@@ -850,6 +864,17 @@ def chat_options(req: ChatCompletionRequest) -> ChatOptions:
         prompt_logprobs=req.prompt_logprobs,
         echo=req.echo,
     )
+
+
+def _parts(message: ChatMessageIn) -> tuple[tuple[Literal["text", "image_url"], str], ...]:
+    """A message's text and image parts in order, for a backend that takes images."""
+    out: list[tuple[Literal["text", "image_url"], str]] = []
+    for p in message.content or ():
+        if isinstance(p, TextPart):
+            out.append(("text", p.text))
+        elif isinstance(p, ImagePart):
+            out.append(("image_url", p.url))
+    return tuple(out)
 
 
 def with_text(delta: TokenDelta, text: str, reasoning: str) -> TokenDelta:

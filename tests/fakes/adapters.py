@@ -133,3 +133,27 @@ class SamplingEchoAdapter(EchoAdapter):
         yield TokenDelta(
             f"temperature={s.temperature} top_p={top_p} top_k={top_k}", 1, 0, "stop", 1
         )
+
+
+class ImageEchoAdapter(EchoAdapter):
+    """Echo that declares `image_url`, as vLLM does for a multimodal model.
+
+    It answers with the last message's parts, `text:...` / `image_url:<scheme>`, to show what
+    reached the adapter.
+    """
+
+    declared_features: ClassVar[frozenset[str]] = frozenset({"image_url"})
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """Echo's, plus image parts."""
+        return attrs.evolve(super().capabilities, features=frozenset({"image_url"}))
+
+    async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenDelta]:
+        """One delta naming the parts of the last message."""
+        parts = req.messages[-1].parts
+        text = " ".join(
+            f"{kind}:{value.partition(':')[0] if kind == 'image_url' else value}"
+            for kind, value in parts
+        )
+        yield TokenDelta(text, 1, 0, "stop", 1)
