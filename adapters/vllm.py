@@ -1280,14 +1280,14 @@ def _content(message: Message) -> Any:
 
 
 def _prompt_logprobs_asked(s: SamplingOptions, options: ChatOptions) -> int | None:
-    """VLLM's rule (`to_sampling_params`): echo without prompt_logprobs asks top_logprobs."""
+    """The prompt logprobs to ask: echo without prompt_logprobs asks top_logprobs (vLLM's rule)."""
     if options.prompt_logprobs is None and options.echo:
         return s.top_logprobs
     return options.prompt_logprobs
 
 
 def _prompt_positions(prompt_logprobs: Any) -> tuple[PromptPosition, ...]:
-    """VLLM's per-position prompt logprob dicts as engine-neutral tuples."""
+    """The engine's per-position prompt logprob dicts as engine-neutral tuples."""
     return tuple(
         None
         if position is None

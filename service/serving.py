@@ -670,7 +670,7 @@ class Run:
         return enc.with_usage(chunk, self._usage()) if continuous else chunk
 
     def echoed(self) -> str:
-        """VLLM's `echo`: the last message's text when it is the assistant's, else nothing."""
+        """The `echo` extension: the last message's text if the assistant's, else nothing."""
         if not self.req.echo:
             return ""
         last = self.req.messages[-1]
@@ -928,7 +928,7 @@ async def _disconnected(receive: Receive) -> None:
 
 
 def _prompt_logprobs(positions: Iterable[PromptPosition]) -> list[dict[str, Any] | None]:
-    """VLLM's `prompt_logprobs` JSON: per position null or {token id: logprob, rank, text}."""
+    """The `prompt_logprobs` JSON as vLLM sends it: per position null or {id: logprob, ...}."""
     return [
         None
         if position is None

@@ -172,7 +172,7 @@ def test_n_logprobs_streamed_equal_whole(oai: openai.OpenAI) -> None:
 
 
 def test_chat_template_extensions(oai: openai.OpenAI) -> None:
-    """VLLM's template and detokenisation switches through the client's extra_body."""
+    """The template and detokenisation switches (vLLM's) through the client's extra_body."""
     sampling_checks.template_switches(oai, MODEL)
 
 

@@ -46,7 +46,7 @@ def test_values_pass_through_in_order() -> None:
 
 
 def test_continue_and_generation_prompt_together_is_vllms_400() -> None:
-    """VLLM refuses both at once; so do we, naming continue_final_message."""
+    """Both at once is refused, as vLLM refuses it, naming continue_final_message."""
     with pytest.raises(InvalidRequestError) as refused:
         chat_options(request(continue_final_message=True))
     assert refused.value.param == "continue_final_message"
