@@ -35,6 +35,15 @@ class TextPart:
 
 
 @frozen
+class ImageURL:
+    """The `image_url` object of an image part."""
+
+    url: str
+    """`data:image/<type>;base64,...` or an http(s) URL (never a file path)."""
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+@frozen
 class ImagePart:
     """A `{"type": "image_url", "image_url": {"url": ..., "detail": ...}}` content part.
 
@@ -43,8 +52,7 @@ class ImagePart:
     """
 
     type: Literal["image_url"]
-    url: str
-    detail: str | None = None
+    image_url: ImageURL
 
 
 #: most image parts one message may hold, and the longest URL (a data: URL holds the image)
@@ -75,7 +83,7 @@ def _structure_image(part: dict[str, Any]) -> ImagePart:
             f"image URLs must be http(s) URLs of at most {MAX_HTTP_URL_CHARS} characters "
             "or data: URLs (never file paths)"
         )
-    return ImagePart("image_url", url, detail)
+    return ImagePart("image_url", ImageURL(url, detail))
 
 
 MessageContent = str | tuple[TextPart | ImagePart, ...] | None

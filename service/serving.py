@@ -873,7 +873,7 @@ def _parts(message: ChatMessageIn) -> tuple[tuple[Literal["text", "image_url"], 
         if isinstance(p, TextPart):
             out.append(("text", p.text))
         elif isinstance(p, ImagePart):
-            out.append(("image_url", p.url))
+            out.append(("image_url", p.image_url.url))
     return tuple(out)
 
 
