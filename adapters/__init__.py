@@ -55,6 +55,7 @@ from adapters.kit.sampling import (
     VLLM_EXTENSION_FIELDS,
 )
 from adapters.kit.threads import BridgeClosedError, Emit, Job, ThreadBridge
+from adapters.kit.tokens import TokenOps
 from adapters.text import StopMatcher
 from schemas.errors import (
     ConflictError,
@@ -69,10 +70,13 @@ from schemas.errors import (
     WrapperError,
 )
 from schemas.generation import (
+    ChatOptions,
     FinishReason,
     GenerationRequest,
     Message,
+    PromptPosition,
     SamplingOptions,
+    StructuredOutput,
     TokenDelta,
     TokenLogprob,
 )
@@ -91,6 +95,7 @@ __all__ = [
     "Bool",
     "BridgeClosedError",
     "Capabilities",
+    "ChatOptions",
     "ChildProcesses",
     "ConflictError",
     "Emit",
@@ -116,15 +121,18 @@ __all__ = [
     "ParamPolicy",
     "ParamSpec",
     "ParamsValidationError",
+    "PromptPosition",
     "RateLimitError",
     "Refused",
     "Reserved",
     "SamplingOptions",
     "ServiceUnavailableError",
     "StopMatcher",
+    "StructuredOutput",
     "ThreadBridge",
     "TokenDelta",
     "TokenLogprob",
+    "TokenOps",
     "UnsupportedParameterError",
     "UpstreamError",
     "UpstreamTimeoutError",

@@ -15,7 +15,7 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
+from typing import Any, ClassVar, Generic, Protocol, TypeVar, runtime_checkable
 
 from attrs import field, frozen
 
@@ -221,6 +221,10 @@ class BaseAdapter(ABC, Generic[P]):
 
     # a ClassVar cannot name a type variable; the registry reads it on the class
     params_type: type[P]
+    declared_features: ClassVar[frozenset[str]] = frozenset()
+    """Every catalogued feature (`schemas.features`) this adapter can honour, readable without
+    loading an engine (the README's table); a loaded model's `capabilities.features` is a
+    subset of it."""
 
     def __init__(self, context: AdapterContext) -> None:
         self.context = context

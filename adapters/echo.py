@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncGenerator
-from typing import Any
+from typing import Any, ClassVar
 
 from attrs import evolve, field, frozen
 
@@ -72,6 +72,10 @@ class EchoAdapter(BaseAdapter[EchoParams]):
     """Echoes the last user message; see the module docstring."""
 
     params_type = EchoParams
+    #: the service's own streaming options work over any token stream; completions echo the prompt
+    declared_features: ClassVar[frozenset[str]] = frozenset(
+        {"stream_options.continuous_usage_stats", "/v1/completions"}
+    )
 
     def __init__(self, context: Any) -> None:
         super().__init__(context)
@@ -98,7 +102,7 @@ class EchoAdapter(BaseAdapter[EchoParams]):
                 ),
                 max_n=params.max_n,
                 max_context=params.max_context,
-                features=frozenset({"/v1/completions"}),
+                features=self.declared_features,
             )
             cached = self._caps = (params, caps)
         return cached[1]

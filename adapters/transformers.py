@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from attrs import field, frozen
 
@@ -59,6 +59,7 @@ from schemas.generation import (
     SamplingOptions,
     StructuredOutput,
     TokenDelta,
+    TokenLogprob,
 )
 from schemas.structured import choice_grammar
 from schemas.tools import template_message, template_tools
@@ -113,15 +114,18 @@ _SAMPLING = frozenset(
         "ignore_eos",
         "min_tokens",
         "repetition_penalty",
+        "n",
+        "logprobs",
+        "top_logprobs",
     }
 )
-#: catalogued routes served here (schemas.features)
-_FEATURES = frozenset({"/v1/completions", "/tokenize", "/detokenize"})
-
-
 #: catalogued features (schemas/features.py) this backend honours
 _FEATURES = frozenset(
     {
+        # routes over the loaded tokenizer and a raw prompt
+        "/v1/completions",
+        "/tokenize",
+        "/detokenize",
         "response_format.json_object",
         "response_format.json_schema",
         "structured_outputs.json",
@@ -133,8 +137,20 @@ _FEATURES = frozenset(
         "tool_choice.required",
         "tool_choice.named",
         "parallel_tool_calls",
+        "logit_bias",
+        "stream_options.continuous_usage_stats",
+        "add_generation_prompt",
+        "continue_final_message",
+        "chat_template_kwargs",
+        "skip_special_tokens",
+        "return_token_ids",
+        "echo",
     }
 )
+#: choices of one request, generated one after the other in the request's slot
+_MAX_N = 8
+#: alternatives per token, as OpenAI bounds `top_logprobs`
+_MAX_TOP_LOGPROBS = 20
 
 
 # --- per-request plan and the pieces that run inside `generate` ---------------------------------
@@ -159,6 +175,12 @@ class _Plan:
     ignore_eos: bool
     grammar: Any = None
     """The request's compiled xgrammar grammar (structured output), or None."""
+    n: int = 1
+    logprobs: bool = False
+    top_logprobs: int = 0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    skip_special_tokens: bool = True
+    return_token_ids: bool = False
 
 
 class _Job:
@@ -173,7 +195,10 @@ class _Job:
 class _Final:
     """The last item a worker puts on a request's queue."""
 
-    __slots__ = ("error", "finish", "last_at", "stop_reason", "text", "tokens")
+    __slots__ = (
+        "error", "finish", "index", "last_at", "logprobs", "stop_reason", "text", "token_ids",
+        "tokens",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -184,6 +209,9 @@ class _Final:
         stop_reason: str | int | None = None,
         last_at: float | None = None,
         error: str | None = None,
+        index: int = 0,
+        logprobs: tuple[TokenLogprob, ...] = (),
+        token_ids: tuple[int, ...] = (),
     ) -> None:
         self.text = text
         self.tokens = tokens
@@ -191,6 +219,9 @@ class _Final:
         self.stop_reason = stop_reason
         self.last_at = last_at
         self.error = error
+        self.index = index
+        self.logprobs = logprobs
+        self.token_ids = token_ids
 
 
 Emit = Callable[[Any], None]
@@ -203,8 +234,15 @@ class _StepHook:
     criterion and start padding.
     """
 
-    def __init__(self, engine: _Engine, plan: _Plan, job: _Job, emit: Emit) -> None:
+    def __init__(self, engine: _Engine, plan: _Plan, job: _Job, emit: Emit, index: int = 0) -> None:
         self.engine = engine
+        self.index = index
+        self.recorder: _LogprobRecorder | None = None
+        """Set by `_generate` when the request asks for logprobs."""
+        self.lps: list[TokenLogprob] = []
+        """Logprobs of the tokens produced since the last emitted piece."""
+        self.pending_ids: list[int] = []
+        """Ids of the tokens produced since the last emitted piece (return_token_ids)."""
         self.plan = plan
         self.job = job
         self.emit = emit
@@ -232,6 +270,10 @@ class _StepHook:
         self.pending += 1
         if self.first_at is None:
             self.first_at = self.last_at
+        if self.recorder is not None:
+            self.lps.append(self.recorder.entry(token, self.plan.top_logprobs))
+        if self.plan.return_token_ids:
+            self.pending_ids.append(token)
         stop = self.job.cancel.is_set()
         if token in self.end_ids:
             # `_MinTokens` masked these until min_tokens: reaching one here ends the choice
@@ -261,8 +303,12 @@ class _StepHook:
             else:
                 self.recent = window[-self.longest_stop :]
         if piece:
-            self.emit((piece, self.pending, self.first_at))
+            self.emit(
+                (self.index, piece, self.pending, self.first_at, tuple(self.lps), self.pending_ids)
+            )
             self.pending = 0
+            self.lps.clear()
+            self.pending_ids = []
         return self.stops.stopped
 
     def _detokenise(self, token: int) -> str:
@@ -278,8 +324,9 @@ class _StepHook:
 
     def _window(self) -> tuple[str, str]:
         decode = self.engine.tokenizer.decode
-        prefix = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
-        full = decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
+        skip = self.plan.skip_special_tokens
+        prefix = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=skip)
+        full = decode(self.ids[self.prefix_offset :], skip_special_tokens=skip)
         return prefix, full
 
     def final(self) -> _Final:
@@ -308,6 +355,9 @@ class _StepHook:
             finish=finish,
             stop_reason=stop_reason,
             last_at=self.last_at,
+            index=self.index,
+            logprobs=tuple(self.lps),
+            token_ids=tuple(self.pending_ids),
         )
 
 
@@ -398,6 +448,63 @@ class _MinTokens:
         return scores
 
 
+class _LogprobRecorder:
+    """First processor: keeps the log-softmax of the model's raw logits for the step.
+
+    vLLM's default `logprobs_mode` is `raw_logprobs`: log-probabilities before penalties,
+    logit_bias, temperature and top-k/p; this matches it. The step hook reads `entry()` once
+    the token of that step is known.
+    """
+
+    def __init__(self, torch: Any, tokenizer: Any) -> None:
+        self.torch = torch
+        self.tokenizer = tokenizer
+        self.last: Any = None
+
+    def __call__(self, _input_ids: Any, scores: Any) -> Any:
+        self.last = self.torch.log_softmax(scores[0].float(), dim=-1)
+        return scores
+
+    def entry(self, token: int, top_n: int) -> TokenLogprob:
+        """The sampled token's logprob and the `top_n` best of the step (vLLM's shape)."""
+        row = self.last
+        text = self._text(token)
+        top: tuple[tuple[str, float], ...] = ()
+        if top_n:
+            values, ids = self.torch.topk(row, top_n)
+            top = tuple(
+                (self._text(int(i)), _clamp_logprob(float(v)))
+                for v, i in zip(values.tolist(), ids.tolist(), strict=True)
+            )
+        return TokenLogprob(
+            token=text,
+            logprob=_clamp_logprob(float(row[token])),
+            bytes=tuple(text.encode("utf-8", errors="replace")),
+            top=top,
+        )
+
+    def _text(self, token: int) -> str:
+        # as vLLM's logprobs detokenise one id at a time (special tokens kept)
+        return str(self.tokenizer.decode([token]))
+
+
+def _clamp_logprob(value: float) -> float:
+    """-inf is no JSON number: vLLM's server sends -9999.0 in its place."""
+    return max(value, -9999.0)
+
+
+class _LogitBias:
+    """Adds the request's `logit_bias` to its tokens' logits (before any sampling warper)."""
+
+    def __init__(self, torch: Any, bias: tuple[tuple[int, float], ...], device: Any) -> None:
+        self.ids = torch.tensor([t for t, _ in bias], dtype=torch.long, device=device)
+        self.values = torch.tensor([b for _, b in bias], dtype=torch.float32, device=device)
+
+    def __call__(self, _input_ids: Any, scores: Any) -> Any:
+        scores[:, self.ids] += self.values.to(scores.dtype)
+        return scores
+
+
 class _SeededSampler:
     """Samples one token with this request's generator and leaves only it for greedy `generate`."""
 
@@ -474,11 +581,15 @@ class _Engine:
             else template_message(m, arguments_as_objects=True)
             for m in req.messages
         ]
+        options = req.options
         try:
+            # as vLLM's server: the request's template variables, then its own two switches
             text = self.tokenizer.apply_chat_template(
                 conversation,
                 tools=template_tools(req.tools),
-                add_generation_prompt=True,
+                **dict(options.chat_template_kwargs),
+                add_generation_prompt=options.add_generation_prompt,
+                continue_final_message=options.continue_final_message,
                 tokenize=False,
             )
         except self.template_errors as exc:
@@ -502,6 +613,11 @@ class _Engine:
         if bad:
             raise InvalidRequestError(
                 f"stop_token_ids must lie between 0 and {vocab - 1}", param="stop_token_ids"
+            )
+        bad_bias = [t for t, _ in s.logit_bias if not 0 <= t < vocab]
+        if bad_bias:
+            raise InvalidRequestError(
+                f"logit_bias token ids must lie between 0 and {vocab - 1}", param="logit_bias"
             )
         if s.repetition_penalty is not None and s.repetition_penalty <= 0:
             raise InvalidRequestError(
@@ -528,21 +644,31 @@ class _Engine:
             # vLLM's "-1 (or 0) means no top-k"
             top_k=int(top_k) if top_k is not None and top_k > 0 else None,
             min_p=_float(s.min_p if s.min_p is not None else defaults.get("min_p")),
-            repetition_penalty=_float(s.repetition_penalty),
+            repetition_penalty=_float(
+                s.repetition_penalty
+                if s.repetition_penalty is not None
+                else defaults.get("repetition_penalty")
+            ),
             seed=s.seed,
             stop=s.stop,
             stop_token_ids=frozenset(s.stop_token_ids),
             ignore_eos=s.ignore_eos,
             grammar=grammar,
+            n=s.n,
+            logprobs=s.logprobs,
+            top_logprobs=s.top_logprobs or 0,
+            logit_bias=s.logit_bias,
+            skip_special_tokens=req.options.skip_special_tokens,
+            return_token_ids=req.options.return_token_ids,
         )
 
     # -- generating (worker thread) --
 
-    def run(self, plan: _Plan, job: _Job, emit: Emit) -> _Final:
-        """Run `generate` for one request; return how it ended. Never raises."""
-        hook = _StepHook(self, plan, job, emit)
+    def run(self, plan: _Plan, job: _Job, emit: Emit, index: int = 0) -> _Final:
+        """Run `generate` for one choice of a request; return how it ended. Never raises."""
+        hook = _StepHook(self, plan, job, emit, index)
         if job.cancel.is_set():
-            return _Final(finish="abort")
+            return _Final(finish="abort", index=index)
         try:
             if self.params.torch_threads is not None:
                 # the intra-op thread count is per OS thread for OpenMP: set it where we compute
@@ -550,12 +676,31 @@ class _Engine:
             self._generate(plan, hook)
             return hook.final()
         except Exception as exc:
-            return _Final(error=_engine_failure(exc), tokens=hook.pending)
+            return _Final(error=_engine_failure(exc), tokens=hook.pending, index=index)
 
-    def _generate(self, plan: _Plan, hook: _StepHook) -> None:
+    def run_all(self, plan: _Plan, job: _Job, emit: Emit) -> None:
+        """Each of the `n` choices in turn, each ended by its `_Final` (the rest abort)."""
+        for index in range(plan.n):
+            final = self.run(plan, job, emit, index)
+            emit(final)
+            if final.error is not None or final.finish == "abort":
+                for rest in range(index + 1, plan.n):
+                    emit(_Final(finish="abort", index=rest))
+                return
+
+    def _generate(self, plan: _Plan, hook: _StepHook) -> None:  # noqa: C901  (one flat setup)
         torch, tf = self.torch, self.tf
         ids = torch.tensor([plan.prompt_ids], dtype=torch.long, device=self.device)
         processors = tf.LogitsProcessorList()
+        if plan.logprobs:
+            # first: vLLM reports logprobs of the raw logits by default
+            hook.recorder = _LogprobRecorder(torch, self.tokenizer)
+            processors.append(hook.recorder)
+        if plan.logit_bias:
+            processors.append(_LogitBias(torch, plan.logit_bias, self.device))
+        if plan.repetition_penalty is not None and plan.repetition_penalty != 1.0:
+            # ours, not generate's: its own processors would run before the recorder
+            processors.append(tf.RepetitionPenaltyLogitsProcessor(plan.repetition_penalty))
         end_ids = plan.stop_token_ids | (frozenset() if plan.ignore_eos else self.eos_ids)
         if plan.min_tokens > 0 and end_ids:
             mask = torch.tensor(sorted(end_ids), dtype=torch.long, device=self.device)
@@ -573,7 +718,12 @@ class _Engine:
             if plan.min_p is not None and plan.min_p > 0:
                 processors.append(tf.MinPLogitsWarper(min_p=plan.min_p))
             generator = torch.Generator(device=self.device)
-            seed = plan.seed if plan.seed is not None else int.from_bytes(os.urandom(8), "little")
+            # choice i of a seeded request: seed + i, so each choice repeats and they differ
+            seed = (
+                plan.seed + hook.index
+                if plan.seed is not None
+                else int.from_bytes(os.urandom(8), "little")
+            )
             generator.manual_seed(seed % (2**63))
             processors.append(_SeededSampler(torch, generator))
         config = tf.GenerationConfig(
@@ -584,7 +734,6 @@ class _Engine:
             # list keeps transformers from filling in the model's EOS
             eos_token_id=[],
             pad_token_id=self.pad_id,
-            repetition_penalty=plan.repetition_penalty,
         )
         with torch.inference_mode():
             self.model.generate(
@@ -623,6 +772,7 @@ class TransformersAdapter(BaseAdapter[TransformersParams]):
     """Serves one HF causal LM with `generate`; see the module docstring."""
 
     params_type = TransformersParams
+    declared_features: ClassVar[frozenset[str]] = _FEATURES
 
     def __init__(self, context: AdapterContext) -> None:
         super().__init__(context)
@@ -638,7 +788,8 @@ class TransformersAdapter(BaseAdapter[TransformersParams]):
         engine = self._engine
         return Capabilities(
             sampling=_SAMPLING,
-            max_n=1,
+            max_n=_MAX_N,
+            max_top_logprobs=_MAX_TOP_LOGPROBS,
             max_context=engine.params.max_model_len if engine is not None else None,
             features=_FEATURES,
         )
@@ -832,7 +983,7 @@ class TransformersAdapter(BaseAdapter[TransformersParams]):
                 job.cancel.set()  # the loop is gone: nobody reads this stream any more
 
         def work() -> None:
-            emit(engine.run(plan, job, emit))
+            engine.run_all(plan, job, emit)
 
         self._running += 1
         scheduled_at = time.perf_counter()
@@ -841,6 +992,8 @@ class TransformersAdapter(BaseAdapter[TransformersParams]):
         future.add_done_callback(lambda _: self._slot_done(engine))
         prompt_len = len(plan.prompt_ids)
         first = True
+        open_choices = plan.n
+        want_ids = plan.return_token_ids
         try:
             while True:
                 item = await queue.get()
@@ -850,22 +1003,34 @@ class TransformersAdapter(BaseAdapter[TransformersParams]):
                     yield TokenDelta(
                         item.text,
                         item.tokens,
+                        item.index,
                         finish_reason=item.finish,
                         prompt_tokens=prompt_len,
+                        logprobs=item.logprobs if plan.logprobs else None,
                         engine_queued_at=queued_at if first else None,
                         engine_scheduled_at=scheduled_at if first else None,
                         engine_last_token_at=item.last_at,
                         stop_reason=item.stop_reason,
+                        token_ids=item.token_ids if want_ids else None,
+                        prompt_token_ids=plan.prompt_ids if want_ids and first else None,
                     )
-                    return
-                text, count, first_at = item
+                    first = False
+                    open_choices -= 1
+                    if not open_choices:
+                        return
+                    continue
+                index, text, count, first_at, lps, ids = item
                 yield TokenDelta(
                     text,
                     count,
+                    index,
                     prompt_tokens=prompt_len if first else None,
+                    logprobs=lps or None,
                     engine_queued_at=queued_at if first else None,
                     engine_scheduled_at=scheduled_at if first else None,
                     engine_first_token_at=first_at if first else None,
+                    token_ids=tuple(ids) if want_ids else None,
+                    prompt_token_ids=plan.prompt_ids if want_ids and first else None,
                 )
                 first = False
         finally:
@@ -987,7 +1152,7 @@ def _sampling_defaults(generation_config: Any) -> dict[str, float]:
     explicit = generation_config.to_diff_dict()
     return {
         key: explicit[key]
-        for key in ("temperature", "top_p", "top_k", "min_p")
+        for key in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
         if isinstance(explicit.get(key), int | float) and not isinstance(explicit.get(key), bool)
     }
 
@@ -995,8 +1160,8 @@ def _sampling_defaults(generation_config: Any) -> dict[str, float]:
 def _refuse_unsupported(s: SamplingOptions) -> None:
     """Refuse what `capabilities` does not list (the service checks first; this is the backstop)."""
     unsupported = {
-        "n": s.n != 1,
-        "logprobs": s.logprobs or s.top_logprobs is not None,
+        "n": not 1 <= s.n <= _MAX_N,
+        "top_logprobs": (s.top_logprobs or 0) > _MAX_TOP_LOGPROBS,
         "presence_penalty": bool(s.presence_penalty),
         "frequency_penalty": bool(s.frequency_penalty),
     }

@@ -79,9 +79,11 @@ from schemas.errors import (
     ServiceUnavailableError,
 )
 from schemas.generation import (
+    ChatOptions,
     FinishReason,
     GenerationRequest,
     Message,
+    PromptPosition,
     SamplingOptions,
     StructuredOutput,
     TokenDelta,
@@ -715,8 +717,6 @@ def _release(exc: BaseException) -> None:
 
 # --- the adapter ----------------------------------------------------------------------------------
 
-#: catalogued routes served here (schemas.features)
-_FEATURES = frozenset({"/v1/completions", "/tokenize", "/detokenize"})
 _FINISH: Mapping[str, FinishReason] = {
     "stop": "stop",
     "length": "length",
@@ -736,10 +736,45 @@ _OPENAI_DEFAULTS: Mapping[str, float | int] = {
 }
 
 
+#: catalogued features (schemas.features) the loaded engine honours
+_FEATURES = frozenset(
+    {
+        # routes over the engine's tokenizer and renderer
+        "/v1/completions",
+        "/tokenize",
+        "/detokenize",
+        "response_format.json_object",
+        "response_format.json_schema",
+        "structured_outputs.json",
+        "structured_outputs.regex",
+        "structured_outputs.choice",
+        "structured_outputs.grammar",
+        # forced tool calls are structured output; `auto` would need a tool parser
+        "tools",
+        "tool_choice.required",
+        "tool_choice.named",
+        "parallel_tool_calls",
+        "logit_bias",
+        "stream_options.continuous_usage_stats",
+        "add_generation_prompt",
+        "continue_final_message",
+        "chat_template_kwargs",
+        "skip_special_tokens",
+        "spaces_between_special_tokens",
+        "return_token_ids",
+        "echo",
+        "prompt_logprobs",
+    }
+)
+#: a request that sets none of the chat extensions
+_PLAIN_CHAT = ChatOptions()
+
+
 class VllmAdapter(BaseAdapter[VllmParams]):
     """vLLM's `AsyncLLM` behind the adapter contract; see the module docstring."""
 
     params_type = VllmParams
+    declared_features: ClassVar[frozenset[str]] = _FEATURES | {"image_url"}
     #: the `extra` allowlist (DeepSeek applies it to its nested params too)
     extra_policy: ClassVar[ParamPolicy] = VLLM_EXTRA
 
@@ -849,6 +884,8 @@ class VllmAdapter(BaseAdapter[VllmParams]):
                 "dtype": str(config.model_config.dtype).removeprefix("torch."),
                 "kv_cache_tokens": _kv_cache_tokens(config.cache_config),
                 "max_num_seqs": config.scheduler_config.max_num_seqs,
+                # the model's generation_config.json values vLLM samples unset fields with
+                "sampling_defaults": dict(self._sampling_defaults),
             },
         )
 
@@ -907,26 +944,39 @@ class VllmAdapter(BaseAdapter[VllmParams]):
         self._max_model_len = int(model_config.max_model_len)
         self._sampling_defaults = dict(model_config.get_diff_sampling_param())
         # what vLLM's chat server passes for a plain request (no tools, generation prompt on)
-        self._chat_params = api.ChatParams(
-            chat_template=None,
-            chat_template_content_format="auto",
-            chat_template_kwargs={"add_generation_prompt": True, "continue_final_message": False},
-        ).with_defaults(
-            {
-                "tools": None,
-                "tokenize": bool(
-                    api.is_mistral_tokenizer(engine.renderer.tokenizer)
-                    or model_config.enable_prompt_embeds
-                ),
-            }
-        )
+        self._chat_params = self._chat_params_for(api, engine, _PLAIN_CHAT)
         max_logprobs = int(model_config.max_logprobs)
         self._caps = Capabilities(
             sampling=SAMPLING_FIELDS,
             max_n=int(engine.vllm_config.scheduler_config.max_num_seqs),
             max_top_logprobs=20 if max_logprobs < 0 else min(max_logprobs, 20),
             max_context=self._max_model_len,
-            features=_FEATURES,
+            # images only where the loaded model takes them (vLLM's multimodal config)
+            features=_FEATURES | ({"image_url"} if model_config.is_multimodal_model else set()),
+        )
+
+    @staticmethod
+    def _chat_params_for(api: _Vllm, engine: Any, options: ChatOptions) -> Any:
+        """`ChatParams` as vLLM's `build_chat_params` makes them.
+
+        The request's template kwargs, then its add_generation_prompt / continue_final_message
+        over them.
+        """
+        kwargs = {
+            **dict(options.chat_template_kwargs),
+            "add_generation_prompt": options.add_generation_prompt,
+            "continue_final_message": options.continue_final_message,
+        }
+        return api.ChatParams(
+            chat_template=None, chat_template_content_format="auto", chat_template_kwargs=kwargs
+        ).with_defaults(
+            {
+                "tools": None,
+                "tokenize": bool(
+                    api.is_mistral_tokenizer(engine.renderer.tokenizer)
+                    or engine.model_config.enable_prompt_embeds
+                ),
+            }
         )
 
     async def _warm_up(self) -> None:
@@ -939,15 +989,18 @@ class VllmAdapter(BaseAdapter[VllmParams]):
         async for _ in self.generate(request):
             pass
 
-    async def generate(self, req: GenerationRequest) -> AsyncGenerator[TokenDelta, None]:  # noqa: C901, PLR0912
+    async def generate(self, req: GenerationRequest) -> AsyncGenerator[TokenDelta, None]:  # noqa: C901, PLR0912, PLR0915
         """Stream `req` through the engine; abort it there if the consumer leaves early."""
         engine, api = self._engine, self._api
         if engine is None or api is None:
             raise ServiceUnavailableError("no vllm model is loaded")
         rid = req.request_id
         engine_input, prompt_len = await self._render(engine, api, req)
-        sampling = self._sampling_params(api, req.sampling, prompt_len, req.structured)
+        sampling = self._sampling_params(api, req.sampling, prompt_len, req.structured, req.options)
         top_n = req.sampling.top_logprobs or 0
+        want_ids = req.options.return_token_ids
+        want_prompt_lps = _prompt_logprobs_asked(req.sampling, req.options) is not None
+        prompt_ids = tuple(engine_input["prompt_token_ids"]) if want_ids else None
         open_choices = set(range(req.sampling.n))
         started: set[int] = set()
         stream = engine.generate(engine_input, sampling, rid)
@@ -967,6 +1020,7 @@ class VllmAdapter(BaseAdapter[VllmParams]):
                             len(ids),
                             index,
                             logprobs=_logprobs(choice, top_n) if choice.logprobs else None,
+                            token_ids=tuple(ids) if want_ids else None,
                         )
                         continue
                     started.add(index)
@@ -991,6 +1045,13 @@ class VllmAdapter(BaseAdapter[VllmParams]):
                         engine_first_token_at=_ts(metrics, "first_token_ts"),
                         engine_last_token_at=_ts(metrics, "last_token_ts") if finish else None,
                         stop_reason=stop_reason,
+                        token_ids=tuple(ids) if want_ids else None,
+                        prompt_token_ids=prompt_ids if first else None,
+                        prompt_logprobs=(
+                            _prompt_positions(out.prompt_logprobs)
+                            if first and want_prompt_lps and out.prompt_logprobs is not None
+                            else None
+                        ),
                     )
             for index in sorted(open_choices):
                 # the stream ended without finishing this choice: vLLM dropped it
@@ -1023,12 +1084,13 @@ class VllmAdapter(BaseAdapter[VllmParams]):
         if req.prompt is not None:
             return await self._render_raw(engine, api, req)
         # vLLM's renderer takes OpenAI's shape (tool call arguments as JSON text) and decodes
-        # the arguments for the template itself
-        conversation = [template_message(m, arguments_as_objects=False) for m in req.messages]
-        chat_params = self._chat_params
-        if req.tools:
-            kwargs = {**chat_params.chat_template_kwargs, "tools": template_tools(req.tools)}
-            chat_params = dataclasses.replace(chat_params, chat_template_kwargs=kwargs)
+        # the arguments for the template itself; images go as content parts
+        conversation = [
+            {**template_message(m, arguments_as_objects=False), "content": _content(m)}
+            if m.parts
+            else template_message(m, arguments_as_objects=False)
+            for m in req.messages
+        ]
         try:
             tok_params = api.TokenizeParams(
                 max_total_tokens=self._max_model_len,
@@ -1038,6 +1100,12 @@ class VllmAdapter(BaseAdapter[VllmParams]):
                 max_total_tokens_param="max_model_len",
                 max_output_tokens_param="max_tokens",
             )
+            chat_params = self._chat_params
+            if req.options != _PLAIN_CHAT:
+                chat_params = self._chat_params_for(api, engine, req.options)
+            if req.tools:
+                kwargs = {**chat_params.chat_template_kwargs, "tools": template_tools(req.tools)}
+                chat_params = dataclasses.replace(chat_params, chat_template_kwargs=kwargs)
             _, (engine_input,) = await engine.renderer.render_chat_async(
                 [conversation], chat_params, tok_params
             )
@@ -1106,6 +1174,7 @@ class VllmAdapter(BaseAdapter[VllmParams]):
         s: SamplingOptions,
         prompt_len: int,
         structured: StructuredOutput | None = None,
+        options: ChatOptions | None = None,
     ) -> Any:
         """`SamplingParams` as vLLM's chat server builds them (request, else model, else OpenAI)."""
         defaults = self._sampling_defaults
@@ -1131,6 +1200,12 @@ class VllmAdapter(BaseAdapter[VllmParams]):
                 max_tokens=fit_max_tokens(prompt_len, s, self._max_model_len),
                 min_tokens=s.min_tokens,
                 logprobs=(s.top_logprobs or 0) if s.logprobs else None,
+                logit_bias=dict(s.logit_bias) or None,
+                prompt_logprobs=_prompt_logprobs_asked(s, options or _PLAIN_CHAT),
+                skip_special_tokens=(options or _PLAIN_CHAT).skip_special_tokens,
+                spaces_between_special_tokens=(
+                    options or _PLAIN_CHAT
+                ).spaces_between_special_tokens,
                 output_kind=api.RequestOutputKind.DELTA,
                 skip_clone=True,
                 structured_outputs=_structured_outputs(structured),
@@ -1246,6 +1321,38 @@ def _logprobs(choice: Any, top_n: int) -> tuple[TokenLogprob, ...]:
     return tuple(out)
 
 
+def _content(message: Message) -> Any:
+    """A message's content as vLLM's chat parser takes it: text, or parts with images."""
+    if not message.parts:
+        return message.content
+    return [
+        {"type": "text", "text": value}
+        if kind == "text"
+        else {"type": "image_url", "image_url": {"url": value}}
+        for kind, value in message.parts
+    ]
+
+
+def _prompt_logprobs_asked(s: SamplingOptions, options: ChatOptions) -> int | None:
+    """The prompt logprobs to ask: echo without prompt_logprobs asks top_logprobs (vLLM's rule)."""
+    if options.prompt_logprobs is None and options.echo:
+        return s.top_logprobs
+    return options.prompt_logprobs
+
+
+def _prompt_positions(prompt_logprobs: Any) -> tuple[PromptPosition, ...]:
+    """The engine's per-position prompt logprob dicts as engine-neutral tuples."""
+    return tuple(
+        None
+        if position is None
+        else tuple(
+            (int(token), float(lp.logprob), lp.rank, lp.decoded_token or "")
+            for token, lp in position.items()
+        )
+        for position in prompt_logprobs
+    )
+
+
 def _kv_cache_tokens(cache_config: Any) -> int | None:
     blocks = getattr(cache_config, "num_gpu_blocks", None)
     size = getattr(cache_config, "block_size", None)
@@ -1258,22 +1365,6 @@ def _message(exc: BaseException) -> str:
 
 
 #: vLLM's names for request fields that ours spell differently
-#: catalogued features (schemas/features.py) this backend honours once a model is loaded
-_FEATURES = frozenset(
-    {
-        "response_format.json_object",
-        "response_format.json_schema",
-        "structured_outputs.json",
-        "structured_outputs.regex",
-        "structured_outputs.choice",
-        "structured_outputs.grammar",
-        # forced tool calls are structured output; `auto` would need a tool parser
-        "tools",
-        "tool_choice.required",
-        "tool_choice.named",
-        "parallel_tool_calls",
-    }
-)
 
 
 def _structured_outputs(structured: StructuredOutput | None) -> Any:

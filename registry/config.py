@@ -135,6 +135,9 @@ class PresetEntry:
     description: str = ""
     hooks: tuple[HookEntry, ...] = ()
     """Hooks for this preset (after the global and the backend's)."""
+    sampling_defaults: dict[str, Any] = field(factory=dict)
+    """Sampling for fields a request leaves unset, over the model's generation_config.json
+    (`schemas.sampling`); checked at start-up against the request's ranges and the backend."""
 
 
 def _backend_names(_: Any, attribute: Any, value: dict[str, Any]) -> None:

@@ -33,7 +33,7 @@ import enum
 import gc
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, Protocol
 
 from attrs import define, evolve, field, frozen
@@ -69,6 +69,7 @@ from schemas.errors import (
     UpstreamError,
     WrapperError,
 )
+from schemas.sampling import check_sampling_defaults, effective_defaults
 from schemas.telemetry import MemorySnapshot
 
 logger = logging.getLogger(__name__)
@@ -123,6 +124,8 @@ class LoadPlan:
     preset: str | None
     params: Any
     env: EnvScope
+    sampling_defaults: Mapping[str, Any] = field(factory=dict)
+    """The preset's sampling for fields a request leaves unset (`schemas.sampling`)."""
 
     def view(self, secrets: SecretStore) -> LoadPlanView:
         """What status and responses may show: params masked, env key names only."""
@@ -134,6 +137,7 @@ class LoadPlan:
             preset=self.preset,
             engine_params=params,
             env_keys=list(self.env.keys),
+            sampling_defaults=dict(self.sampling_defaults),
         )
 
     def serves(self, name: str) -> bool:
@@ -155,6 +159,25 @@ class LoadedModel:
     """Unix time the load finished."""
     tickets: set[InflightTicket] = field(factory=set)
     """Data-plane requests running on this model (a swap drains the old model's alone)."""
+
+
+def describe_capabilities(loaded: LoadedModel) -> dict[str, Any]:
+    """What the loaded adapter honours and what unset sampling fields become (status)."""
+    caps = loaded.adapter.capabilities
+    model = loaded.info.details.get("sampling_defaults")
+    model_defaults = dict(model) if isinstance(model, Mapping) else {}
+    preset = dict(loaded.plan.sampling_defaults)
+    return {
+        "features": sorted(caps.features),
+        "sampling": sorted(caps.sampling),
+        "max_n": caps.max_n,
+        "max_top_logprobs": caps.max_top_logprobs,
+        "sampling_defaults": {
+            "effective": effective_defaults(model_defaults, preset),
+            "preset": preset,
+            "model": model_defaults,
+        },
+    }
 
 
 class InflightTicket:
@@ -322,8 +345,10 @@ class ModelManager:
     def status(self) -> ModelStatus:
         """Snapshot for `GET /v1/model/status`."""
         engine: dict[str, Any] | None = None
+        capabilities: dict[str, Any] | None = None
         if self.current is not None:
             engine = unstructure(self.current.adapter.stats())
+            capabilities = describe_capabilities(self.current)
         return ModelStatus(
             state=self._state.value,
             in_flight=self.in_flight,
@@ -334,6 +359,7 @@ class ModelManager:
             pending=self._pending.view(self.secrets) if self._pending is not None else None,
             state_since=self._state_since,
             engine=engine,
+            capabilities=capabilities,
         )
 
     # --- data plane ----------------------------------------------------------------------------
@@ -464,6 +490,7 @@ class ModelManager:
             model = req.model or preset.model
             overrides = deep_merge(preset.engine_params, req.engine_params)
             served = req.served_model_name or preset.served_model_name or preset_name
+            sampling_defaults = check_sampling_defaults(preset.sampling_defaults)
         else:
             backend_name = req.backend or ""
             if req.model is None:
@@ -471,6 +498,7 @@ class ModelManager:
             model = req.model
             overrides = dict(req.engine_params)
             served = req.served_model_name or model
+            sampling_defaults = {}
         backend = self.registry.resolve(backend_name)
         params = self.registry.build_params(backend_name, overrides)
         check_env(req.env, backend.entry.env_allow, backend_name)
@@ -495,6 +523,7 @@ class ModelManager:
             preset=preset_name,
             params=params,
             env=env,
+            sampling_defaults=sampling_defaults,
         )
 
     def _begin(self, operation: str) -> None:

@@ -38,6 +38,7 @@ from registry.hooks import build_hook_specs
 from schemas.converter import StructureError, structure, unstructure
 from schemas.errors import NotFoundError, ParamsValidationError
 from schemas.jsonschema import attrs_json_schema
+from schemas.sampling import check_sampling_defaults
 from schemas.suggest import unknown
 
 ENTRY_POINT_GROUP = "inference_wrapper.adapters"
@@ -156,9 +157,22 @@ class AdapterRegistry:
                 self.build_params(preset.backend, preset.engine_params)
             except ParamsValidationError as exc:
                 raise RegistryError(f"models.{alias}.{exc.message}") from None
+            self._check_sampling_defaults(alias, preset)
         self.hook_specs: tuple[HookSpec, ...] = build_hook_specs(
             config, text=source_text, source=source, use_entry_points=use_entry_points
         )
+
+    def _check_sampling_defaults(self, alias: str, preset: PresetEntry) -> None:
+        """The preset's sampling_defaults: known fields, in range, applied by its backend."""
+        if not preset.sampling_defaults:
+            return
+        # adapters are light to construct (engines load in load()); capabilities before a
+        # load list the sampling fields the backend applies
+        adapter = self._adapters[preset.backend].adapter_cls(self.context(preset.backend))
+        try:
+            check_sampling_defaults(preset.sampling_defaults, adapter.capabilities.sampling)
+        except ValueError as exc:
+            raise RegistryError(f"models.{alias}.sampling_defaults.{exc}") from None
 
     def _add_entry_points(self) -> None:
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):

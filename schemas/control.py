@@ -80,6 +80,8 @@ class LoadPlanView:
     preset: str | None
     engine_params: dict[str, Any]
     env_keys: list[str]
+    sampling_defaults: dict[str, Any] = field(factory=dict)
+    """The preset's sampling for fields a request leaves unset."""
 
 
 @frozen
@@ -163,3 +165,7 @@ class ModelStatus:
     state_since: float = 0.0
     """Unix time of the last state change."""
     engine: dict[str, Any] | None = None
+    capabilities: dict[str, Any] | None = None
+    """What the loaded adapter honours (features, sampling fields, max_n, max_top_logprobs) and
+    the sampling unset fields get: `effective` (the preset's over the model's), then the engine's
+    neutral default for what neither sets."""

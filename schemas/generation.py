@@ -9,7 +9,7 @@ Must never: grow wire concerns (ids, `object` names, SSE) or engine types.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from attrs import field, frozen
 
@@ -48,6 +48,9 @@ class Message:
     """The calls an assistant turn made (chat templates that know tools render them)."""
     tool_call_id: str | None = None
     """The call a `tool` turn answers."""
+    parts: tuple[tuple[Literal["text", "image_url"], str], ...] = ()
+    """Only for a message with images (backends that declare `image_url`): its parts in order,
+    ("text", text) or ("image_url", url); `content` is then its text alone."""
 
 
 @frozen
@@ -73,6 +76,30 @@ class SamplingOptions:
     n: int = 1
     logprobs: bool = False
     top_logprobs: int | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias added to its logit), ids checked against the vocabulary by the adapter."""
+
+
+@frozen
+class ChatOptions:
+    """vLLM's chat-template and detokenisation extensions (`schemas.features`).
+
+    The defaults change nothing; an adapter sees other values only for features it declares.
+    """
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: tuple[tuple[str, Any], ...] = ()
+    """Extra template variables, checked by `schemas.chat_options` (bounded plain JSON; never a
+    name the template call itself takes, such as `messages`, `tools` or `tokenize`)."""
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    return_token_ids: bool = False
+    """Deltas carry `token_ids` (and the first one `prompt_token_ids`)."""
+    prompt_logprobs: int | None = None
+    """vLLM's `prompt_logprobs`: alternatives per prompt position (whole responses only)."""
+    echo: bool = False
+    """The service echoes the last message; vLLM then computes prompt logprobs (its rule)."""
 
 
 @frozen
@@ -90,6 +117,7 @@ class GenerationRequest:
     """Constrained decoding (`response_format`, `structured_outputs`, forced tool calls)."""
     tools: tuple[Tool, ...] = ()
     """Functions the chat template is given (`tools=`), for templates that render them."""
+    options: ChatOptions = ChatOptions()
 
 
 @frozen
@@ -100,6 +128,10 @@ class TokenLogprob:
     logprob: float
     bytes: tuple[int, ...] | None = None
     top: tuple[tuple[str, float], ...] = ()
+
+
+#: one prompt position of `prompt_logprobs`: None for the first, else (id, logprob, rank, text)s
+PromptPosition = tuple[tuple[int, float, int | None, str], ...] | None
 
 
 @frozen
@@ -125,6 +157,13 @@ class TokenDelta:
     engine_first_token_at: float | None = None
     engine_last_token_at: float | None = None
     stop_reason: str | int | None = field(default=None)
+    token_ids: tuple[int, ...] | None = None
+    """The ids of this delta's tokens, when the request asked for them (`return_token_ids`)."""
+    prompt_token_ids: tuple[int, ...] | None = None
+    """The prompt's ids, on the first delta, when the request asked for them."""
+    prompt_logprobs: tuple[PromptPosition, ...] | None = None
+    """Per prompt position (the first has none): (token id, logprob, rank, text) of the prompt
+    token and its alternatives, as vLLM reports them; on the first delta, when asked for."""
 
 
 StructuredKind = Literal["json", "json_object", "regex", "choice", "grammar"]

@@ -12,12 +12,15 @@ Must never: import the service or an adapter.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 import attrs
 from attrs import field, frozen
+from cattrs.gen import make_dict_unstructure_fn, override
 
 from schemas.converter import converter
+from schemas.generation import Message
 from schemas.validators import FieldValueError, in_range, min_items
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -31,7 +34,59 @@ class TextPart:
     text: str
 
 
-MessageContent = str | tuple[TextPart, ...] | None
+@frozen
+class ImageURL:
+    """The `image_url` object of an image part."""
+
+    url: str
+    """`data:image/<type>;base64,...` or an http(s) URL (never a file path)."""
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+@frozen
+class ImagePart:
+    """A `{"type": "image_url", "image_url": {"url": ..., "detail": ...}}` content part.
+
+    Parsed (bounded, `data:` or http(s) URLs only, never a file path) so that a backend without
+    images can refuse it by name, and a multimodal one can pass it on.
+    """
+
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+#: most image parts one message may hold, and the longest URL (a data: URL holds the image)
+MAX_IMAGES = 8
+MAX_HTTP_URL_CHARS = 2048
+MAX_DATA_URL_CHARS = 20 * 2**20
+_DATA_URL = re.compile(r"data:image/[a-z0-9.+-]{1,32};base64,[A-Za-z0-9+/=\s]+")
+_HTTP_URL = re.compile(r"https?://[^\s/?#]+[^\s]*")
+
+
+def _structure_image(part: dict[str, Any]) -> ImagePart:
+    inner = part.get("image_url")
+    if set(part) - {"type", "image_url"} or not isinstance(inner, dict):
+        raise ValueError("an image part is {'type': 'image_url', 'image_url': {'url': ...}}")
+    url, detail = inner.get("url"), inner.get("detail")
+    if set(inner) - {"url", "detail"} or not isinstance(url, str):
+        raise ValueError("image_url is {'url': <string>, 'detail': 'auto' | 'low' | 'high'}")
+    if detail not in (None, "auto", "low", "high"):
+        raise ValueError("image_url.detail must be 'auto', 'low' or 'high'")
+    if url.startswith("data:"):
+        if len(url) > MAX_DATA_URL_CHARS or not _DATA_URL.fullmatch(url):
+            raise ValueError(
+                f"image data URLs must be data:image/<type>;base64,... of at most "
+                f"{MAX_DATA_URL_CHARS} characters"
+            )
+    elif len(url) > MAX_HTTP_URL_CHARS or not _HTTP_URL.fullmatch(url):
+        raise ValueError(
+            f"image URLs must be http(s) URLs of at most {MAX_HTTP_URL_CHARS} characters "
+            "or data: URLs (never file paths)"
+        )
+    return ImagePart("image_url", ImageURL(url, detail))
+
+
+MessageContent = str | tuple[TextPart | ImagePart, ...] | None
 
 
 def _structure_content(value: Any, _: Any) -> MessageContent:
@@ -39,11 +94,18 @@ def _structure_content(value: Any, _: Any) -> MessageContent:
         return value
     if not isinstance(value, list):
         raise TypeError("content must be a string, an array of content parts, or null")
-    parts = []
+    parts: list[TextPart | ImagePart] = []
+    images = 0
     for part in value:
-        if not isinstance(part, dict) or part.get("type") != "text":
-            kind = part.get("type") if isinstance(part, dict) else None
-            raise ValueError(f"content part type {kind!r} is not supported (text only)")
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "image_url":
+            images += 1
+            if images > MAX_IMAGES:
+                raise ValueError(f"at most {MAX_IMAGES} image parts per message")
+            parts.append(_structure_image(part))
+            continue
+        if kind != "text":
+            raise ValueError(f"content part type {kind!r} is not supported (text, image_url)")
         text = part.get("text")
         if not isinstance(text, str) or set(part) - {"type", "text"}:
             raise ValueError("a text content part is {'type': 'text', 'text': <string>}")
@@ -72,7 +134,13 @@ class ChatMessageIn:
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(p.text for p in self.content)
+        return "".join(p.text for p in self.content if isinstance(p, TextPart))
+
+    def has_images(self) -> bool:
+        """Whether the content holds an image part."""
+        return isinstance(self.content, tuple) and any(
+            isinstance(p, ImagePart) for p in self.content
+        )
 
 
 @frozen
@@ -229,6 +297,8 @@ class Choice:
     message: AssistantMessage
     logprobs: dict[str, Any] | None
     finish_reason: str | None
+    token_ids: list[int] | None = None
+    """vLLM's `return_token_ids`: the choice's token ids (the key is sent only then)."""
 
 
 @frozen
@@ -243,6 +313,31 @@ class ChatCompletion:
     usage: Usage
     metrics: dict[str, Any] | None = None
     system_fingerprint: str | None = None
+    prompt_token_ids: list[int] | None = None
+    """vLLM's `return_token_ids`: the prompt's token ids (the key is sent only then)."""
+    prompt_logprobs: list[dict[str, Any] | None] | None = None
+    """vLLM's `prompt_logprobs` (the key is sent only when asked for)."""
+
+
+# vLLM's extension keys appear only when asked for: a plain response keeps OpenAI's shape
+# a message's `parts` exist only for images: logs (jsonl_log) keep the plain shape otherwise
+converter.register_unstructure_hook(
+    Message,
+    make_dict_unstructure_fn(Message, converter, parts=override(omit_if_default=True)),
+)
+converter.register_unstructure_hook(
+    Choice,
+    make_dict_unstructure_fn(Choice, converter, token_ids=override(omit_if_default=True)),
+)
+converter.register_unstructure_hook(
+    ChatCompletion,
+    make_dict_unstructure_fn(
+        ChatCompletion,
+        converter,
+        prompt_token_ids=override(omit_if_default=True),
+        prompt_logprobs=override(omit_if_default=True),
+    ),
+)
 
 
 @frozen

@@ -29,7 +29,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
-from typing import Any, get_args
+from typing import Any, Literal, get_args
 
 import anyio
 import attrs
@@ -42,6 +42,7 @@ from hooks.base import HIDDEN_HEADERS, Exchange, HookCall
 from hooks.chain import HookChain, HookSet
 from registry.manager import InflightTicket, LoadedModel, ModelManager, sanitize_exception
 from registry.secrets import SecretStore
+from schemas.chat_options import check_template_kwargs
 from schemas.completions import MAX_PROMPT_CHARS, CompletionRequest
 from schemas.converter import StructureError, structure
 from schemas.errors import (
@@ -55,8 +56,10 @@ from schemas.errors import (
 )
 from schemas.features import chat_request_features
 from schemas.generation import (
+    ChatOptions,
     GenerationRequest,
     Message,
+    PromptPosition,
     Role,
     SamplingOptions,
     StructuredOutput,
@@ -68,9 +71,13 @@ from schemas.openai import (
     AssistantMessage,
     ChatCompletion,
     ChatCompletionRequest,
+    ChatMessageIn,
     Choice,
+    ImagePart,
+    TextPart,
     Usage,
 )
+from schemas.sampling import fill_defaults
 from schemas.structured import from_request as structured_from_request
 from schemas.suggest import NAME_LIMIT, closest
 from schemas.tools import ToolMode, call_id, history_calls, parse_output, wire_calls
@@ -151,7 +158,7 @@ class ChatServing:
         except StructureError as exc:
             raise InvalidRequestError(exc.first.render(), param=exc.first.param) from None
 
-    def build(  # noqa: C901, PLR0912  (a flat checklist of refusals reads best as one)
+    def build(  # noqa: C901, PLR0912, PLR0915  (a flat checklist of refusals reads best as one)
         self, req: ChatCompletionRequest, loaded: LoadedModel, request_id: str
     ) -> GenerationRequest:
         """Check the request against limits and the adapter; build the engine-neutral request."""
@@ -177,6 +184,14 @@ class ChatServing:
             )
         backend = loaded.plan.backend.name
         check_tool_features(req, caps, backend)
+        images = "image_url" in caps.features
+        for i, m in enumerate(req.messages):
+            if m.has_images() and not images:
+                raise UnsupportedParameterError(
+                    f"image content parts are not supported by backend '{backend}' "
+                    "(the loaded model takes text only)",
+                    param=f"messages[{i}].content",
+                )
         for feature, param in chat_request_features(req):
             if feature not in caps.features:
                 raise UnsupportedParameterError(
@@ -253,21 +268,31 @@ class ChatServing:
             n=req.n,
             logprobs=req.logprobs,
             top_logprobs=req.top_logprobs,
+            logit_bias=parse_logit_bias(req.logit_bias),
         )
+        # fields the request left unset: the preset's defaults (the adapter adds the model's)
+        sampling = fill_defaults(sampling, loaded.plan.sampling_defaults)
         messages = tuple(
             Message(m.role, m.text(), m.name)
-            if m.tool_calls is None and m.tool_call_id is None
+            if m.tool_calls is None and m.tool_call_id is None and not m.has_images()
             else Message(
                 m.role,
                 m.text(),
                 m.name,
-                history_calls(i, m.tool_calls) if m.tool_calls is not None else (),
-                m.tool_call_id,
+                tool_calls=history_calls(i, m.tool_calls) if m.tool_calls is not None else (),
+                tool_call_id=m.tool_call_id,
+                parts=_parts(m) if m.has_images() else (),
             )
             for i, m in enumerate(req.messages)
         )
         return GenerationRequest(
-            request_id, messages, sampling, served, structured=structured, tools=tools
+            request_id,
+            messages,
+            sampling,
+            served,
+            structured=structured,
+            tools=tools,
+            options=chat_options(req),
         )
 
     def check_amended(  # noqa: C901, PLR0912  (one flat list of limits)
@@ -295,6 +320,8 @@ class ChatServing:
         for m in new.messages:
             if not isinstance(m, Message) or m.role not in _ROLES or not isinstance(m.content, str):
                 raise ValueError("messages must be Message(role, content) with a known role")
+        if new.options != old.options:
+            raise ValueError("a hook may not change the chat template options")
         s = new.sampling
         if not isinstance(s, SamplingOptions):
             raise TypeError("sampling must be SamplingOptions")
@@ -599,13 +626,16 @@ class Run:
 
     # --- streaming -----------------------------------------------------------------------------
 
-    async def frames(self) -> AsyncIterator[bytes]:
+    async def frames(self) -> AsyncIterator[bytes]:  # noqa: C901, PLR0912, PLR0915  (one stream)
         """The SSE body: token frames, finish chunks, optional usage chunk, `[DONE]`."""
         if self.tool_mode is not None:
             async for chunk in self._tool_frames():
                 yield chunk
             return
-        include_usage = bool(self.req.stream_options and self.req.stream_options.include_usage)
+        options = self.req.stream_options
+        include_usage = bool(options and options.include_usage)
+        # vLLM's rule: continuous usage only together with include_usage
+        continuous = bool(include_usage and options and options.continuous_usage_stats)
         enc = ChunkEncoder(self.completion_id, self.created, self.model, include_usage)
         n = self.gen.sampling.n
         role_sent = [False] * n
@@ -615,8 +645,16 @@ class Run:
         stamp, clock = self.timer.stamps.append, time.perf_counter
         ctx = self.ctx
         observe = self._observe
+        extended = continuous or self.gen.options.return_token_ids
         try:
             agen = await self._start()
+            echo = self.echoed()
+            if echo:
+                # as vLLM: the echoed text first, one chunk per choice, before any token
+                for index in range(n):
+                    chunk = enc.delta(index, echo, role=True)
+                    role_sent[index] = True
+                    yield enc.with_usage(chunk, self._usage()) if continuous else chunk
             try:
                 text_frame = enc.text
                 async for delta in agen:
@@ -624,9 +662,17 @@ class Run:
                         return
                     text, reasoning = delta.text, delta.reasoning
                     index = delta.index
+                    if extended:
+                        observe(delta)
+                        extra = self._extension_chunk(enc, delta, role_sent, continuous)
+                        if extra:
+                            frame()
+                            yield extra
+                        continue
                     if (
                         text
                         and role_sent[index]
+                        and self.first_delta is not None  # role_sent early: echo's chunk
                         and not reasoning
                         and not delta.logprobs
                         and delta.finish_reason is None
@@ -664,12 +710,13 @@ class Run:
             self.status = "ok"
             metrics = self._metrics()
             for index in range(n):
-                yield enc.finish(
+                chunk = enc.finish(
                     index,
                     self.finish[index] or "stop",
                     role=not role_sent[index],
                     metrics=metrics if index == n - 1 and not include_usage else None,
                 )
+                yield enc.with_usage(chunk, self._usage()) if continuous else chunk
             if include_usage:
                 yield enc.usage(self._usage(), metrics)
         except Exception as exc:
@@ -743,6 +790,45 @@ class Run:
             yield error_event(ErrorDetail(err.message, err.error_type, err.param, err.code))
         yield DONE
 
+    def _extension_chunk(
+        self, enc: ChunkEncoder, delta: TokenDelta, role_sent: list[bool], continuous: bool
+    ) -> bytes | None:
+        """The chunk of `delta` with vLLM's extras: usage so far, token ids; None if empty."""
+        text, reasoning, index = delta.text, delta.reasoning, delta.index
+        if not (
+            text
+            or reasoning
+            or delta.logprobs
+            or delta.token_ids
+            or (delta.token_count and not role_sent[index])
+        ):
+            return None
+        chunk = enc.delta(
+            index,
+            text if text or not reasoning else None,
+            role=not role_sent[index],
+            reasoning=reasoning or None,
+            logprobs=_logprobs(delta) if delta.logprobs else None,
+            token_ids=delta.token_ids if self.gen.options.return_token_ids else None,
+        )
+        role_sent[index] = True
+        if delta.prompt_token_ids is not None and self.gen.options.return_token_ids:
+            chunk = enc.with_prompt_token_ids(chunk, delta.prompt_token_ids)
+        return enc.with_usage(chunk, self._usage()) if continuous else chunk
+
+    def echoed(self) -> str:
+        """The `echo` extension: the last message's text if the assistant's, else nothing."""
+        req = self.req
+        # a completions request echoes its prompt itself (CompletionRun), never through here
+        if not isinstance(req, ChatCompletionRequest) or not req.echo:
+            return ""
+        last = req.messages[-1]
+        if last.role != "assistant" or last.content is None:
+            return ""
+        if isinstance(last.content, str):
+            return last.content
+        return "\n".join(p.text for p in last.content if isinstance(p, TextPart))
+
     # --- non-streaming -------------------------------------------------------------------------
 
     async def _collect(self) -> ChatCompletion:
@@ -750,6 +836,9 @@ class Run:
         texts: list[list[str]] = [[] for _ in range(n)]
         reasoning: list[list[str]] = [[] for _ in range(n)]
         logprobs: list[list[dict[str, Any]]] = [[] for _ in range(n)]
+        token_ids: list[list[int]] = [[] for _ in range(n)]
+        prompt_ids: list[int] | None = None
+        prompt_lps: list[dict[str, Any] | None] | None = None
         frame = self.timer.frame
         agen = await self._start()
         try:
@@ -762,20 +851,32 @@ class Run:
                         reasoning[delta.index].append(delta.reasoning)
                 if delta.logprobs:
                     logprobs[delta.index].extend(_logprobs(delta)["content"])
+                if delta.token_ids:
+                    token_ids[delta.index].extend(delta.token_ids)
+                if delta.prompt_token_ids is not None and prompt_ids is None:
+                    prompt_ids = list(delta.prompt_token_ids)
+                if delta.prompt_logprobs is not None and prompt_lps is None:
+                    prompt_lps = _prompt_logprobs(delta.prompt_logprobs)
         finally:
             await shielded(agen.aclose())
         self._check_end()
         self.status = "ok"
         metrics = self._metrics()
         with_reasoning = self.with_reasoning
+        echo = self.echoed()
+        want_ids = self.gen.options.return_token_ids
         choices = [
             Choice(
                 index=i,
                 message=AssistantMessage(
-                    "assistant", "".join(texts[i]), "".join(reasoning[i]) or None, with_reasoning
+                    "assistant",
+                    echo + "".join(texts[i]),
+                    "".join(reasoning[i]) or None,
+                    with_reasoning,
                 ),
                 logprobs={"content": logprobs[i]} if self.req.logprobs else None,
                 finish_reason=self.finish[i],
+                token_ids=token_ids[i] if want_ids else None,
             )
             for i in range(n)
         ]
@@ -783,7 +884,15 @@ class Run:
             choices = [self._tool_choice(c) for c in choices]
         usage = Usage(**self._usage())
         return ChatCompletion(
-            self.completion_id, "chat.completion", self.created, self.model, choices, usage, metrics
+            self.completion_id,
+            "chat.completion",
+            self.created,
+            self.model,
+            choices,
+            usage,
+            metrics,
+            prompt_token_ids=prompt_ids if want_ids else None,
+            prompt_logprobs=prompt_lps,
         )
 
     def _tool_choice(self, choice: Choice) -> Choice:
@@ -933,6 +1042,74 @@ def check_tool_features(req: ChatCompletionRequest, caps: Capabilities, backend:
                 )
 
 
+#: most `logit_bias` entries one request may give (OpenAI's documented limit is 300)
+MAX_LOGIT_BIAS = 300
+
+
+def parse_logit_bias(value: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    """`logit_bias` as (token id, bias) pairs; 400 naming `logit_bias` when it is malformed.
+
+    Keys are token ids as strings (OpenAI's form); biases lie in [-100, 100] as OpenAI documents
+    them (vLLM clamps larger ones silently; a refusal says so instead). The adapter checks the
+    ids against the model's vocabulary.
+    """
+    if not value:
+        return ()
+    if len(value) > MAX_LOGIT_BIAS:
+        raise InvalidRequestError(
+            f"logit_bias: at most {MAX_LOGIT_BIAS} entries", param="logit_bias"
+        )
+    out: list[tuple[int, float]] = []
+    for key, bias in value.items():
+        if not (key.isascii() and key.isdigit() and len(key) <= 9):
+            raise InvalidRequestError(
+                "logit_bias keys must be token ids (non-negative integers as strings)",
+                param="logit_bias",
+            )
+        if not -100 <= bias <= 100:
+            raise InvalidRequestError(
+                "logit_bias values must lie between -100 and 100", param="logit_bias"
+            )
+        out.append((int(key), float(bias)))
+    return tuple(out)
+
+
+def chat_options(req: ChatCompletionRequest) -> ChatOptions:
+    """The chat-template extensions of `req` (features already checked); 400 when refused."""
+    if req.prompt_logprobs and req.stream:
+        # vLLM's own rule and wording: prompt logprobs come with whole responses only
+        raise InvalidRequestError(
+            "`prompt_logprobs` are not available when `stream=True`.", param="prompt_logprobs"
+        )
+    if req.continue_final_message and req.add_generation_prompt:
+        # vLLM's own rule and wording (ChatCompletionRequest.check_generation_prompt)
+        raise InvalidRequestError(
+            "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+            param="continue_final_message",
+        )
+    return ChatOptions(
+        add_generation_prompt=req.add_generation_prompt,
+        continue_final_message=req.continue_final_message,
+        chat_template_kwargs=check_template_kwargs(req.chat_template_kwargs),
+        skip_special_tokens=req.skip_special_tokens,
+        spaces_between_special_tokens=req.spaces_between_special_tokens,
+        return_token_ids=bool(req.return_token_ids),
+        prompt_logprobs=req.prompt_logprobs,
+        echo=req.echo,
+    )
+
+
+def _parts(message: ChatMessageIn) -> tuple[tuple[Literal["text", "image_url"], str], ...]:
+    """A message's text and image parts in order, for a backend that takes images."""
+    out: list[tuple[Literal["text", "image_url"], str]] = []
+    for p in message.content or ():
+        if isinstance(p, TextPart):
+            out.append(("text", p.text))
+        elif isinstance(p, ImagePart):
+            out.append(("image_url", p.image_url.url))
+    return tuple(out)
+
+
 def with_text(delta: TokenDelta, text: str, reasoning: str) -> TokenDelta:
     """`delta` with other text: positional, 3x cheaper than `attrs.evolve` on the token path.
 
@@ -953,6 +1130,9 @@ def with_text(delta: TokenDelta, text: str, reasoning: str) -> TokenDelta:
         d.engine_first_token_at,
         d.engine_last_token_at,
         d.stop_reason,
+        d.token_ids,
+        d.prompt_token_ids,
+        d.prompt_logprobs,
     )
 
 
@@ -978,6 +1158,19 @@ async def _disconnected(receive: Receive) -> None:
         message = await receive()
         if message["type"] == "http.disconnect":
             return
+
+
+def _prompt_logprobs(positions: Iterable[PromptPosition]) -> list[dict[str, Any] | None]:
+    """The `prompt_logprobs` JSON as vLLM sends it: per position null or {id: logprob, ...}."""
+    return [
+        None
+        if position is None
+        else {
+            str(token): {"logprob": max(lp, -9999.0), "rank": rank, "decoded_token": text}
+            for token, lp, rank, text in position
+        }
+        for position in positions
+    ]
 
 
 def _logprobs(delta: TokenDelta) -> dict[str, Any]:

@@ -68,8 +68,12 @@ class ChunkEncoder:
         role: bool = False,
         reasoning: str | None = None,
         logprobs: dict[str, Any] | None = None,
+        token_ids: tuple[int, ...] | None = None,
     ) -> bytes:
-        """A chunk carrying generated text for choice `index` (role on the first one)."""
+        """A chunk carrying generated text for choice `index` (role on the first one).
+
+        `token_ids`: vLLM's `return_token_ids`, this chunk's token ids on the choice.
+        """
         parts = []
         if role:
             parts.append(b'"role":"assistant"')
@@ -87,7 +91,9 @@ class ChunkEncoder:
             + delta
             + b',"logprobs":'
             + lp
-            + b',"finish_reason":null}]'
+            + b',"finish_reason":null'
+            + (b',"token_ids":' + _encode(token_ids) if token_ids is not None else b"")
+            + b"}]"
             + self._tail
         )
 
@@ -105,6 +111,10 @@ class ChunkEncoder:
             + b',"logprobs":null,"finish_reason":null}]'
             + self._tail
         )
+
+    def with_prompt_token_ids(self, chunk: bytes, ids: tuple[int, ...]) -> bytes:
+        """`chunk` with vLLM's top-level `prompt_token_ids` (the stream's first token chunk)."""
+        return chunk[: -len(self._tail)] + b',"prompt_token_ids":' + _encode(ids) + self._tail
 
     def finish(
         self, index: int, reason: str, *, role: bool = False, metrics: dict[str, Any] | None = None
@@ -124,6 +134,13 @@ class ChunkEncoder:
             + extra
             + self._tail
         )
+
+    def with_usage(self, chunk: bytes, usage: dict[str, int]) -> bytes:
+        """`chunk` (text, delta or finish) with `usage` in place of `"usage":null`.
+
+        vLLM's `stream_options.continuous_usage_stats`: the counts so far on every chunk.
+        """
+        return chunk[: -len(self._tail)] + b',"usage":' + _encode(usage) + b"}\n\n"
 
     def usage(self, usage: dict[str, int], metrics: dict[str, Any] | None) -> bytes:
         """The last chunk with `include_usage`: no choices, the usage, and our metrics."""

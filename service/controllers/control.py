@@ -124,6 +124,7 @@ class AdapterController(Controller):
                 "model": p.model,
                 "description": p.description,
                 "hooks": registry.describe_hooks(f"models.{alias}.hooks"),
+                "sampling_defaults": p.sampling_defaults,
             }
             for alias, p in registry.presets.items()
         }

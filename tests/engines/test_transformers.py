@@ -20,6 +20,7 @@ import openai
 import psutil
 import pytest
 
+import sampling_checks
 from helpers import ADMIN, API, API_KEY, ROOT, LiveServer, make_settings
 from registry.registry import AdapterRegistry
 from service.app import create_app
@@ -171,14 +172,39 @@ def test_completions_echo(oai: openai.OpenAI) -> None:
     checks.check_echo(oai, MODEL)
 
 
-def test_completions_logprobs_refused(oai: openai.OpenAI) -> None:
-    """This adapter computes no logprobs yet: `logprobs` is a 400 naming it."""
-    checks.check_logprobs_refused(oai, MODEL)
+def test_completions_logprobs(oai: openai.OpenAI) -> None:
+    """`logprobs: N` in OpenAI's completions shape, from the scores (vLLM's raw logprobs)."""
+    checks.check_logprobs(oai, MODEL)
 
 
 def test_tokenize_detokenize_round_trip(loaded: LiveServer) -> None:
     """/tokenize and /detokenize use the loaded tokenizer: the ids are the model tokenizer's."""
     checks.check_tokenize_round_trip(loaded.url, MODEL, 2048)
+
+
+def test_preset_default_sampling_answers_paris(oai: openai.OpenAI, loaded: LiveServer) -> None:
+    """README's first request, no sampling set: the preset's temperature 0.2 / top_p 0.9 apply."""
+    sampling_checks.preset_defaults_answer_paris(oai, loaded, MODEL)
+
+
+def test_n_logprobs_streamed_equal_whole(oai: openai.OpenAI) -> None:
+    """n=2 with top_logprobs, seeded: OpenAI's logprobs shape, usage summed, stream == whole."""
+    sampling_checks.n_logprobs_streamed_equal_whole(oai, MODEL)
+
+
+def test_chat_template_extensions(oai: openai.OpenAI) -> None:
+    """The template and detokenisation switches (vLLM's) through the client's extra_body."""
+    sampling_checks.template_switches(oai, MODEL)
+
+
+def test_token_ids_and_echo(oai: openai.OpenAI) -> None:
+    """return_token_ids and echo, whole and streamed, as vLLM's server shapes them."""
+    sampling_checks.token_ids_and_echo(oai, MODEL)
+
+
+def test_logit_bias_through_the_client(oai: openai.OpenAI) -> None:
+    """A token id past the vocabulary is a 400 naming logit_bias; a -100 bias bans a token."""
+    sampling_checks.logit_bias_bans_and_is_checked(oai, MODEL)
 
 
 def test_disconnect_frees_the_slot(loaded: LiveServer) -> None:

@@ -94,7 +94,8 @@ async def test_load_reports_what_it_resolved(loaded: Loaded) -> None:
     assert info.init_s > 0
     assert info.warmup_s > 0
     caps = loaded.adapter.capabilities
-    assert caps.max_n == 1
+    assert caps.max_n == 8
+    assert caps.max_top_logprobs == 20
     assert caps.max_context == PARAMS.max_model_len
     assert {"seed", "stop", "ignore_eos", "min_tokens", "temperature"} <= caps.sampling
 
@@ -124,6 +125,75 @@ async def test_greedy_text_and_counts_match_the_model(loaded: Loaded) -> None:
     assert text == tok.decode(generated, skip_special_tokens=True)
     assert deltas[-1].finish_reason == "stop"
     assert all(d.finish_reason is None for d in deltas[:-1])
+
+
+async def test_logprobs_are_the_raw_log_softmax_as_vllm_reports_them(loaded: Loaded) -> None:
+    """Greedy tokens' logprobs equal log_softmax of the model's logits; alternatives are the top.
+
+    vLLM's default logprobs_mode is raw_logprobs (before temperature, penalties, logit_bias):
+    the first token's alternatives are the same at temperature 0 and 1.5.
+    """
+    engine = loaded.adapter._engine
+    assert engine is not None
+    torch, tok = engine.torch, engine.tokenizer
+    deltas = await collect(
+        loaded.adapter, chat(max_tokens=4, temperature=0.0, logprobs=True, top_logprobs=3)
+    )
+    lps = [lp for d in deltas for lp in d.logprobs or ()]
+    assert len(lps) == tokens_of(deltas) == 4
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": QUESTION}], add_generation_prompt=True, tokenize=False
+    )
+    prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    with torch.inference_mode():
+        out = engine.model.generate(
+            input_ids=torch.tensor([prompt_ids]), max_new_tokens=4, do_sample=False
+        )
+        generated = out[0, len(prompt_ids) :].tolist()
+        logits = engine.model(out).logits[0]
+    for i, (token, lp) in enumerate(zip(generated, lps, strict=True)):
+        row = torch.log_softmax(logits[len(prompt_ids) - 1 + i].float(), dim=-1)
+        assert lp.token == tok.decode([token])
+        assert lp.logprob == pytest.approx(float(row[token]), abs=1e-3)
+        assert lp.bytes == tuple(lp.token.encode())
+        best = torch.topk(row, 3)
+        assert [t for t, _ in lp.top] == [tok.decode([int(j)]) for j in best.indices]
+        assert [v for _, v in lp.top] == pytest.approx(best.values.tolist(), abs=1e-3)
+    hot = await collect(
+        loaded.adapter,
+        chat(max_tokens=1, temperature=1.5, seed=3, logprobs=True, top_logprobs=3),
+    )
+    first_hot = next(lp for d in hot for lp in d.logprobs or ())
+    assert [t for t, _ in first_hot.top] == [t for t, _ in lps[0].top]
+    assert [v for _, v in first_hot.top] == pytest.approx([v for _, v in lps[0].top], abs=1e-4)
+
+
+async def test_n_choices_run_in_turn_each_seeded(loaded: Loaded) -> None:
+    """n=3 yields indexes 0-2, one finish each; choice i repeats a single run with seed + i."""
+    deltas = await collect(loaded.adapter, chat(max_tokens=5, temperature=1.0, seed=5, n=3))
+    assert {d.index for d in deltas} == {0, 1, 2}
+    assert sorted(d.index for d in deltas if d.finish_reason) == [0, 1, 2]
+    by_index = ["".join(d.text for d in deltas if d.index == i) for i in range(3)]
+    for i in (0, 1):
+        single = await collect(loaded.adapter, chat(max_tokens=5, temperature=1.0, seed=5 + i))
+        assert by_index[i] == text_of(single)
+
+
+async def test_logit_bias_forces_and_is_checked_against_the_vocabulary(loaded: Loaded) -> None:
+    """+100 on a token makes greedy pick it; an id past the vocabulary is a 400 on logit_bias."""
+    engine = loaded.adapter._engine
+    assert engine is not None
+    token = engine.tokenizer("Bonjour", add_special_tokens=False)["input_ids"][0]
+    deltas = await collect(
+        loaded.adapter,
+        chat(max_tokens=1, temperature=0.0, logit_bias=((token, 100.0),), logprobs=True),
+    )
+    (lp,) = [lp for d in deltas for lp in d.logprobs or ()]
+    assert lp.token == engine.tokenizer.decode([token])
+    vocab = int(engine.model.config.vocab_size)
+    with pytest.raises(InvalidRequestError) as refused:
+        await collect(loaded.adapter, chat(logit_bias=((vocab, 1.0),)))
+    assert refused.value.param == "logit_bias"
 
 
 async def test_max_tokens_ends_with_length(loaded: Loaded) -> None:

@@ -21,6 +21,7 @@ import openai
 import psutil
 import pytest
 
+import sampling_checks
 from helpers import ADMIN, API, API_KEY, ROOT, LiveServer, make_settings
 from registry.registry import AdapterRegistry
 from schemas.generation import Message
@@ -114,6 +115,61 @@ def test_chat_both_modes(oai: openai.OpenAI, server: LiveServer) -> None:
     assert record["engine_ttft_ms"] is not None
     assert record["engine_ttft_ms"] <= record["time_to_first_token_ms"]
     assert record["kv_cache_usage"] is not None
+
+
+def test_preset_default_sampling_answers_paris(oai: openai.OpenAI, server: LiveServer) -> None:
+    """README's first request, no sampling set: the preset's temperature 0.2 / top_p 0.9 apply."""
+    sampling_checks.preset_defaults_answer_paris(oai, server, PRESET)
+
+
+def test_n_logprobs_streamed_equal_whole(oai: openai.OpenAI) -> None:
+    """n=2 with top_logprobs, seeded: the same checks as on transformers."""
+    sampling_checks.n_logprobs_streamed_equal_whole(oai, PRESET)
+
+
+def test_chat_template_extensions(oai: openai.OpenAI) -> None:
+    """The template and detokenisation switches (vLLM's) through the client's extra_body."""
+    sampling_checks.template_switches(oai, PRESET)
+
+
+def test_token_ids_and_echo(oai: openai.OpenAI) -> None:
+    """return_token_ids and echo, whole and streamed, as vLLM's server shapes them."""
+    sampling_checks.token_ids_and_echo(oai, PRESET)
+
+
+def test_prompt_logprobs(oai: openai.OpenAI) -> None:
+    """One entry per prompt token (null first) holding the prompt's own token; no streams.
+
+    vLLM refuses prompt_logprobs with stream=True, and so does the service.
+    """
+    r = oai.chat.completions.create(
+        model=PRESET,
+        messages=MSGS,
+        max_tokens=1,
+        extra_body={"prompt_logprobs": 2, "return_token_ids": True},
+    )
+    assert r.model_extra is not None
+    positions, prompt_ids = r.model_extra["prompt_logprobs"], r.model_extra["prompt_token_ids"]
+    assert r.usage is not None
+    assert len(positions) == len(prompt_ids) == r.usage.prompt_tokens
+    assert positions[0] is None
+    for token, position in zip(prompt_ids[1:], positions[1:], strict=True):
+        assert str(token) in position
+        assert 2 <= len(position) <= 3  # the top 2, plus the prompt's token when not among them
+        assert all(
+            v["logprob"] <= 0 and isinstance(v["decoded_token"], str) for v in position.values()
+        )
+    with pytest.raises(openai.BadRequestError) as refused:
+        oai.chat.completions.create(
+            model=PRESET, messages=MSGS, max_tokens=1, stream=True,
+            extra_body={"prompt_logprobs": 2},
+        )  # fmt: skip
+    assert refused.value.body["param"] == "prompt_logprobs"  # type: ignore[index]
+
+
+def test_logit_bias_through_the_client(oai: openai.OpenAI) -> None:
+    """Out-of-vocabulary ids are a 400 naming logit_bias; -100 bans a token."""
+    sampling_checks.logit_bias_bans_and_is_checked(oai, PRESET)
 
 
 def test_no_max_tokens_fills_the_context_then_length(oai: openai.OpenAI) -> None:

@@ -139,3 +139,59 @@ class ConstrainedEchoAdapter(EchoAdapter):
         type(self).last[:] = [req]
         async for delta in super().generate(req):
             yield delta
+
+
+class SamplingEchoAdapter(EchoAdapter):
+    """Echo that answers with the sampling it was given, and a model generation_config of its own.
+
+    Its `details["sampling_defaults"]` plays the model's generation_config.json (top_k 40,
+    top_p 0.5), so the preset-over-model rule of `schemas.sampling` can be seen end to end.
+    """
+
+    MODEL_DEFAULTS: ClassVar[dict[str, float | int]] = {"top_k": 40, "top_p": 0.5}
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """Echo's, plus top_k."""
+        caps = super().capabilities
+        return attrs.evolve(caps, sampling=caps.sampling | {"top_k"})
+
+    async def load(self, model: str, params: Any) -> LoadInfo:
+        """Echo's load, reporting the model's sampling defaults as the real adapters do."""
+        info = await super().load(model, params)
+        return attrs.evolve(
+            info, details={**info.details, "sampling_defaults": self.MODEL_DEFAULTS}
+        )
+
+    async def generate(self, req: GenerationRequest) -> AsyncGenerator[TokenDelta, None]:
+        """One delta: the sampling as `name=value` pairs, the model's defaults filled in."""
+        s = req.sampling
+        top_k = s.top_k if s.top_k is not None else self.MODEL_DEFAULTS["top_k"]
+        top_p = s.top_p if s.top_p is not None else self.MODEL_DEFAULTS["top_p"]
+        yield TokenDelta(
+            f"temperature={s.temperature} top_p={top_p} top_k={top_k}", 1, 0, "stop", 1
+        )
+
+
+class ImageEchoAdapter(EchoAdapter):
+    """Echo that declares `image_url`, as vLLM does for a multimodal model.
+
+    It answers with the last message's parts, `text:...` / `image_url:<scheme>`, to show what
+    reached the adapter.
+    """
+
+    declared_features: ClassVar[frozenset[str]] = frozenset({"image_url"})
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """Echo's, plus image parts."""
+        return attrs.evolve(super().capabilities, features=frozenset({"image_url"}))
+
+    async def generate(self, req: GenerationRequest) -> AsyncGenerator[TokenDelta, None]:
+        """One delta naming the parts of the last message."""
+        parts = req.messages[-1].parts
+        text = " ".join(
+            f"{kind}:{value.partition(':')[0] if kind == 'image_url' else value}"
+            for kind, value in parts
+        )
+        yield TokenDelta(text, 1, 0, "stop", 1)

@@ -37,7 +37,7 @@ from registry.config import (
 from schemas.control import LoadRequest, UnloadRequest
 from schemas.converter import StructureError, structure, unstructure
 from schemas.jsonschema import attrs_json_schema
-from schemas.openai import ChatCompletionRequest
+from schemas.openai import ChatCompletionRequest, ImageURL
 from schemas.suggest import NAME_LIMIT, shown
 
 CLASSES: list[type[Any]] = [
@@ -70,6 +70,7 @@ RANGES: dict[tuple[type[Any], str], tuple[float | None, float | None]] = {
     (ChatCompletionRequest, "presence_penalty"): (-2, 2),
     (ChatCompletionRequest, "frequency_penalty"): (-2, 2),
     (ChatCompletionRequest, "top_logprobs"): (0, 20),
+    (ChatCompletionRequest, "prompt_logprobs"): (0, 20),
     (ChatCompletionRequest, "min_p"): (0, 1),
     (ChatCompletionRequest, "repetition_penalty"): (0, 10),
     (ChatCompletionRequest, "min_tokens"): (0, None),
@@ -113,6 +114,10 @@ OVERRIDES: dict[tuple[type[Any], str], st.SearchStrategy[Any]] = {
         st.from_regex(_EXTRA_KEY, fullmatch=True), max_size=3
     ).map(tuple),
     (HookEntry, "module"): st.from_regex(_HOOK_REF, fullmatch=True),
+    # image parts take http(s) or data: URLs only (never a file path)
+    (ImageURL, "url"): st.from_regex(
+        r"https://[a-z]{1,12}\.example/[a-z0-9]{0,12}", fullmatch=True
+    ),
     (HookEntry, "name"): st.none() | st.from_regex(_HOOK_NAME, fullmatch=True),
     (RegistryConfig, "adapters"): st.dictionaries(
         _BACKEND, st.deferred(lambda: instances(AdapterEntry)), max_size=2

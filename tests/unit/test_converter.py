@@ -151,13 +151,17 @@ def test_every_failing_field_is_reported_in_order() -> None:
 
 
 def test_content_parts_and_stop_hooks() -> None:
-    """Chat content takes text parts only; stop takes a string or up to 16 strings."""
+    """Chat content takes text and well-formed image parts; stop takes a string or up to 16."""
     parts = {**CHAT, "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}]}]}
     assert structure(parts, ChatCompletionRequest).messages[0].text() == "a"
     image = {**CHAT, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}
     (err,) = errors_of(image, ChatCompletionRequest)
     assert err.path == "$.messages[0].content"
-    assert "'image_url' is not supported" in err.message
+    # an image part without its url is malformed (whether images are served is the backend's)
+    assert "an image part is {'type': 'image_url'" in err.message
+    audio = {**CHAT, "messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}
+    (err,) = errors_of(audio, ChatCompletionRequest)
+    assert err.path == "$.messages[0].content"
     assert structure({**CHAT, "stop": "x"}, ChatCompletionRequest).stop == "x"
     (err,) = errors_of({**CHAT, "stop": ["s"] * 17}, ChatCompletionRequest)
     assert (err.path, err.message) == ("$.stop", "accepts at most 16 strings")

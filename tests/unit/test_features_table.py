@@ -1,0 +1,38 @@
+"""The README's features x backends table is the generated one; declarations are catalogued."""
+
+from __future__ import annotations
+
+from adapters.base import AdapterContext
+from adapters.deepseek import DeepseekAdapter, inner_adapter_class
+from adapters.echo import EchoAdapter
+from helpers import ROOT
+from schemas.features import FEATURES, check_declared
+from tools.features_table import declared, replace_table, table
+
+
+def test_readme_table_is_generated() -> None:
+    """Regenerate with `python -m tools.features_table --write README.md` when this fails."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert table() in readme
+    assert replace_table(readme, table()) == readme
+
+
+def test_every_declared_feature_is_catalogued() -> None:
+    """Each backend of adapters.yaml declares only catalogued names (a typo would refuse)."""
+    for features in declared().values():
+        check_declared(features)
+        assert features <= FEATURES.keys()
+
+
+def test_loaded_capabilities_stay_within_the_declaration() -> None:
+    """Echo's capabilities (no engine needed) are a subset of its class's declaration."""
+    adapter = EchoAdapter(AdapterContext("echo"))
+    assert adapter.capabilities.features <= EchoAdapter.declared_features
+
+
+def test_deepseek_declares_what_its_inner_engines_can() -> None:
+    """The deepseek adapter declares no more than its inner engines can honour."""
+    inner = frozenset().union(
+        *(inner_adapter_class(engine).declared_features for engine in ("vllm", "sglang"))
+    )
+    assert DeepseekAdapter.declared_features <= inner
