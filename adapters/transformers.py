@@ -52,6 +52,12 @@ from schemas.errors import (
     UnsupportedParameterError,
     WrapperError,
 )
+from schemas.features import (
+    FORCED_TOOLS,
+    STRUCTURED_OUTPUT,
+    TEMPLATE_SWITCHES,
+    TOKENIZER_ROUTES,
+)
 from schemas.generation import (
     FinishReason,
     GenerationRequest,
@@ -119,33 +125,14 @@ _SAMPLING = frozenset(
         "top_logprobs",
     }
 )
-#: catalogued features (schemas/features.py) this backend honours
-_FEATURES = frozenset(
-    {
-        # routes over the loaded tokenizer and a raw prompt
-        "/v1/completions",
-        "/tokenize",
-        "/detokenize",
-        "response_format.json_object",
-        "response_format.json_schema",
-        "structured_outputs.json",
-        "structured_outputs.regex",
-        "structured_outputs.choice",
-        "structured_outputs.grammar",
-        # forced tool calls are structured output; `auto` would need a tool parser
-        "tools",
-        "tool_choice.required",
-        "tool_choice.named",
-        "parallel_tool_calls",
-        "logit_bias",
-        "stream_options.continuous_usage_stats",
-        "add_generation_prompt",
-        "continue_final_message",
-        "chat_template_kwargs",
-        "skip_special_tokens",
-        "return_token_ids",
-        "echo",
-    }
+#: catalogued features (schemas/features.py) this backend honours; forced tool calls are
+#: structured output, `auto` would need a tool parser
+_FEATURES = (
+    TOKENIZER_ROUTES
+    | STRUCTURED_OUTPUT
+    | FORCED_TOOLS
+    | TEMPLATE_SWITCHES
+    | {"logit_bias", "stream_options.continuous_usage_stats"}
 )
 #: choices of one request, generated one after the other in the request's slot
 _MAX_N = 8

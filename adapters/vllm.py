@@ -78,6 +78,12 @@ from schemas.errors import (
     ParamsValidationError,
     ServiceUnavailableError,
 )
+from schemas.features import (
+    FORCED_TOOLS,
+    STRUCTURED_OUTPUT,
+    TEMPLATE_SWITCHES,
+    TOKENIZER_ROUTES,
+)
 from schemas.generation import (
     ChatOptions,
     FinishReason,
@@ -736,33 +742,17 @@ _OPENAI_DEFAULTS: Mapping[str, float | int] = {
 }
 
 
-#: catalogued features (schemas.features) the loaded engine honours
-_FEATURES = frozenset(
-    {
-        # routes over the engine's tokenizer and renderer
-        "/v1/completions",
-        "/tokenize",
-        "/detokenize",
-        "response_format.json_object",
-        "response_format.json_schema",
-        "structured_outputs.json",
-        "structured_outputs.regex",
-        "structured_outputs.choice",
-        "structured_outputs.grammar",
-        # forced tool calls are structured output; `auto` would need a tool parser
-        "tools",
-        "tool_choice.required",
-        "tool_choice.named",
-        "parallel_tool_calls",
+#: catalogued features (schemas.features) the loaded engine honours; forced tool calls are
+#: structured output, `auto` would need a tool parser
+_FEATURES = (
+    TOKENIZER_ROUTES
+    | STRUCTURED_OUTPUT
+    | FORCED_TOOLS
+    | TEMPLATE_SWITCHES
+    | {
         "logit_bias",
         "stream_options.continuous_usage_stats",
-        "add_generation_prompt",
-        "continue_final_message",
-        "chat_template_kwargs",
-        "skip_special_tokens",
         "spaces_between_special_tokens",
-        "return_token_ids",
-        "echo",
         "prompt_logprobs",
     }
 )

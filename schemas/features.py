@@ -161,3 +161,34 @@ def chat_request_features(req: Any) -> Iterator[tuple[str, str]]:
     uses; only a value that asks the engine for something is.
     """
     return ((feature, param) for feature, param, used in _CHAT_USES if used(req))
+
+
+#: the routes an adapter with a tokenizer and a raw-prompt path serves
+TOKENIZER_ROUTES = frozenset({"/v1/completions", "/tokenize", "/detokenize"})
+#: constrained decoding, all kinds (an engine with a grammar backend honours them together)
+STRUCTURED_OUTPUT = frozenset(
+    {
+        "response_format.json_object",
+        "response_format.json_schema",
+        "structured_outputs.json",
+        "structured_outputs.regex",
+        "structured_outputs.choice",
+        "structured_outputs.grammar",
+    }
+)
+#: tools whose calls are forced by structured output (`auto` needs a tool parser besides)
+FORCED_TOOLS = frozenset(
+    {"tools", "tool_choice.required", "tool_choice.named", "parallel_tool_calls"}
+)
+#: vLLM's chat-template and detokenisation switches that any engine rendering its own template
+#: can honour
+TEMPLATE_SWITCHES = frozenset(
+    {
+        "add_generation_prompt",
+        "continue_final_message",
+        "chat_template_kwargs",
+        "skip_special_tokens",
+        "return_token_ids",
+        "echo",
+    }
+)

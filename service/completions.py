@@ -55,37 +55,15 @@ from schemas.errors import (
 from schemas.features import set_value
 from schemas.generation import GenerationRequest, Message, SamplingOptions, TokenDelta
 from schemas.openai import ChatMessageIn
-from schemas.suggest import NAME_LIMIT, closest
 from service.aio import shielded
 from service.context import RequestContext
-from service.errors import decode_json, require_json_body
-from service.serving import _SAMPLING_FIELDS, ChatServing, Run
+from service.errors import require_json_body
+from service.serving import _SAMPLING_FIELDS, ChatServing, Run, parse_body
 from service.sse import DONE, SSEStream, error_event
 
 COMPLETIONS_ROUTE = "/v1/completions"
 T = TypeVar("T")
 _encode = msgspec.json.encode
-
-
-def _parse(body: bytes, cls: type[Any], fields: frozenset[str]) -> Any:
-    """JSON → `cls`, or 400 naming the first unknown or bad field (chat's wording)."""
-    payload = decode_json(body)
-    if not isinstance(payload, dict):
-        raise InvalidRequestError("request body must be a JSON object")
-    unknown = sorted(k for k in payload if k not in fields)
-    if unknown:
-        name = unknown[0][:NAME_LIMIT]
-        best = closest(name, fields)
-        more = f". Did you mean {best!r}?" if best else ""
-        raise InvalidRequestError(
-            f"Unrecognized request argument supplied: {name}{more}",
-            param=name,
-            code="unknown_parameter",
-        )
-    try:
-        return structure(payload, cls, path="")
-    except StructureError as exc:
-        raise InvalidRequestError(exc.first.render(), param=exc.first.param) from None
 
 
 def check_model(name: str | None, loaded: LoadedModel) -> None:
@@ -119,7 +97,7 @@ class CompletionServing:
 
     def parse(self, body: bytes) -> CompletionRequest:
         """JSON → CompletionRequest, or 400 naming the first bad field."""
-        req: CompletionRequest = _parse(body, CompletionRequest, COMPLETION_REQUEST_FIELDS)
+        req: CompletionRequest = parse_body(body, CompletionRequest, COMPLETION_REQUEST_FIELDS)
         return req
 
     def build(  # noqa: C901, PLR0912  (a flat checklist of refusals reads best as one)
@@ -485,7 +463,7 @@ class TokenServing:
     ) -> TokenizeResponse:
         """Token ids of a prompt or a templated conversation."""
         require_json_body(content_type, body)
-        req: TokenizeRequest = _parse(body, TokenizeRequest, _TOKENIZE_FIELDS)
+        req: TokenizeRequest = parse_body(body, TokenizeRequest, _TOKENIZE_FIELDS)
         if (req.prompt is None) == (req.messages is None):
             raise InvalidRequestError("give either prompt or messages", param="prompt")
         if req.continue_final_message and req.add_generation_prompt:
@@ -526,7 +504,7 @@ class TokenServing:
     ) -> DetokenizeResponse:
         """The text of token ids."""
         require_json_body(content_type, body)
-        req: DetokenizeRequest = _parse(body, DetokenizeRequest, _DETOKENIZE_FIELDS)
+        req: DetokenizeRequest = parse_body(body, DetokenizeRequest, _DETOKENIZE_FIELDS)
         try:
             ids = token_ids(req.tokens)
         except ValueError as exc:

@@ -29,7 +29,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
-from typing import Any, Literal, get_args
+from typing import Any, Literal, TypeVar, get_args
 
 import anyio
 import attrs
@@ -98,6 +98,7 @@ from service.telemetry import (
 )
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: OpenAI parameters no adapter implements here; refused by name when set (the ones some
 #: adapters honour are catalogued in schemas.features and checked against the capabilities)
@@ -106,6 +107,28 @@ _REFUSED = (
 )  # fmt: skip
 #: request field → SamplingOptions field, for the capability check
 _SAMPLING_FIELDS = GATED_FIELDS
+
+
+def parse_body(body: bytes, cls: type[T], fields: frozenset[str]) -> T:
+    """JSON → `cls`, or 400 naming the first unknown or bad field (OpenAI's wording)."""
+    payload = decode_json(body)
+    if not isinstance(payload, dict):
+        raise InvalidRequestError("request body must be a JSON object")
+    unknown = sorted(k for k in payload if k not in fields)
+    if unknown:
+        # OpenAI's own wording, plus the nearest field a typo was probably meant to be
+        name = unknown[0][:NAME_LIMIT]
+        best = closest(name, fields)
+        more = f". Did you mean {best!r}?" if best else ""
+        raise InvalidRequestError(
+            f"Unrecognized request argument supplied: {name}{more}",
+            param=name,
+            code="unknown_parameter",
+        )
+    try:
+        return structure(payload, cls, path="")
+    except StructureError as exc:
+        raise InvalidRequestError(exc.first.render(), param=exc.first.param) from None
 
 
 def _unloaded_error() -> ServiceUnavailableError:
@@ -139,24 +162,7 @@ class ChatServing:
 
     def parse(self, body: bytes) -> ChatCompletionRequest:
         """JSON → ChatCompletionRequest, or 400 naming the first bad field."""
-        payload = decode_json(body)
-        if not isinstance(payload, dict):
-            raise InvalidRequestError("request body must be a JSON object")
-        unknown = sorted(k for k in payload if k not in CHAT_REQUEST_FIELDS)
-        if unknown:
-            # OpenAI's own wording, plus the nearest field a typo was probably meant to be
-            name = unknown[0][:NAME_LIMIT]
-            best = closest(name, CHAT_REQUEST_FIELDS)
-            more = f". Did you mean {best!r}?" if best else ""
-            raise InvalidRequestError(
-                f"Unrecognized request argument supplied: {name}{more}",
-                param=name,
-                code="unknown_parameter",
-            )
-        try:
-            return structure(payload, ChatCompletionRequest, path="")
-        except StructureError as exc:
-            raise InvalidRequestError(exc.first.render(), param=exc.first.param) from None
+        return parse_body(body, ChatCompletionRequest, CHAT_REQUEST_FIELDS)
 
     def build(  # noqa: C901, PLR0912, PLR0915  (a flat checklist of refusals reads best as one)
         self, req: ChatCompletionRequest, loaded: LoadedModel, request_id: str

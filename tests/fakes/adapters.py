@@ -21,6 +21,7 @@ from attrs import frozen
 
 from adapters.base import BaseAdapter, Capabilities, LoadInfo
 from adapters.echo import EchoAdapter
+from schemas.features import FORCED_TOOLS, STRUCTURED_OUTPUT
 from schemas.generation import GenerationRequest, TokenDelta
 
 
@@ -118,20 +119,7 @@ class ConstrainedEchoAdapter(EchoAdapter):
         """Echo's, plus the structured-output features."""
         return attrs.evolve(
             super().capabilities,
-            features=frozenset(
-                {
-                    "response_format.json_object",
-                    "response_format.json_schema",
-                    "structured_outputs.json",
-                    "structured_outputs.regex",
-                    "structured_outputs.choice",
-                    "structured_outputs.grammar",
-                    "tools",
-                    "tool_choice.required",
-                    "tool_choice.named",
-                    "parallel_tool_calls",
-                }
-            ),
+            features=STRUCTURED_OUTPUT | FORCED_TOOLS,
         )
 
     async def generate(self, req: GenerationRequest) -> AsyncGenerator[TokenDelta, None]:
