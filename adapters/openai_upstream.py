@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncGenerator, Callable
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 import httpx
@@ -99,6 +99,8 @@ class OpenAIUpstreamAdapter(BaseAdapter[OpenAIUpstreamParams]):
     """Forwards chat completions to an allowed OpenAI-compatible server."""
 
     params_type = OpenAIUpstreamParams
+    #: completions go to the upstream's own /v1/completions
+    declared_features: ClassVar[frozenset[str]] = frozenset({"/v1/completions"})
 
     def __init__(self, context: Any) -> None:
         super().__init__(context)
@@ -120,7 +122,7 @@ class OpenAIUpstreamAdapter(BaseAdapter[OpenAIUpstreamParams]):
             max_n=params.max_n if params else 1,
             reasoning=True,
             max_context=self._max_context,
-            features=frozenset({"/v1/completions"}),
+            features=self.declared_features,
         )
 
     def check(self, model: str, params: OpenAIUpstreamParams) -> None:

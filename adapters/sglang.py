@@ -389,6 +389,8 @@ class SglangAdapter(BaseAdapter[SglangParams]):
     """SGLang's offline `Engine` in this process; its scheduler runs in processes of its own."""
 
     params_type = SglangParams
+    #: completions run token ids (or text) straight into the engine
+    declared_features: ClassVar[frozenset[str]] = frozenset({"/v1/completions"})
     #: the `extra` allowlist (DeepSeek applies it to its nested params too)
     extra_policy: ClassVar[ParamPolicy] = SGLANG_EXTRA
 
@@ -426,7 +428,7 @@ class SglangAdapter(BaseAdapter[SglangParams]):
         return Capabilities(
             sampling=frozenset(sampling),
             max_context=self._max_context or self.params.context_length,
-            features=frozenset({"/v1/completions"}),
+            features=self.declared_features,
         )
 
     @property

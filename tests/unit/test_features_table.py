@@ -30,6 +30,17 @@ def test_loaded_capabilities_stay_within_the_declaration() -> None:
     assert adapter.capabilities.features <= EchoAdapter.declared_features
 
 
+def test_no_adapter_honours_an_undeclared_feature_in_its_source() -> None:
+    """Every adapter builds its capabilities' features from its declaration, never a literal.
+
+    A loaded engine cannot be had here for each backend, so the rule is checked where it can
+    drift: no adapter module spells a feature set of its own inside `Capabilities(...)`.
+    """
+    for path in sorted((ROOT / "adapters").glob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        assert "features=frozenset(" not in text, f"{path.name}: use declared_features"
+
+
 def test_deepseek_declares_what_its_inner_engines_can() -> None:
     """The deepseek adapter declares no more than its inner engines can honour."""
     inner = frozenset().union(
