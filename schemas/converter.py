@@ -209,12 +209,14 @@ converter: cattrs.Converter = _build()
 
 
 def _unstructure_message(message: Message) -> dict[str, Any]:
-    # a turn without tool calls reads as it always did (logs, hooks): no empty tool keys
+    # a plain turn reads as it always did (logs, hooks): no empty tool or image keys
     out: dict[str, Any] = {"role": message.role, "content": message.content, "name": message.name}
     if message.tool_calls:
         out["tool_calls"] = [attrs.asdict(c) for c in message.tool_calls]
     if message.tool_call_id is not None:
         out["tool_call_id"] = message.tool_call_id
+    if message.parts:
+        out["parts"] = [list(p) for p in message.parts]
     return out
 
 

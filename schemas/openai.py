@@ -20,7 +20,6 @@ from attrs import field, frozen
 from cattrs.gen import make_dict_unstructure_fn, override
 
 from schemas.converter import converter
-from schemas.generation import Message
 from schemas.validators import FieldValueError, in_range, min_items
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -320,11 +319,6 @@ class ChatCompletion:
 
 
 # vLLM's extension keys appear only when asked for: a plain response keeps OpenAI's shape
-# a message's `parts` exist only for images: logs (jsonl_log) keep the plain shape otherwise
-converter.register_unstructure_hook(
-    Message,
-    make_dict_unstructure_fn(Message, converter, parts=override(omit_if_default=True)),
-)
 converter.register_unstructure_hook(
     Choice,
     make_dict_unstructure_fn(Choice, converter, token_ids=override(omit_if_default=True)),
