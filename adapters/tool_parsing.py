@@ -26,6 +26,8 @@ from schemas.validators import FieldValueError
 #: vLLM parser names (`vllm.tool_parsers.ToolParserManager`) this service accepts: the ones whose
 #: whole-text extraction is checked here (tests/api/test_tool_auto.py and the engine tests)
 TOOL_CALL_PARSERS = frozenset({"hermes"})
+#: parsers whose `adjust_request` sets `skip_special_tokens = False` when tools are in play
+_KEEP_SPECIAL_TOKENS = frozenset({"hermes"})
 #: bounds on what one answer may turn into
 MAX_CALLS = 128
 MAX_ARGUMENTS_CHARS = 64 * 1024
@@ -69,6 +71,8 @@ class ToolCallParser:
 
             self._cls: Any = ToolParserManager.get_tool_parser(name)
         self.name = name
+        self.keeps_special_tokens = name in _KEEP_SPECIAL_TOKENS
+        """Requests with tools keep special tokens in the text (vLLM's `adjust_request`)."""
         self._tokenizer = tokenizer
         self.start: str = str(getattr(self._cls, "tool_call_start_token", "<tool_call>"))
         """The text that opens a call: a stream holds its text back from here."""

@@ -300,7 +300,7 @@ class ChatServing:
             served,
             structured=structured,
             tools=tools,
-            options=chat_options(req),
+            options=_parser_options(req, chat_options(req), loaded.adapter),
         )
 
     def check_amended(  # noqa: C901, PLR0912  (one flat list of limits)
@@ -1110,6 +1110,22 @@ def _auto_choice(parser: ToolCallParser, choice: Choice) -> Choice:
     )
     # vLLM's non-streamed rule: any parsed call makes the reason "tool_calls"
     return attrs.evolve(choice, message=message, finish_reason="tool_calls")
+
+
+def _parser_options(req: ChatCompletionRequest, options: ChatOptions, adapter: Any) -> ChatOptions:
+    """The options as the model's tool parser adjusts them (vLLM's `adjust_request`).
+
+    Hermes keeps special tokens whenever tools are in play (some models mark `<tool_call>`
+    special, and a skipped tag would hide the call from the parser); end tokens stay out of the
+    text either way.
+    """
+    if not req.tools or req.tool_choice == "none":
+        return options
+    getter = getattr(adapter, "tool_parser", None)
+    parser = getter() if callable(getter) else None
+    if isinstance(parser, ToolCallParser) and parser.keeps_special_tokens:
+        return attrs.evolve(options, skip_special_tokens=False)
+    return options
 
 
 def _tag_overlap(text: str, tag: str) -> int:

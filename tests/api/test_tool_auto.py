@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from fakes.adapters import ToolAutoEchoAdapter
 from helpers import API, TEST_REGISTRY, chat_body, load, sse_events
 
 REGISTRY = TEST_REGISTRY.replace(
@@ -135,6 +136,18 @@ def test_auto_stream_refuses_logprobs(toolauto: Any) -> None:
     r = toolauto.post("/v1/chat/completions", json=body, headers=API)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == "logprobs"
+
+
+@pytest.mark.parametrize(("choice", "kept"), [("auto", True), ("required", True), ("none", False)])
+def test_hermes_keeps_special_tokens(toolauto: Any, choice: str, kept: bool) -> None:
+    """Hermes keeps special tokens while tools are in play (vLLM's `adjust_request`).
+
+    `<tool_call>` may be a special token; `tool_choice: none` keeps the default.
+    """
+    body = chat_body("hi", tools=TOOLS, tool_choice=choice, max_tokens=4)
+    r = toolauto.post("/v1/chat/completions", json=body, headers=API)
+    assert r.status_code == 200, r.text
+    assert ToolAutoEchoAdapter.last[0].options.skip_special_tokens is not kept
 
 
 def test_echo_without_parser_refuses_auto(client: Any) -> None:

@@ -200,6 +200,14 @@ class ToolAutoEchoAdapter(EchoAdapter):
         caps = super().capabilities
         return attrs.evolve(caps, features=caps.features | FORCED_TOOLS | {"tool_choice.auto"})
 
+    last: ClassVar[list[GenerationRequest]] = []
+
     def tool_parser(self) -> ToolCallParser | None:
         """Hermes, as the smollm2 presets name it."""
         return ToolCallParser("hermes", tokenizer=object())
+
+    async def generate(self, req: GenerationRequest) -> AsyncGenerator[TokenDelta, None]:
+        """Echo, after noting the request."""
+        type(self).last[:] = [req]
+        async for delta in super().generate(req):
+            yield delta
