@@ -22,6 +22,7 @@ from attrs import field, frozen
 from adapters.kit.errors import no_mask
 from adapters.kit.sampling import SAMPLING_FIELDS as SAMPLING_FIELDS  # noqa: PLC0414 (re-export)
 from adapters.kit.tokens import TokenOps
+from adapters.tool_parsing import ToolCallParser
 from schemas.errors import ParamsValidationError
 from schemas.generation import GenerationRequest, Message, TokenDelta
 
@@ -285,4 +286,8 @@ class BaseAdapter(ABC, Generic[P]):
 
         Used by `/tokenize`, `/detokenize` and the echo of a token-id prompt.
         """
+        return None
+
+    def tool_parser(self) -> ToolCallParser | None:
+        """The loaded model's tool-call parser (`tool_choice: "auto"`); None when none is set."""
         return None

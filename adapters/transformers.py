@@ -44,6 +44,7 @@ from adapters.kit.context import fit_max_tokens
 from adapters.kit.models import check_reachable
 from adapters.kit.tokens import TokenOps
 from adapters.text import StopMatcher
+from adapters.tool_parsing import ToolCallParser, check_parser_name, require_vllm
 from schemas.errors import (
     EngineError,
     InvalidRequestError,
@@ -106,6 +107,8 @@ class TransformersParams:
     """Generations that run at once, each in its own thread; further requests wait in order."""
     torch_threads: int | None = field(default=None, validator=in_range(1, 1024))
     """CPU threads torch uses per operation; unset keeps torch's default (all cores)."""
+    tool_call_parser: str | None = field(default=None, validator=check_parser_name)
+    """vLLM's tool parser for the model's format (`hermes`): enables `tool_choice: "auto"`."""
 
 
 _SAMPLING = frozenset(
@@ -519,6 +522,7 @@ class _Engine:
         self.torch: Any = torch
         self.tf: Any = transformers
         self.params = params
+        self.tool_parser: ToolCallParser | None = None
         self.model: Any = None
         self.tokenizer: Any = None
         self.device: Any = None
@@ -752,6 +756,13 @@ def _import_engine() -> tuple[ModuleType, ModuleType]:
     return torch, transformers
 
 
+def _auto_tools(engine: _Engine | None) -> frozenset[str]:
+    """`tool_choice.auto` while a model with a tool parser is loaded."""
+    if engine is None or engine.tool_parser is None:
+        return frozenset()
+    return frozenset({"tool_choice.auto"})
+
+
 # --- the adapter --------------------------------------------------------------------------------
 
 
@@ -759,7 +770,8 @@ class TransformersAdapter(BaseAdapter[TransformersParams]):
     """Serves one HF causal LM with `generate`; see the module docstring."""
 
     params_type = TransformersParams
-    declared_features: ClassVar[frozenset[str]] = _FEATURES
+    # `tool_choice.auto` where the preset names a `tool_call_parser`
+    declared_features: ClassVar[frozenset[str]] = _FEATURES | {"tool_choice.auto"}
 
     def __init__(self, context: AdapterContext) -> None:
         super().__init__(context)
@@ -778,7 +790,7 @@ class TransformersAdapter(BaseAdapter[TransformersParams]):
             max_n=_MAX_N,
             max_top_logprobs=_MAX_TOP_LOGPROBS,
             max_context=engine.params.max_model_len if engine is not None else None,
-            features=_FEATURES,
+            features=_FEATURES | _auto_tools(engine),
         )
 
     def token_ops(self) -> TokenOps | None:
@@ -795,6 +807,12 @@ class TransformersAdapter(BaseAdapter[TransformersParams]):
         # reachable now, in about a second, rather than a load that retries for a minute
         ref = parse_model_ref(model, self.context)
         check_reachable(ref.kind, ref.value)
+        require_vllm(params.tool_call_parser, self.context.name)
+
+    def tool_parser(self) -> ToolCallParser | None:
+        """The preset's `tool_call_parser`, built with the loaded tokenizer."""
+        engine = self._engine
+        return engine.tool_parser if engine is not None else None
 
     def stats(self) -> EngineStats:
         """Generations running now and waiting for a slot."""
@@ -862,6 +880,8 @@ class TransformersAdapter(BaseAdapter[TransformersParams]):
             raise EngineError(
                 "the model's tokenizer has no chat template; this backend serves chat models only"
             )
+        if params.tool_call_parser is not None:
+            engine.tool_parser = ToolCallParser(params.tool_call_parser, engine.tokenizer)
         options["dtype"] = getattr(torch, dtype_name)
         if params.attn_implementation is not None:
             options["attn_implementation"] = params.attn_implementation

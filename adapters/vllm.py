@@ -38,6 +38,7 @@ import warnings
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
+import attrs
 from attrs import define, field, frozen
 
 from adapters.base import (
@@ -71,6 +72,7 @@ from adapters.kit.models import check_reachable
 from adapters.kit.processes import child_pids as _child_pids
 from adapters.kit.processes import reap as _reap
 from adapters.kit.tokens import TokenOps
+from adapters.tool_parsing import ToolCallParser, check_parser_name
 from schemas.errors import (
     ConflictError,
     EngineError,
@@ -177,6 +179,8 @@ class VllmParams:
     (e.g. `kv_cache_memory_bytes`, `block_size`, `compilation_config.mode`). Unknown names are
     refused, and so are names that duplicate a field above or that name code to import, files,
     hosts, credentials or another model (unless adapters.yaml `extra_allow` lists them)."""
+    tool_call_parser: str | None = field(default=None, validator=check_parser_name)
+    """vLLM's `--tool-call-parser` (`hermes`): enables `tool_choice: "auto"`."""
 
 
 _MODEL_OR_FOLDER = "names a model, a tokenizer, a file or a folder"
@@ -764,7 +768,8 @@ class VllmAdapter(BaseAdapter[VllmParams]):
     """vLLM's `AsyncLLM` behind the adapter contract; see the module docstring."""
 
     params_type = VllmParams
-    declared_features: ClassVar[frozenset[str]] = _FEATURES | {"image_url"}
+    # images where the model takes them; `tool_choice.auto` where the preset names a parser
+    declared_features: ClassVar[frozenset[str]] = _FEATURES | {"image_url", "tool_choice.auto"}
     #: the `extra` allowlist (DeepSeek applies it to its nested params too)
     extra_policy: ClassVar[ParamPolicy] = VLLM_EXTRA
 
@@ -781,6 +786,7 @@ class VllmAdapter(BaseAdapter[VllmParams]):
         self._caps = Capabilities(sampling=SAMPLING_FIELDS)
         self._max_model_len = 0
         self._sampling_defaults: dict[str, Any] = {}
+        self._tool_parser: ToolCallParser | None = None
         self._chat_params: Any = None
         self._rpc_dir: str | None = None
 
@@ -854,6 +860,7 @@ class VllmAdapter(BaseAdapter[VllmParams]):
             self._engine = engine
             self._engine_pids = tuple(sorted(_child_pids() - self._children_before))
             self._configure(api, engine)
+            self._configure_tools(getattr(params, "tool_call_parser", None), engine)
             init_s = time.perf_counter() - started
             started = time.perf_counter()
             await self._warm_up()
@@ -944,6 +951,17 @@ class VllmAdapter(BaseAdapter[VllmParams]):
             # images only where the loaded model takes them (vLLM's multimodal config)
             features=_FEATURES | ({"image_url"} if model_config.is_multimodal_model else set()),
         )
+
+    def _configure_tools(self, name: str | None, engine: Any) -> None:
+        """The preset's `tool_call_parser`, built with the engine's tokenizer (as vLLM's server)."""
+        if name is None:
+            return
+        self._tool_parser = ToolCallParser(name, engine.tokenizer)
+        self._caps = attrs.evolve(self._caps, features=self._caps.features | {"tool_choice.auto"})
+
+    def tool_parser(self) -> ToolCallParser | None:
+        """The loaded model's `tool_call_parser`; None when the preset names none."""
+        return self._tool_parser
 
     @staticmethod
     def _chat_params_for(api: _Vllm, engine: Any, options: ChatOptions) -> Any:
@@ -1246,6 +1264,7 @@ class VllmAdapter(BaseAdapter[VllmParams]):
         self._inflight.clear()
         self._snapshot.per_engine.clear()
         self._caps = Capabilities(sampling=SAMPLING_FIELDS)
+        self._tool_parser = None
         self._chat_params = None
         self._max_model_len = 0
         with warnings.catch_warnings():

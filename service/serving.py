@@ -38,6 +38,7 @@ from litestar.types import Receive
 
 from adapters.base import BaseAdapter, Capabilities
 from adapters.kit.sampling import GATED_FIELDS
+from adapters.tool_parsing import ToolCallParser
 from hooks.base import HIDDEN_HEADERS, Exchange, HookCall
 from hooks.chain import HookChain, HookSet
 from registry.manager import InflightTicket, LoadedModel, ModelManager, sanitize_exception
@@ -190,6 +191,7 @@ class ChatServing:
             )
         backend = loaded.plan.backend.name
         check_tool_features(req, caps, backend)
+        check_auto_stream(req, caps)
         images = "image_url" in caps.features
         for i, m in enumerate(req.messages):
             if m.has_images() and not images:
@@ -298,7 +300,7 @@ class ChatServing:
             served,
             structured=structured,
             tools=tools,
-            options=chat_options(req),
+            options=_parser_options(req, chat_options(req), loaded.adapter),
         )
 
     def check_amended(  # noqa: C901, PLR0912  (one flat list of limits)
@@ -494,6 +496,7 @@ class Run:
         self.call = call
         self.error: ErrorDetail | None = None
         self.tool_mode, self.tool_name = _tool_mode(req, gen)
+        self.auto_parser = _auto_parser(req, self.tool_mode, loaded.adapter)
         # text as sent, per choice: kept only when an after_response hook will read it
         self.sent: list[list[str]] | None = (
             [[] for _ in range(n)] if chain and chain.after else None
@@ -636,6 +639,10 @@ class Run:
         """The SSE body: token frames, finish chunks, optional usage chunk, `[DONE]`."""
         if self.tool_mode is not None:
             async for chunk in self._tool_frames():
+                yield chunk
+            return
+        if self.auto_parser is not None:
+            async for chunk in self._auto_frames(self.auto_parser):
                 yield chunk
             return
         options = self.req.stream_options
@@ -796,6 +803,80 @@ class Run:
             yield error_event(ErrorDetail(err.message, err.error_type, err.param, err.code))
         yield DONE
 
+    async def _auto_frames(self, parser: ToolCallParser) -> AsyncIterator[bytes]:  # noqa: C901, PLR0912, PLR0915
+        """The SSE body with `tool_choice: "auto"`: content until a call starts, then the calls.
+
+        Text streams as content until the parser's start tag (`<tool_call>`) appears; a suffix
+        that may begin that tag is held back. From the tag on, the text is buffered and parsed
+        whole at the end: its calls go out as one `tool_calls` delta per choice (vLLM streams
+        arguments as they grow; clients that join deltas see the same calls). Text the parser
+        cannot read is sent as content.
+        """
+        include_usage = bool(self.req.stream_options and self.req.stream_options.include_usage)
+        enc = ChunkEncoder(self.completion_id, self.created, self.model, include_usage)
+        n = self.gen.sampling.n
+        texts: list[list[str]] = [[] for _ in range(n)]
+        sent = [0] * n  # characters of the text already sent as content
+        held = [False] * n  # a call started: nothing more is sent before the end
+        role_sent = [False] * n
+        frame = self.timer.frame
+        start = parser.start
+        try:
+            agen = await self._start()
+            try:
+                async for delta in agen:
+                    if self.ctx.cut:
+                        return
+                    self._observe(delta)
+                    i = delta.index
+                    if delta.text:
+                        texts[i].append(delta.text)
+                    if held[i]:
+                        continue
+                    text = "".join(texts[i])
+                    at = text.find(start, max(0, sent[i] - len(start)))
+                    if at >= 0:
+                        held[i] = True
+                        upto = at
+                    else:
+                        upto = len(text) - _tag_overlap(text, start)
+                    if upto > sent[i] or (delta.token_count and not role_sent[i]):
+                        chunk = enc.delta(i, text[sent[i] : upto], role=not role_sent[i])
+                        sent[i] = max(sent[i], upto)
+                        role_sent[i] = True
+                        frame()
+                        yield chunk
+            finally:
+                await shielded(agen.aclose())
+            self._check_end()
+            self.status = "ok"
+            metrics = self._metrics()
+            for i in range(n):
+                reason = self.finish[i] or "stop"
+                text = "".join(texts[i])
+                parsed = parser.extract(text) if held[i] else None
+                if parsed is not None:
+                    yield enc.tool_calls(
+                        i, wire_calls(list(parsed.calls), indexed=True), role=not role_sent[i]
+                    )
+                    role_sent[i] = True
+                    reason = "tool_calls" if reason == "stop" else reason
+                elif len(text) > sent[i]:
+                    yield enc.delta(i, text[sent[i] :], role=not role_sent[i])
+                    role_sent[i] = True
+                yield enc.finish(
+                    i,
+                    reason,
+                    role=not role_sent[i],
+                    metrics=metrics if i == n - 1 and not include_usage else None,
+                )
+            if include_usage:
+                yield enc.usage(self._usage(), metrics)
+        except Exception as exc:
+            err = self._fail(exc)
+            yield error_event(ErrorDetail(err.message, err.error_type, err.param, err.code))
+        yield DONE
+
     def _extension_chunk(
         self, enc: ChunkEncoder, delta: TokenDelta, role_sent: list[bool], continuous: bool
     ) -> bytes | None:
@@ -888,6 +969,8 @@ class Run:
         ]
         if self.tool_mode is not None:
             choices = [self._tool_choice(c) for c in choices]
+        if self.auto_parser is not None:
+            choices = [_auto_choice(self.auto_parser, c) for c in choices]
         usage = Usage(**self._usage())
         return ChatCompletion(
             self.completion_id,
@@ -999,6 +1082,82 @@ def constraint_of(req: ChatCompletionRequest) -> tuple[StructuredOutput | None, 
             )
         structured = plan.structured
     return structured, plan.tools
+
+
+def _auto_parser(
+    req: ChatCompletionRequest | CompletionRequest, mode: ToolMode | None, adapter: Any
+) -> ToolCallParser | None:
+    """The adapter's tool parser when the request lets the model decide (`auto`)."""
+    if (
+        mode is not None
+        or not isinstance(req, ChatCompletionRequest)
+        or not req.tools
+        or req.tool_choice not in (None, "auto")
+    ):
+        return None
+    getter = getattr(adapter, "tool_parser", None)
+    parser = getter() if callable(getter) else None
+    return parser if isinstance(parser, ToolCallParser) else None
+
+
+def _auto_choice(parser: ToolCallParser, choice: Choice) -> Choice:
+    """An `auto` answer's calls as `tool_calls`, the text outside them as content (vLLM's)."""
+    parsed = parser.extract(choice.message.content or "")
+    if parsed is None:
+        return choice
+    message = attrs.evolve(
+        choice.message, content=parsed.content, tool_calls=wire_calls(list(parsed.calls))
+    )
+    # vLLM's non-streamed rule: any parsed call makes the reason "tool_calls"
+    return attrs.evolve(choice, message=message, finish_reason="tool_calls")
+
+
+def _parser_options(req: ChatCompletionRequest, options: ChatOptions, adapter: Any) -> ChatOptions:
+    """The options as the model's tool parser adjusts them (vLLM's `adjust_request`).
+
+    Hermes keeps special tokens whenever tools are in play (some models mark `<tool_call>`
+    special, and a skipped tag would hide the call from the parser); end tokens stay out of the
+    text either way.
+    """
+    if not req.tools or req.tool_choice == "none":
+        return options
+    getter = getattr(adapter, "tool_parser", None)
+    parser = getter() if callable(getter) else None
+    if isinstance(parser, ToolCallParser) and parser.keeps_special_tokens:
+        return attrs.evolve(options, skip_special_tokens=False)
+    return options
+
+
+def _tag_overlap(text: str, tag: str) -> int:
+    """Length of the longest end of `text` that begins `tag` (held back from the stream)."""
+    for k in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:k]):
+            return k
+    return 0
+
+
+def check_auto_stream(req: ChatCompletionRequest, caps: Capabilities) -> None:
+    """Fields a streamed `auto` answer cannot carry (its calls are parsed from the whole text)."""
+    if not (
+        req.stream
+        and req.tools
+        and req.tool_choice in (None, "auto")
+        and "tool_choice.auto" in caps.features
+    ):
+        return
+    options = req.stream_options
+    for param, used in (
+        ("logprobs", bool(req.logprobs)),
+        ("return_token_ids", bool(req.return_token_ids)),
+        ("echo", bool(req.echo)),
+        ("stream_options.continuous_usage_stats", bool(options and options.continuous_usage_stats)),
+    ):
+        if used:
+            raise UnsupportedParameterError(
+                f"{param} cannot be streamed with tool_choice 'auto' (the answer is parsed for"
+                " tool calls as a whole)",
+                param=param,
+            )
 
 
 def _tool_mode(

@@ -21,6 +21,7 @@ from attrs import frozen
 
 from adapters.base import BaseAdapter, Capabilities, LoadInfo
 from adapters.echo import EchoAdapter
+from adapters.tool_parsing import ToolCallParser
 from schemas.features import FORCED_TOOLS, STRUCTURED_OUTPUT
 from schemas.generation import GenerationRequest, TokenDelta
 
@@ -183,3 +184,30 @@ class ImageEchoAdapter(EchoAdapter):
             for kind, value in parts
         )
         yield TokenDelta(text, 1, 0, "stop", 1)
+
+
+class ToolAutoEchoAdapter(EchoAdapter):
+    """Echo with vLLM's Hermes tool parser: the user's text is the 'model output' parsed.
+
+    A user message holding `<tool_call>{...}</tool_call>` comes back as the answer, so the
+    service's `tool_choice: "auto"` path (parse, content, finish reason, streaming hold-back)
+    runs on text a test chooses. The tokenizer is a stand-in: Hermes only checks it is set.
+    """
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """Echo's, plus tools with `auto`."""
+        caps = super().capabilities
+        return attrs.evolve(caps, features=caps.features | FORCED_TOOLS | {"tool_choice.auto"})
+
+    last: ClassVar[list[GenerationRequest]] = []
+
+    def tool_parser(self) -> ToolCallParser | None:
+        """Hermes, as the smollm2 presets name it."""
+        return ToolCallParser("hermes", tokenizer=object())
+
+    async def generate(self, req: GenerationRequest) -> AsyncGenerator[TokenDelta, None]:
+        """Echo, after noting the request."""
+        type(self).last[:] = [req]
+        async for delta in super().generate(req):
+            yield delta

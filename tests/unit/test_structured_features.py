@@ -3,24 +3,45 @@
 from __future__ import annotations
 
 import attrs
+import pytest
 
 from adapters.base import AdapterContext, Capabilities
 from adapters.deepseek import DeepseekAdapter
 from adapters.echo import EchoAdapter
+from adapters.tool_parsing import TOOL_CALL_PARSERS
 from adapters.transformers import _FEATURES as TRANSFORMERS
+from adapters.transformers import TransformersAdapter, TransformersParams
 from adapters.vllm import _FEATURES as VLLM
+from adapters.vllm import VllmAdapter, VllmParams
 from schemas.features import FEATURES, check_declared
+from schemas.validators import FieldValueError
 
 STRUCTURED = {f for f in FEATURES if f.startswith(("response_format.", "structured_outputs."))}
 FORCED_TOOLS = {"tools", "tool_choice.required", "tool_choice.named", "parallel_tool_calls"}
 
 
 def test_engines_declare_catalogued_names() -> None:
-    """Both engines declare every constraint and the forced tools; no parser, so no `auto`."""
+    """Both engines declare every constraint and the forced tools; `auto` only with a parser."""
     for declared in (TRANSFORMERS, VLLM):
         check_declared(declared)
         assert declared >= STRUCTURED | FORCED_TOOLS
-        assert "tool_choice.auto" not in declared
+        assert "tool_choice.auto" not in declared  # added at load when a parser is named
+    for cls in (TransformersAdapter, VllmAdapter):
+        assert "tool_choice.auto" in cls.declared_features
+        unloaded = cls(AdapterContext(name="x")).capabilities.features
+        assert "tool_choice.auto" not in unloaded
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's, as vLLM imports it
+def test_tool_call_parser_names_are_allowlisted() -> None:
+    """`tool_call_parser` takes vLLM's names from the allowlist only (400/422 otherwise)."""
+    from vllm.tool_parsers import ToolParserManager  # noqa: PLC0415
+
+    assert set(ToolParserManager.list_registered()) >= TOOL_CALL_PARSERS
+    for params in (TransformersParams, VllmParams):
+        assert params(tool_call_parser="hermes").tool_call_parser == "hermes"
+        with pytest.raises(FieldValueError, match="tool_call_parser"):
+            params(tool_call_parser="some.module:Plugin")
 
 
 def test_echo_and_deepseek_declare_none() -> None:

@@ -1,0 +1,158 @@
+"""`tool_choice: "auto"` at the service: the model's Hermes text parsed by vLLM's parser.
+
+The fake (tests/fakes/adapters.py `ToolAutoEchoAdapter`) echoes the user's text and carries
+vLLM's Hermes parser, so each test chooses the "model output": calls become `tool_calls` with
+`finish_reason: "tool_calls"`, the text before them stays content, plain text stays plain, and a
+stream sends content until `<tool_call>` starts, then the calls at the end. Echo without a parser
+still refuses `auto` by name. The real model: tests/engines/test_structured_transformers.py.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from fakes.adapters import ToolAutoEchoAdapter
+from helpers import API, TEST_REGISTRY, chat_body, load, sse_events
+
+REGISTRY = TEST_REGISTRY.replace(
+    "models:",
+    "  toolauto:\n    module: fakes.adapters:ToolAutoEchoAdapter\n"
+    "models:\n  toolauto: {backend: toolauto, model: echo}",
+)
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    }
+]
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+@pytest.fixture
+def toolauto(app_factory: Any) -> Any:
+    """A test client with the Hermes-parsing echo loaded."""
+    from litestar.testing import TestClient  # noqa: PLC0415
+
+    with TestClient(app_factory(registry_text=REGISTRY)) as client:
+        load(client, preset="toolauto")
+        yield client
+
+
+def _stream(client: Any, text: str, **extra: Any) -> list[dict[str, Any]]:
+    body = chat_body(text, tools=TOOLS, stream=True, **extra)
+    r = client.post("/v1/chat/completions", json=body, headers=API)
+    assert r.status_code == 200, r.text
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def test_auto_call_parsed(toolauto: Any) -> None:
+    """Text before the call is content; the call's arguments are the JSON the model wrote."""
+    body = chat_body(f"Let me check. {CALL}", tools=TOOLS)
+    r = toolauto.post("/v1/chat/completions", json=body, headers=API)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["content"] == "Let me check. "
+    [call] = choice["message"]["tool_calls"]
+    assert call["type"] == "function"
+    assert call["id"].startswith("chatcmpl-tool-")
+    assert call["function"]["name"] == "get_weather"
+    assert json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+
+
+def test_auto_two_calls_and_explicit_auto(toolauto: Any) -> None:
+    """Two calls in one answer, `tool_choice: "auto"` spelled out, no content (None)."""
+    second = CALL.replace("Paris", "Rome")
+    body = chat_body(f"{CALL} {second}", tools=TOOLS, tool_choice="auto")
+    r = toolauto.post("/v1/chat/completions", json=body, headers=API)
+    assert r.status_code == 200, r.text
+    message = r.json()["choices"][0]["message"]
+    assert message["content"] is None
+    cities = [json.loads(c["function"]["arguments"])["city"] for c in message["tool_calls"]]
+    assert cities == ["Paris", "Rome"]
+
+
+def test_auto_plain_text_stays_content(toolauto: Any) -> None:
+    """No call: the answer as it is, the engine's finish reason, no tool_calls."""
+    body = chat_body("the weather is fine", tools=TOOLS)
+    r = toolauto.post("/v1/chat/completions", json=body, headers=API)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["message"]["content"] == "the weather is fine"
+    assert not choice["message"].get("tool_calls")
+    assert choice["finish_reason"] == "stop"
+
+
+def test_auto_unreadable_call_stays_content(toolauto: Any) -> None:
+    """A call the parser cannot read (bad JSON) is sent as text, never a 500."""
+    text = "<tool_call> {not json} </tool_call>"
+    r = toolauto.post("/v1/chat/completions", json=chat_body(text, tools=TOOLS), headers=API)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["message"]["content"] == text
+    assert choice["finish_reason"] == "stop"
+
+
+def test_auto_stream_call(toolauto: Any) -> None:
+    """Content streams until the call starts; the call comes whole, then `tool_calls`."""
+    chunks = _stream(toolauto, f"Let me check. {CALL}")
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    assert deltas[0]["role"] == "assistant"
+    content = "".join(d.get("content") or "" for d in deltas)
+    assert content == "Let me check. "
+    calls = [tc for d in deltas for tc in d.get("tool_calls") or []]
+    assert len(calls) == 1
+    assert calls[0]["index"] == 0
+    assert calls[0]["function"]["name"] == "get_weather"
+    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris"}
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    assert "<tool_call>" not in content
+
+
+def test_auto_stream_plain_text(toolauto: Any) -> None:
+    """No call: every token streams as content (a trailing `<tool` is held, then sent)."""
+    chunks = _stream(toolauto, "fine and sunny <tool")
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    assert "".join(d.get("content") or "" for d in deltas) == "fine and sunny <tool"
+    assert not any(d.get("tool_calls") for d in deltas)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_auto_stream_refuses_logprobs(toolauto: Any) -> None:
+    """A streamed auto answer is parsed whole: per-token logprobs are refused by name."""
+    body = chat_body(CALL, tools=TOOLS, stream=True, logprobs=True)
+    r = toolauto.post("/v1/chat/completions", json=body, headers=API)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "logprobs"
+
+
+@pytest.mark.parametrize(("choice", "kept"), [("auto", True), ("required", True), ("none", False)])
+def test_hermes_keeps_special_tokens(toolauto: Any, choice: str, kept: bool) -> None:
+    """Hermes keeps special tokens while tools are in play (vLLM's `adjust_request`).
+
+    `<tool_call>` may be a special token; `tool_choice: none` keeps the default.
+    """
+    body = chat_body("hi", tools=TOOLS, tool_choice=choice, max_tokens=4)
+    r = toolauto.post("/v1/chat/completions", json=body, headers=API)
+    assert r.status_code == 200, r.text
+    assert ToolAutoEchoAdapter.last[0].options.skip_special_tokens is not kept
+
+
+def test_echo_without_parser_refuses_auto(client: Any) -> None:
+    """A backend with no tool parser still answers 400 naming tool_choice."""
+    load(client, preset="echo")
+    r = client.post("/v1/chat/completions", json=chat_body(CALL, tools=TOOLS), headers=API)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] in ("tool_choice", "tools")
