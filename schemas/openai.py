@@ -299,6 +299,8 @@ class Choice:
     finish_reason: str | None
     token_ids: list[int] | None = None
     """vLLM's `return_token_ids`: the choice's token ids (the key is sent only then)."""
+    stop_reason: str | int | None = None
+    """vLLM's: the stop string or stop token id that ended it; null otherwise (always sent)."""
 
 
 @frozen

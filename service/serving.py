@@ -481,6 +481,8 @@ class Run:
         self.created = int(time.time())
         n = gen.sampling.n
         self.finish: list[str | None] = [None] * n
+        # vLLM's `stop_reason` per choice, from the delta that finished it
+        self.stop_reasons: list[str | int | None] = [None] * n
         self.completion_tokens = 0
         self.prompt_tokens = 0
         self.status = "cancelled"
@@ -509,6 +511,7 @@ class Run:
             self.prompt_tokens = delta.prompt_tokens
         if delta.finish_reason is not None:
             self.finish[delta.index] = delta.finish_reason
+            self.stop_reasons[delta.index] = delta.stop_reason
         if self.first_delta is None:
             self.first_delta = delta
         self.last_delta = delta
@@ -721,6 +724,7 @@ class Run:
                     self.finish[index] or "stop",
                     role=not role_sent[index],
                     metrics=metrics if index == n - 1 and not include_usage else None,
+                    stop_reason=self.stop_reasons[index],
                 )
                 yield enc.with_usage(chunk, self._usage()) if continuous else chunk
             if include_usage:
@@ -788,6 +792,7 @@ class Run:
                     reason,
                     role=not started[i],
                     metrics=metrics if i == n - 1 and not include_usage else None,
+                    stop_reason=self.stop_reasons[i],
                 )
             if include_usage:
                 yield enc.usage(self._usage(), metrics)
@@ -883,6 +888,7 @@ class Run:
                 logprobs={"content": logprobs[i]} if self.req.logprobs else None,
                 finish_reason=self.finish[i],
                 token_ids=token_ids[i] if want_ids else None,
+                stop_reason=self.stop_reasons[i],
             )
             for i in range(n)
         ]

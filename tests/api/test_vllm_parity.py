@@ -1,0 +1,77 @@
+"""The wrapper's answers where bench/parity_vllm.py found them unlike vLLM's, on the echo backend.
+
+Each test pins one difference that was the wrapper's fault (bench/results/parity_vllm.md):
+`stop_reason` on chat choices, whole and streamed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from litestar import Litestar
+from litestar.testing import TestClient
+
+from helpers import API, TEST_REGISTRY, chat_body, load, make_registry, make_settings, sse_events
+from service.app import create_app
+
+
+@pytest.fixture(scope="module")
+def echo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient[Litestar]]:
+    """One test client with the echo preset loaded, shared by the module (no test changes it)."""
+    registry = make_registry(tmp_path_factory.mktemp("parity"), TEST_REGISTRY)
+    with TestClient(create_app(make_settings(), registry=registry)) as c:
+        load(c, preset="echo")
+        yield c
+
+
+def chat(client: Any, body: dict[str, Any]) -> Any:
+    """POST a chat request."""
+    return client.post("/v1/chat/completions", json=body, headers=API)
+
+
+def chunks(r: Any) -> list[dict[str, Any]]:
+    """The JSON chunks of an SSE answer, checked to end with `[DONE]`."""
+    assert r.status_code == 200, r.text
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def test_chat_choice_has_stop_reason_null_without_a_stop(echo: Any) -> None:
+    """A whole answer that ended at its natural end: `stop_reason` sent, null (as vLLM)."""
+    choice = chat(echo, chat_body("one two three")).json()["choices"][0]
+    assert choice["finish_reason"] == "stop"
+    assert "stop_reason" in choice
+    assert choice["stop_reason"] is None
+
+
+def test_chat_choice_names_the_stop_string_that_ended_it(echo: Any) -> None:
+    """Ended by a stop string: `stop_reason` is that string, and the text stops before it."""
+    choice = chat(echo, chat_body("one two three four", stop=["zzz", "three"])).json()["choices"][0]
+    assert (choice["finish_reason"], choice["stop_reason"]) == ("stop", "three")
+    assert choice["message"]["content"] == "one two "
+
+
+def test_streamed_finish_chunk_carries_stop_reason(echo: Any) -> None:
+    """Streamed: only the finish chunk carries `stop_reason` (vLLM sends it on that one)."""
+    stopped = chunks(chat(echo, chat_body("one two three", stop=["two"], stream=True)))
+    finish = stopped[-1]["choices"][0]
+    assert (finish["finish_reason"], finish["stop_reason"]) == ("stop", "two")
+    assert all("stop_reason" not in c["choices"][0] for c in stopped[:-1])
+    plain = chunks(chat(echo, chat_body("one two", max_tokens=1, stream=True)))
+    last = plain[-1]["choices"][0]
+    assert (last["finish_reason"], last["stop_reason"]) == ("length", None)
+    assert "stop_reason" in last
+
+
+def test_completions_report_the_echo_stop_string_too(echo: Any) -> None:
+    """The completions route already sent `stop_reason`; echo now fills it like vLLM."""
+    r = echo.post(
+        "/v1/completions",
+        json={"model": "echo", "prompt": "a b c d", "stop": ["c"]},
+        headers=API,
+    )
+    assert r.json()["choices"][0]["stop_reason"] == "c"
