@@ -495,6 +495,9 @@ class Run:
         self.chain = chain
         self.call = call
         self.error: ErrorDetail | None = None
+        # the error `_fail` judged, with its status: the ASGI edge answers it as a plain JSON error
+        # when it came before the stream's first frame (service.datapath.stream_response)
+        self.failure: WrapperError | None = None
         self.tool_mode, self.tool_name = _tool_mode(req, gen)
         # text as sent, per choice: kept only when an after_response hook will read it
         self.sent: list[list[str]] | None = (
@@ -587,6 +590,7 @@ class Run:
             logger.error("generation failed", exc_info=exc)
             err = EngineError(f"engine error: {sanitize_exception(exc, self.serving.secrets)}")
         self.error = ErrorDetail(err.message, err.error_type, err.param, err.code)
+        self.failure = err
         return err
 
     def _memory(self) -> dict[str, Any]:
@@ -658,17 +662,19 @@ class Run:
         try:
             agen = await self._start()
             echo = self.echoed()
-            if echo:
-                # as vLLM: the echoed text first, one chunk per choice, before any token
-                for index in range(n):
-                    chunk = enc.delta(index, echo, role=True)
-                    role_sent[index] = True
-                    yield enc.with_usage(chunk, self._usage()) if continuous else chunk
             try:
                 text_frame = enc.text
                 async for delta in agen:
                     if ctx.cut:  # the stall watch dropped the connection: nobody reads on
                         return
+                    if echo:
+                        # as vLLM: the echoed text first, one chunk per choice, at the engine's
+                        # first output (not before: a refusal before it is still a plain error)
+                        for i in range(n):
+                            chunk = enc.delta(i, echo, role=True)
+                            role_sent[i] = True
+                            yield enc.with_usage(chunk, self._usage()) if continuous else chunk
+                        echo = ""
                     text, reasoning = delta.text, delta.reasoning
                     index = delta.index
                     if extended:

@@ -1,7 +1,9 @@
 """The wrapper's answers where bench/parity_vllm.py found them unlike vLLM's, on the echo backend.
 
 Each test pins one difference that was the wrapper's fault (bench/results/parity_vllm.md):
-`stop_reason` on chat choices, whole and streamed.
+`stop_reason` on chat choices, whole and streamed; a streamed request the engine refuses before
+its first token answered as a plain JSON error (vLLM checks before it streams), not 200 + an
+error event.
 """
 
 from __future__ import annotations
@@ -14,8 +16,13 @@ import pytest
 from litestar import Litestar
 from litestar.testing import TestClient
 
+from adapters.echo import EchoAdapter
 from helpers import API, TEST_REGISTRY, chat_body, load, make_registry, make_settings, sse_events
 from service.app import create_app
+
+#: echo's context here: a max_tokens above it passes the request checks and is refused by the
+#: engine (adapters.kit.context), as vLLM refuses it
+CONTEXT = 64
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +30,7 @@ def echo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient[Litest
     """One test client with the echo preset loaded, shared by the module (no test changes it)."""
     registry = make_registry(tmp_path_factory.mktemp("parity"), TEST_REGISTRY)
     with TestClient(create_app(make_settings(), registry=registry)) as c:
-        load(c, preset="echo")
+        load(c, preset="echo", engine_params={"max_context": CONTEXT})
         yield c
 
 
@@ -75,3 +82,50 @@ def test_completions_report_the_echo_stop_string_too(echo: Any) -> None:
         headers=API,
     )
     assert r.json()["choices"][0]["stop_reason"] == "c"
+
+
+def test_streamed_refusal_before_the_first_token_is_a_plain_400(echo: Any) -> None:
+    """max_tokens above the context, streamed: a JSON 400 as vLLM answers, not 200 + error event."""
+    r = chat(echo, chat_body("one two", max_tokens=100, stream=True))
+    assert r.status_code == 400, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    assert r.headers["x-request-id"]
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error"
+    assert (error["param"], "100" in error["message"]) == ("max_tokens", True)
+    # the completions route is served the same way
+    r = echo.post(
+        "/v1/completions",
+        json={"model": "echo", "prompt": "a b", "max_tokens": 100, "stream": True},
+        headers=API,
+    )
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "max_tokens"
+
+
+def test_streamed_answers_still_stream_after_the_change(echo: Any) -> None:
+    """The first frame follows the 200 (role and first token), the finish and [DONE] after it."""
+    events = chunks(chat(echo, chat_body("one two three", stream=True)))
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": "one"}
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == "one two three"
+
+
+def test_streamed_echo_extension_still_leads(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """VLLM's `echo`, now sent at the first engine output: still first, alone, then the tokens."""
+    # echo does not declare the extension; the serving implements it, so declare it here
+    monkeypatch.setattr(EchoAdapter, "declared_features", EchoAdapter.declared_features | {"echo"})
+    registry = make_registry(tmp_path, TEST_REGISTRY)
+    with TestClient(create_app(make_settings(), registry=registry)) as c:
+        load(c, preset="echo", engine_params={"max_context": CONTEXT})
+        body = chat_body("one two", stream=True, echo=True)
+        body["messages"].append({"role": "assistant", "content": "Sure:"})
+        events = chunks(chat(c, body))
+        deltas = [e["choices"][0]["delta"] for e in events]
+        assert deltas[0] == {"role": "assistant", "content": "Sure:"}
+        assert deltas[1] == {"content": "one"}
+        # refused before its first token, the echo is not sent either: a plain 400
+        body["max_tokens"] = 100
+        assert chat(c, body).status_code == 400
