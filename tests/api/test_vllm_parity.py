@@ -129,3 +129,29 @@ def test_streamed_echo_extension_still_leads(
         # refused before its first token, the echo is not sent either: a plain 400
         body["max_tokens"] = 100
         assert chat(c, body).status_code == 400
+
+
+def test_model_card_has_vllms_parent_and_permission(echo: Any) -> None:
+    """`/v1/models` and its retrieve: vLLM's `root`, `parent` null and one ModelPermission."""
+    listed = echo.get("/v1/models", headers=API).json()["data"]
+    one = echo.get("/v1/models/echo", headers=API).json()
+    for card in (listed[0], one):
+        assert card["root"] == "echo"
+        assert "parent" in card
+        assert card["parent"] is None
+        (perm,) = card["permission"]
+        assert perm["id"].startswith("modelperm-")
+        assert perm["object"] == "model_permission"
+        assert isinstance(perm["created"], int)
+        assert (perm["allow_sampling"], perm["allow_fine_tuning"], perm["organization"]) == (
+            True,
+            False,
+            "*",
+        )
+        assert set(perm) == {
+            "id", "object", "created", "allow_create_engine", "allow_sampling", "allow_logprobs",
+            "allow_search_indices", "allow_view", "allow_fine_tuning", "organization", "group",
+            "is_blocking",
+        }  # fmt: skip
+        assert perm["group"] is None
+        assert card["owned_by"] == "inference-wrapper"
