@@ -25,9 +25,13 @@ from service.serving import ChatServing
 
 def _card(manager: ModelManager, current: LoadedModel) -> ModelCard:
     """The served model as `GET /v1/models` and its retrieve show it."""
+    # the name is the operator's or the loader's choice: a secret there stays masked
+    name = manager.secrets.mask(current.plan.served_model_name)
+    # vLLM draws a new permission id per answer; ours is fixed per load, so the listed card and
+    # the retrieved one are equal
+    perm_id = uuid.uuid5(uuid.NAMESPACE_URL, f"{name}@{current.loaded_at}").hex
     return ModelCard(
-        # the name is the operator's or the loader's choice: a secret there stays masked
-        id=manager.secrets.mask(current.plan.served_model_name),
+        id=name,
         object="model",
         created=int(current.loaded_at),
         # not vLLM's "vllm": the card describes this server, whatever engine runs behind it
@@ -36,9 +40,7 @@ def _card(manager: ModelManager, current: LoadedModel) -> ModelCard:
         root=manager.secrets.mask(current.plan.model),
         max_model_len=current.info.max_context,
         parent=None,
-        permission=[
-            ModelPermission(f"modelperm-{uuid.uuid4().hex}", created=int(current.loaded_at))
-        ],
+        permission=[ModelPermission(f"modelperm-{perm_id}", created=int(current.loaded_at))],
     )
 
 

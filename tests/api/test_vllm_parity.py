@@ -140,6 +140,7 @@ def test_model_card_has_vllms_parent_and_permission(echo: Any) -> None:
         assert "parent" in card
         assert card["parent"] is None
         (perm,) = card["permission"]
+        assert perm == listed[0]["permission"][0]  # fixed per load: list and retrieve agree
         assert perm["id"].startswith("modelperm-")
         assert perm["object"] == "model_permission"
         assert isinstance(perm["created"], int)
