@@ -211,7 +211,10 @@ class EchoAdapter(BaseAdapter[EchoParams]):
                     produced += 1
                     text = feed(token)
                     if stops.stopped:
-                        yield TokenDelta(text, 1, index, "stop", prompt_tokens)
+                        # vLLM's stop_reason: the stop string that ended it
+                        yield TokenDelta(
+                            text, 1, index, "stop", prompt_tokens, stop_reason=stops.matched
+                        )
                         break
                     yield TokenDelta(text, 1, index, None, prompt_tokens if produced == 1 else None)
             outcome = "aborted" if closing() else "complete"

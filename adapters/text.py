@@ -34,7 +34,7 @@ def _failure(stop: str) -> tuple[int, ...]:
 class StopMatcher:
     """Incremental stop-string detection over a stream of text pieces."""
 
-    __slots__ = ("_buffer", "_fail", "_state", "_stops", "stopped")
+    __slots__ = ("_buffer", "_fail", "_state", "_stops", "matched", "stopped")
 
     def __init__(self, stops: Sequence[str]) -> None:
         self._stops = tuple(s for s in stops if s)
@@ -42,6 +42,8 @@ class StopMatcher:
         self._state = [0] * len(self._stops)
         self._buffer = ""
         self.stopped = False
+        self.matched: str | None = None
+        """The stop string that hit (vLLM's `stop_reason`), once `stopped`."""
 
     def feed(self, text: str) -> str:
         """Add `text`; return what is safe to emit now. Sets `stopped` when a stop string hit."""
@@ -58,6 +60,7 @@ class StopMatcher:
             end, self._state[k] = self._advance(stop, self._fail[k], self._state[k], text)
             if end is not None and (best is None or (end, -len(stop)) < best):
                 best = (end, -len(stop))
+                self.matched = stop
         if best is not None:
             self.stopped = True
             self._buffer = ""

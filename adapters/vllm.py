@@ -1220,7 +1220,8 @@ class VllmAdapter(BaseAdapter[VllmParams]):
             )
         except (api.VLLMClientError, ValueError) as exc:
             raise InvalidRequestError(
-                sanitise(_message(exc), mask=self.context.mask), param=_param(exc)
+                sanitise(_message(exc), mask=self.context.mask),
+                param=_sampling_param(exc, structured),
             ) from None
 
     async def unload(self) -> None:
@@ -1405,6 +1406,35 @@ def _param(exc: BaseException, structured: StructuredOutput | None = None) -> st
         # the constraint's (its grammar did not compile)
         return structured.param if structured is not None else "messages"
     return _PARAMS.get(parameter, parameter)
+
+
+#: request fields that `SamplingParams` names first in a refusal without `parameter`
+#: ("n must be 1 when using greedy sampling, got 2.", "presence_penalty must be in [-2, 2], ...")
+_SAMPLING_FIELDS = frozenset(
+    {
+        "n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+        "repetition_penalty", "max_tokens", "min_tokens", "logprobs", "stop_token_ids",
+        "logit_bias", "seed",
+    }
+)  # fmt: skip
+_LEADING_FIELD = re.compile(r"`?([a-z_]+)`? must\b")
+
+
+def _sampling_param(exc: BaseException, structured: StructuredOutput | None = None) -> str | None:
+    """The `param` of a `SamplingParams` refusal: its `parameter`, else the field it starts with.
+
+    The prompt is not what these check, so an unnamed refusal never names `messages` (`_param`'s
+    fallback): `n` for vLLM's "n must be 1 when using greedy sampling" (vLLM's server says
+    param null there); else the constraint's field on a constrained request (its options are
+    checked here too); else null.
+    """
+    parameter = getattr(exc, "parameter", None)
+    if isinstance(parameter, str):
+        return _PARAMS.get(parameter, parameter)
+    found = _LEADING_FIELD.match(_message(exc))
+    if found is None or found.group(1) not in _SAMPLING_FIELDS:
+        return structured.param if structured is not None else None
+    return _PARAMS.get(found.group(1), found.group(1))
 
 
 __all__ = [

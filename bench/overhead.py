@@ -154,7 +154,7 @@ async def floor_app(scope: Any, receive: Any, send: Any) -> None:
         body = (
             head + b',"choices":[{"index":0,"message":{"role":"assistant","content":'
             + _encode(text) + b'},"logprobs":null,'
-            b'"finish_reason":"length"}],"usage":' + _encode(usage)
+            b'"finish_reason":"length","stop_reason":null}],"usage":' + _encode(usage)
             + b',"metrics":' + _encode(metrics) + b',"system_fingerprint":null}'
         )  # fmt: skip
         await _floor_plain(send, 200, body, [(b"content-type", b"application/json"), rid])
@@ -167,7 +167,7 @@ async def floor_app(scope: Any, receive: Any, send: Any) -> None:
         frame = head + (role if i == 0 else b"") + b'"content":' + _encode(source[i % len(source)])
         await send({"type": "http.response.body", "body": frame + tail, "more_body": True})
     finish = (
-        head + b'},"logprobs":null,"finish_reason":"length"}],"metrics":'
+        head + b'},"logprobs":null,"finish_reason":"length","stop_reason":null}],"metrics":'
         + _encode(metrics) + b"}\n\n"
     )  # fmt: skip
     await send({"type": "http.response.body", "body": finish, "more_body": True})

@@ -298,6 +298,8 @@ class Choice:
     finish_reason: str | None
     token_ids: list[int] | None = None
     """vLLM's `return_token_ids`: the choice's token ids (the key is sent only then)."""
+    stop_reason: str | int | None = None
+    """vLLM's: the stop string or stop token id that ended it; null otherwise (always sent)."""
 
 
 @frozen
@@ -335,6 +337,24 @@ converter.register_unstructure_hook(
 
 
 @frozen
+class ModelPermission:
+    """vLLM's one `permission` entry of a model card (its server's defaults: what it allows)."""
+
+    id: str
+    object: Literal["model_permission"] = "model_permission"
+    created: int = 0
+    allow_create_engine: bool = False
+    allow_sampling: bool = True
+    allow_logprobs: bool = True
+    allow_search_indices: bool = False
+    allow_view: bool = True
+    allow_fine_tuning: bool = False
+    organization: str = "*"
+    group: str | None = None
+    is_blocking: bool = False
+
+
+@frozen
 class ModelCard:
     """One entry of `GET /v1/models`."""
 
@@ -344,6 +364,10 @@ class ModelCard:
     owned_by: str
     root: str | None = None
     max_model_len: int | None = None
+    parent: str | None = None
+    """vLLM's: the base model of a LoRA adapter; null for a served model (always here)."""
+    permission: list[ModelPermission] = field(factory=list)
+    """vLLM's card shape: one `ModelPermission` (clients that read `permission[0]` work)."""
 
 
 @frozen

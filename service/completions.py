@@ -53,7 +53,7 @@ from schemas.errors import (
     WrapperError,
 )
 from schemas.features import set_value
-from schemas.generation import GenerationRequest, Message, SamplingOptions, TokenDelta
+from schemas.generation import GenerationRequest, Message, SamplingOptions
 from schemas.openai import ChatMessageIn
 from service.aio import shielded
 from service.context import RequestContext
@@ -222,12 +222,6 @@ class CompletionRun(Run):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.completion_id = f"cmpl-{uuid.uuid4().hex}"
-        self.stop_reasons: list[str | int | None] = [None] * self.gen.sampling.n
-
-    def _observe(self, delta: TokenDelta) -> None:
-        super()._observe(delta)
-        if delta.finish_reason is not None:
-            self.stop_reasons[delta.index] = delta.stop_reason
 
     async def _echo_text(self) -> str | None:
         """The prompt as text when `echo` is on (a token-id prompt decoded by the tokenizer)."""

@@ -164,7 +164,16 @@ class ChatRoute:
         if run.req.stream:
             frames = run.frames()
             run.attach(frames)
-            await stream_response(frames, run.close, receive, send, rid_header)
+
+            def refusal() -> WrapperError | None:
+                return run.failure
+
+            async def refuse(exc: WrapperError) -> None:
+                await _send_error(send, state, exc, rid_header)
+
+            await stream_response(
+                frames, run.close, receive, send, rid_header, refusal=refusal, refuse=refuse
+            )
             return
         try:
             try:
@@ -222,12 +231,14 @@ async def _send_unexpected(
 # --- streaming ------------------------------------------------------------------------------------
 
 
-async def _pump(frames: AsyncIterator[bytes], send: Any) -> None:
-    """Write `frames` to the client, joining those that are ready together (module docstring)."""
+async def _pump(frames: AsyncIterator[bytes], send: Any, *, first: bool = True) -> None:
+    """Write `frames` to the client, joining those that are ready together (module docstring).
+
+    `first=False`: the first frame was sent already (batching starts at once).
+    """
     anext_ = frames.__anext__
     batch: list[bytes] = []
     size = 0
-    first = True
     while True:
         step = anext_()
         try:
@@ -266,8 +277,17 @@ async def stream_response(
     receive: Any,
     send: Any,
     rid_header: tuple[bytes, bytes],
+    *,
+    refusal: Callable[[], WrapperError | None] | None = None,
+    refuse: Callable[[WrapperError], Coroutine[Any, Any, None]] | None = None,
 ) -> None:
-    """Send an SSE response from `frames`; a disconnect cancels it; `on_close` always runs."""
+    """Send an SSE response from `frames`; a disconnect cancels it; `on_close` always runs.
+
+    The 200 and its headers wait for the first frame, which follows them at once (TTFT is the
+    same): when `refusal()` has an error by then (the engine refused the request before its
+    first token: max_tokens above the context, a sampling check), `refuse` answers it instead,
+    as a plain JSON error with its status, as vLLM does, never a 200 with an error event.
+    """
     task = asyncio.current_task()
     assert task is not None  # noqa: S101  (called from the server's request task)
     gone = False
@@ -281,10 +301,22 @@ async def stream_response(
 
     listener = asyncio.get_running_loop().create_task(listen())
     try:
+        try:
+            head: bytes | None = await frames.__anext__()
+        except StopAsyncIteration:
+            head = None
+        failed = refusal() if refusal is not None else None
+        if failed is not None and refuse is not None:
+            await refuse(failed)
+            return
         await send(
             {"type": "http.response.start", "status": 200, "headers": [*_SSE_HEADERS, rid_header]}
         )
-        await _pump(frames, send)
+        if head is None:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        await send({"type": "http.response.body", "body": head, "more_body": True})
+        await _pump(frames, send, first=False)
     except asyncio.CancelledError:
         if not gone:
             raise

@@ -483,6 +483,8 @@ class Run:
         self.created = int(time.time())
         n = gen.sampling.n
         self.finish: list[str | None] = [None] * n
+        # vLLM's `stop_reason` per choice, from the delta that finished it
+        self.stop_reasons: list[str | int | None] = [None] * n
         self.completion_tokens = 0
         self.prompt_tokens = 0
         self.status = "cancelled"
@@ -495,6 +497,9 @@ class Run:
         self.chain = chain
         self.call = call
         self.error: ErrorDetail | None = None
+        # the error `_fail` judged, with its status: the ASGI edge answers it as a plain JSON error
+        # when it came before the stream's first frame (service.datapath.stream_response)
+        self.failure: WrapperError | None = None
         self.tool_mode, self.tool_name = _tool_mode(req, gen)
         self.auto_parser = _auto_parser(req, self.tool_mode, loaded.adapter)
         # text as sent, per choice: kept only when an after_response hook will read it
@@ -512,6 +517,7 @@ class Run:
             self.prompt_tokens = delta.prompt_tokens
         if delta.finish_reason is not None:
             self.finish[delta.index] = delta.finish_reason
+            self.stop_reasons[delta.index] = delta.stop_reason
         if self.first_delta is None:
             self.first_delta = delta
         self.last_delta = delta
@@ -587,6 +593,7 @@ class Run:
             logger.error("generation failed", exc_info=exc)
             err = EngineError(f"engine error: {sanitize_exception(exc, self.serving.secrets)}")
         self.error = ErrorDetail(err.message, err.error_type, err.param, err.code)
+        self.failure = err
         return err
 
     def _memory(self) -> dict[str, Any]:
@@ -662,17 +669,19 @@ class Run:
         try:
             agen = await self._start()
             echo = self.echoed()
-            if echo:
-                # as vLLM: the echoed text first, one chunk per choice, before any token
-                for index in range(n):
-                    chunk = enc.delta(index, echo, role=True)
-                    role_sent[index] = True
-                    yield enc.with_usage(chunk, self._usage()) if continuous else chunk
             try:
                 text_frame = enc.text
                 async for delta in agen:
                     if ctx.cut:  # the stall watch dropped the connection: nobody reads on
                         return
+                    if echo:
+                        # as vLLM: the echoed text first, one chunk per choice, at the engine's
+                        # first output (not before: a refusal before it is still a plain error)
+                        for i in range(n):
+                            chunk = enc.delta(i, echo, role=True)
+                            role_sent[i] = True
+                            yield enc.with_usage(chunk, self._usage()) if continuous else chunk
+                        echo = ""
                     text, reasoning = delta.text, delta.reasoning
                     index = delta.index
                     if extended:
@@ -728,6 +737,7 @@ class Run:
                     self.finish[index] or "stop",
                     role=not role_sent[index],
                     metrics=metrics if index == n - 1 and not include_usage else None,
+                    stop_reason=self.stop_reasons[index],
                 )
                 yield enc.with_usage(chunk, self._usage()) if continuous else chunk
             if include_usage:
@@ -795,6 +805,7 @@ class Run:
                     reason,
                     role=not started[i],
                     metrics=metrics if i == n - 1 and not include_usage else None,
+                    stop_reason=self.stop_reasons[i],
                 )
             if include_usage:
                 yield enc.usage(self._usage(), metrics)
@@ -964,6 +975,7 @@ class Run:
                 logprobs={"content": logprobs[i]} if self.req.logprobs else None,
                 finish_reason=self.finish[i],
                 token_ids=token_ids[i] if want_ids else None,
+                stop_reason=self.stop_reasons[i],
             )
             for i in range(n)
         ]

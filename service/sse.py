@@ -117,9 +117,18 @@ class ChunkEncoder:
         return chunk[: -len(self._tail)] + b',"prompt_token_ids":' + _encode(ids) + self._tail
 
     def finish(
-        self, index: int, reason: str, *, role: bool = False, metrics: dict[str, Any] | None = None
+        self,
+        index: int,
+        reason: str,
+        *,
+        role: bool = False,
+        metrics: dict[str, Any] | None = None,
+        stop_reason: str | int | None = None,
     ) -> bytes:
-        """The chunk that ends choice `index` (empty delta; role + empty content if none sent)."""
+        """The chunk that ends choice `index` (empty delta; role + empty content if none sent).
+
+        `stop_reason` is sent on it as vLLM does (null, the stop string or the stop token id).
+        """
         delta = b'{"role":"assistant","content":""}' if role else b"{}"
         extra = b',"metrics":' + _encode(metrics) if metrics is not None else b""
         return (
@@ -130,6 +139,8 @@ class ChunkEncoder:
             + delta
             + b',"logprobs":null,"finish_reason":'
             + _encode(reason)
+            + b',"stop_reason":'
+            + _encode(stop_reason)
             + b"}]"
             + extra
             + self._tail

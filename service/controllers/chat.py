@@ -6,6 +6,7 @@ Must never: hold serving logic (it lives in `service.serving`); answer before au
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Any
 
 from litestar import Controller, Request, Response, get, post
@@ -14,7 +15,7 @@ from litestar.params import FromPath
 
 from registry.manager import LoadedModel, ModelManager, ModelState
 from schemas.errors import NotFoundError
-from schemas.openai import ModelCard, ModelList
+from schemas.openai import ModelCard, ModelList, ModelPermission
 from service.auth import require_api
 from service.completions import CompletionServing, TokenServing
 from service.context import context_of
@@ -24,14 +25,22 @@ from service.serving import ChatServing
 
 def _card(manager: ModelManager, current: LoadedModel) -> ModelCard:
     """The served model as `GET /v1/models` and its retrieve show it."""
+    # the name is the operator's or the loader's choice: a secret there stays masked
+    name = manager.secrets.mask(current.plan.served_model_name)
+    # vLLM draws a new permission id per answer; ours is fixed per load, so the listed card and
+    # the retrieved one are equal
+    perm_id = uuid.uuid5(uuid.NAMESPACE_URL, f"{name}@{current.loaded_at}").hex
     return ModelCard(
-        # the name is the operator's or the loader's choice: a secret there stays masked
-        id=manager.secrets.mask(current.plan.served_model_name),
+        id=name,
         object="model",
         created=int(current.loaded_at),
+        # not vLLM's "vllm": the card describes this server, whatever engine runs behind it
+        # (the backend is in GET /v1/model/status); clients do not branch on it
         owned_by="inference-wrapper",
         root=manager.secrets.mask(current.plan.model),
         max_model_len=current.info.max_context,
+        parent=None,
+        permission=[ModelPermission(f"modelperm-{perm_id}", created=int(current.loaded_at))],
     )
 
 

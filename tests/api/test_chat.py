@@ -40,6 +40,7 @@ def test_non_streaming_shape_and_usage(echo: Any) -> None:
         "message": {"role": "assistant", "content": "one two three"},
         "logprobs": None,
         "finish_reason": "stop",
+        "stop_reason": None,
     }
     usage = body["usage"]
     assert usage["completion_tokens"] == 3

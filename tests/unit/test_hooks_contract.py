@@ -20,7 +20,6 @@ from helpers import (
     load,
     make_registry,
     make_settings,
-    sse_events,
 )
 from hooks.chain import HookSet
 from registry.config import RegistryError
@@ -179,16 +178,19 @@ def test_raising_hook_fails_that_request_only(
         client.__exit__(None, None, None)
 
 
-def test_on_chunk_failure_ends_the_stream_with_an_error_event(app_factory: Any) -> None:
-    """A raising on_chunk hook ends a stream with one hook_failed event and [DONE]; whole: 500."""
+def test_on_chunk_failure_is_a_hook_failed_500(app_factory: Any) -> None:
+    """A raising on_chunk hook fails the request with 500 hook_failed, streamed or whole.
+
+    The hook raises on the first chunk, before the stream's first frame: so the stream's 200 was
+    not sent yet and the answer is the plain JSON error (service.datapath.stream_response); a
+    failure after the stream started is an error event (tests/api/test_chat.py).
+    """
     hooks = '  - {module: "fakes.hooks:FailHook", name: chunky, params: {point: on_chunk}}\n'
     client = hooked_client(app_factory, registry_with(hooks))
     try:
         r = chat(client, "one fail-me three", stream=True)
-        assert r.status_code == 200
-        events = sse_events(r.text)
-        assert events[-1] == "[DONE]"
-        assert '"code":"hook_failed"' in events[-2]
+        assert r.status_code == 500, r.text
+        assert r.json()["error"]["code"] == "hook_failed"
         assert SECRET_TEXT not in r.text
         whole = chat(client, "one fail-me three")
         assert whole.status_code == 500

@@ -75,10 +75,13 @@ def test_finish_chunk_and_metrics() -> None:
     """The finish chunk has an empty delta and the reason; metrics ride on it when given."""
     chunk = parse(encoder().finish(0, "length", metrics={"e2e_ms": 1.5}))
     assert chunk["choices"] == [
-        {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}
+        {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length", "stop_reason": None}
     ]
     assert chunk["metrics"] == {"e2e_ms": 1.5}
     assert "metrics" not in parse(encoder().finish(0, "stop"))
+    # vLLM's stop_reason: the stop string, or the stop token id, as given
+    assert parse(encoder().finish(0, "stop", stop_reason=","))["choices"][0]["stop_reason"] == ","
+    assert parse(encoder().finish(0, "stop", stop_reason=2))["choices"][0]["stop_reason"] == 2
 
 
 def test_finish_without_any_token_carries_the_role() -> None:
