@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import yaml
 
 from bench.vs_vllm_serve import (
     API_KEY,
@@ -79,6 +80,19 @@ ERROR_TYPES = {
 }
 #: the vLLM server flags the tool cases need (the wrapper's preset must name the same parser)
 TOOL_FLAGS = ("--enable-auto-tool-choice", "--tool-call-parser", "hermes")
+
+
+def sampling_flags() -> tuple[str, ...]:
+    """The preset's `sampling_defaults` as vLLM's `--override-generation-config`.
+
+    The wrapper fills unset sampling fields from the preset (then the model); vLLM's server does
+    the same from this flag, so seeded cases that leave a field unset compare like with like.
+    """
+    registry = yaml.safe_load((ROOT / "adapters.yaml").read_text(encoding="utf-8"))
+    defaults = registry["models"][PRESET].get("sampling_defaults") or {}
+    return ("--override-generation-config", json.dumps(defaults)) if defaults else ()
+
+
 RESULTS = ROOT / "bench" / "results"
 
 # --- the cases --------------------------------------------------------------------------------
@@ -351,7 +365,15 @@ def _json_or_text(raw: bytes) -> tuple[Any, str | None]:
 def request_of(case: Case, mode: str, side: str) -> dict[str, Any]:
     """What is sent to `side` for `case` in `mode` (stored with the answer, checked on reuse)."""
     path = case.vllm_path if side == "vllm" and case.vllm_path else case.path
-    body = None if case.body is None else {**case.body, "stream": mode == "stream"}
+    # `stream` only where the route streams: the wrapper refuses a field a route does not take
+    # (tokenize, detokenize), where vLLM's server ignores it
+    body = (
+        None
+        if case.body is None
+        else {**case.body, "stream": mode == "stream"}
+        if case.stream
+        else dict(case.body)
+    )
     return {"path": path, "body": body}
 
 
@@ -831,7 +853,7 @@ def run_servers(
     env = engine_env(args.out / "vllm-cache")
     makers = {
         "vllm": lambda port: vllm_server(
-            model, port, env, args.out / "parity-vllm-serve.log", TOOL_FLAGS
+            model, port, env, args.out / "parity-vllm-serve.log", TOOL_FLAGS + sampling_flags()
         ),
         "wrapper": lambda port: wrapper_server(port, env, args.out / "parity-wrapper.log"),
     }
