@@ -267,7 +267,8 @@ class AssistantMessage:
     and a `null` on every message of every backend would only mislead.
     """
 
-    role: Literal["assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    """"assistant", or the last message's role with `add_generation_prompt: false` (vLLM's)."""
     content: str | None
     reasoning_content: str | None = None
     with_reasoning: bool = False

@@ -501,6 +501,13 @@ class Run:
         # when it came before the stream's first frame (service.datapath.stream_response)
         self.failure: WrapperError | None = None
         self.tool_mode, self.tool_name = _tool_mode(req, gen)
+        # vLLM's `get_chat_request_role`: with no generation prompt the model continues the
+        # last turn, in that turn's role
+        self.role: Role = (
+            req.messages[-1].role
+            if isinstance(req, ChatCompletionRequest) and not req.add_generation_prompt
+            else "assistant"
+        )
         self.auto_parser = _auto_parser(req, self.tool_mode, loaded.adapter)
         # text as sent, per choice: kept only when an after_response hook will read it
         self.sent: list[list[str]] | None = (
@@ -656,7 +663,7 @@ class Run:
         include_usage = bool(options and options.include_usage)
         # vLLM's rule: continuous usage only together with include_usage
         continuous = bool(include_usage and options and options.continuous_usage_stats)
-        enc = ChunkEncoder(self.completion_id, self.created, self.model, include_usage)
+        enc = ChunkEncoder(self.completion_id, self.created, self.model, include_usage, self.role)
         n = self.gen.sampling.n
         role_sent = [False] * n
         frame = self.timer.frame
@@ -756,7 +763,7 @@ class Run:
         complete JSON (cut by max_tokens) is sent as content.
         """
         include_usage = bool(self.req.stream_options and self.req.stream_options.include_usage)
-        enc = ChunkEncoder(self.completion_id, self.created, self.model, include_usage)
+        enc = ChunkEncoder(self.completion_id, self.created, self.model, include_usage, self.role)
         n = self.gen.sampling.n
         named = self.tool_mode == "named"
         texts: list[list[str]] = [[] for _ in range(n)]
@@ -824,7 +831,7 @@ class Run:
         cannot read is sent as content.
         """
         include_usage = bool(self.req.stream_options and self.req.stream_options.include_usage)
-        enc = ChunkEncoder(self.completion_id, self.created, self.model, include_usage)
+        enc = ChunkEncoder(self.completion_id, self.created, self.model, include_usage, self.role)
         n = self.gen.sampling.n
         texts: list[list[str]] = [[] for _ in range(n)]
         sent = [0] * n  # characters of the text already sent as content
@@ -967,7 +974,7 @@ class Run:
             Choice(
                 index=i,
                 message=AssistantMessage(
-                    "assistant",
+                    self.role,
                     echo + "".join(texts[i]),
                     "".join(reasoning[i]) or None,
                     with_reasoning,

@@ -33,9 +33,19 @@ DONE = b"data: [DONE]\n\n"
 class ChunkEncoder:
     """Renders the `chat.completion.chunk` events of one stream."""
 
-    __slots__ = ("_head", "_tail", "_text_heads", "_text_tail")
+    __slots__ = ("_head", "_role", "_tail", "_text_heads", "_text_tail")
 
-    def __init__(self, completion_id: str, created: int, model: str, include_usage: bool) -> None:
+    def __init__(
+        self,
+        completion_id: str,
+        created: int,
+        model: str,
+        include_usage: bool,
+        role: str = "assistant",
+    ) -> None:
+        # vLLM's rule: the answer's role is "assistant", or the last message's role when the
+        # request asked for no generation prompt (the model continues that turn)
+        self._role = b'"role":' + _encode(role)
         self._head = (
             b'data: {"id":'
             + _encode(completion_id)
@@ -76,7 +86,7 @@ class ChunkEncoder:
         """
         parts = []
         if role:
-            parts.append(b'"role":"assistant"')
+            parts.append(self._role)
         if reasoning:
             parts.append(b'"reasoning_content":' + _encode(reasoning))
         if content is not None:
@@ -100,7 +110,7 @@ class ChunkEncoder:
     def tool_calls(self, index: int, calls: list[dict[str, Any]], *, role: bool = False) -> bytes:
         """A chunk carrying `tool_calls` deltas (off the text path: tool answers only)."""
         delta = (
-            (b'{"role":"assistant",' if role else b"{") + b'"tool_calls":' + _encode(calls) + b"}"
+            (b"{" + self._role + b"," if role else b"{") + b'"tool_calls":' + _encode(calls) + b"}"
         )
         return (
             self._head
@@ -129,7 +139,7 @@ class ChunkEncoder:
 
         `stop_reason` is sent on it as vLLM does (null, the stop string or the stop token id).
         """
-        delta = b'{"role":"assistant","content":""}' if role else b"{}"
+        delta = b"{" + self._role + b',"content":""}' if role else b"{}"
         extra = b',"metrics":' + _encode(metrics) if metrics is not None else b""
         return (
             self._head

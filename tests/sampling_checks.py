@@ -120,6 +120,18 @@ def template_switches(oai: openai.OpenAI, model: str) -> None:
     )
     assert plain.usage is not None
     assert bare.usage is not None
+    # vLLM's role rule: with no generation prompt the answer continues the last turn, in its role
+    assert plain.choices[0].message.role == "assistant"
+    # the typed client says Literal["assistant"]; vLLM (and the wrapper) send the turn's role
+    assert str(bare.choices[0].message.role) == "user"
+    streamed = oai.chat.completions.create(
+        model=model,
+        messages=README_MSGS,
+        max_tokens=1,
+        stream=True,
+        extra_body={"add_generation_prompt": False},
+    )
+    assert next(c.choices[0].delta.role for c in streamed if c.choices) == "user"
     # SmolLM2's generation prompt is "<|im_start|>assistant\n"
     generation_prompt = bundled_tokenizer()("<|im_start|>assistant\n", add_special_tokens=False)
     assert bare.usage.prompt_tokens == plain.usage.prompt_tokens - len(
