@@ -79,6 +79,7 @@ from schemas.generation import (
     StructuredOutput,
     TokenDelta,
     TokenLogprob,
+    ToolCall,
 )
 from schemas.validators import FieldValueError, in_range, max_length
 
@@ -133,6 +134,7 @@ __all__ = [
     "TokenDelta",
     "TokenLogprob",
     "TokenOps",
+    "ToolCall",
     "UnsupportedParameterError",
     "UpstreamError",
     "UpstreamTimeoutError",

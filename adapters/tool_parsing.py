@@ -44,12 +44,17 @@ def check_parser_name(_: Any, attribute: Any, value: str | None) -> None:
 
 def require_vllm(name: str | None, backend: str) -> None:
     """Refuse (400, naming the setting) a parser on an install without vLLM's parsers."""
-    if name is not None and importlib.util.find_spec("vllm") is None:
+    if name is not None and not parsers_available():
         raise InvalidRequestError(
             f"tool_call_parser '{name}' needs vLLM's tool parsers, and vllm is not installed "
             f"alongside backend '{backend}'",
             param="$.engine_params.tool_call_parser",
         )
+
+
+def parsers_available() -> bool:
+    """Whether vLLM's tool parsers can be imported here (a transformers-only install has none)."""
+    return importlib.util.find_spec("vllm") is not None
 
 
 @frozen

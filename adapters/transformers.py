@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
 import os
 import re
 import threading
@@ -44,7 +45,7 @@ from adapters.kit.context import fit_max_tokens
 from adapters.kit.models import check_reachable
 from adapters.kit.tokens import TokenOps
 from adapters.text import StopMatcher
-from adapters.tool_parsing import ToolCallParser, check_parser_name, require_vllm
+from adapters.tool_parsing import ToolCallParser, check_parser_name, parsers_available
 from schemas.errors import (
     EngineError,
     InvalidRequestError,
@@ -128,6 +129,8 @@ _SAMPLING = frozenset(
         "top_logprobs",
     }
 )
+_log = logging.getLogger(__name__)
+
 #: catalogued features (schemas/features.py) this backend honours; forced tool calls are
 #: structured output, `auto` would need a tool parser
 _FEATURES = (
@@ -807,7 +810,9 @@ class TransformersAdapter(BaseAdapter[TransformersParams]):
         # reachable now, in about a second, rather than a load that retries for a minute
         ref = parse_model_ref(model, self.context)
         check_reachable(ref.kind, ref.value)
-        require_vllm(params.tool_call_parser, self.context.name)
+        # a preset naming a parser still loads where vllm is absent (the transformers-only
+        # serving venv, its image): `tool_choice: auto` then stays refused by name, and the
+        # load's details and log say why
 
     def tool_parser(self) -> ToolCallParser | None:
         """The preset's `tool_call_parser`, built with the loaded tokenizer."""
@@ -880,8 +885,14 @@ class TransformersAdapter(BaseAdapter[TransformersParams]):
             raise EngineError(
                 "the model's tokenizer has no chat template; this backend serves chat models only"
             )
-        if params.tool_call_parser is not None:
+        if params.tool_call_parser is not None and parsers_available():
             engine.tool_parser = ToolCallParser(params.tool_call_parser, engine.tokenizer)
+        elif params.tool_call_parser is not None:
+            _log.warning(
+                "tool_call_parser %r needs vLLM's tool parsers and vllm is not installed: "
+                "tool_choice 'auto' stays refused (required and named tool choices work)",
+                params.tool_call_parser,
+            )
         options["dtype"] = getattr(torch, dtype_name)
         if params.attn_implementation is not None:
             options["attn_implementation"] = params.attn_implementation
