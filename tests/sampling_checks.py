@@ -30,14 +30,14 @@ def bundled_tokenizer() -> Any:
 
 
 def preset_defaults_answer_paris(oai: openai.OpenAI, server: LiveServer, model: str) -> None:
-    """README's first request sets no sampling: the preset's temperature 0.2 / top_p 0.9 apply.
+    """README's first request sets no sampling: the preset's temperature 0 / top_p 0.9 apply.
 
-    At the engine's temperature 1.0 this model rambles; at the preset's it names Paris. Seeds
-    make the draws repeatable (a seed is no sampling default); four of five must name Paris.
+    At the engine's temperature 1.0 this model rambles (and at its card's 0.2 in 2 of 3 draws
+    through `make serve`); the preset is greedy, so every seed must name Paris.
     """
     status = httpx.get(f"{server.url}/v1/model/status", headers=ADMIN).json()
     effective = status["capabilities"]["sampling_defaults"]["effective"]
-    assert effective == {"temperature": 0.2, "top_p": 0.9}
+    assert effective == {"temperature": 0.0, "top_p": 0.9}
     answers = [
         oai.chat.completions.create(model=model, messages=README_MSGS, max_tokens=32, seed=seed)
         .choices[0]
@@ -45,7 +45,7 @@ def preset_defaults_answer_paris(oai: openai.OpenAI, server: LiveServer, model: 
         or ""
         for seed in range(5)
     ]
-    assert sum("Paris" in a for a in answers) >= 4, answers
+    assert all("Paris" in a for a in answers), answers
 
 
 def n_logprobs_streamed_equal_whole(oai: openai.OpenAI, model: str) -> None:

@@ -183,7 +183,7 @@ def test_tokenize_detokenize_round_trip(loaded: LiveServer) -> None:
 
 
 def test_preset_default_sampling_answers_paris(oai: openai.OpenAI, loaded: LiveServer) -> None:
-    """README's first request, no sampling set: the preset's temperature 0.2 / top_p 0.9 apply."""
+    """README's first request, no sampling set: the preset's temperature 0 / top_p 0.9 apply."""
     sampling_checks.preset_defaults_answer_paris(oai, loaded, MODEL)
 
 

@@ -118,7 +118,7 @@ def test_chat_both_modes(oai: openai.OpenAI, server: LiveServer) -> None:
 
 
 def test_preset_default_sampling_answers_paris(oai: openai.OpenAI, server: LiveServer) -> None:
-    """README's first request, no sampling set: the preset's temperature 0.2 / top_p 0.9 apply."""
+    """README's first request, no sampling set: the preset's temperature 0 / top_p 0.9 apply."""
     sampling_checks.preset_defaults_answer_paris(oai, server, PRESET)
 
 
