@@ -43,7 +43,7 @@ from adapters.base import (
 from adapters.bundled import check_model_source, resolve_model_source
 from adapters.kit.context import fit_max_tokens
 from adapters.kit.models import check_reachable
-from adapters.kit.tokens import TokenOps
+from adapters.kit.tokens import TokenOps, template_variables
 from adapters.text import StopMatcher
 from adapters.tool_parsing import ToolCallParser, check_parser_name, parsers_available
 from schemas.errors import (
@@ -533,6 +533,8 @@ class _Engine:
         self.pad_id = 0
         self.sampling_defaults: dict[str, float] = {}
         self.template_errors: tuple[type[Exception], ...] = (ValueError, TypeError)
+        self.template_vars: frozenset[str] = frozenset()
+        """What the model's chat template reads: the only `chat_template_kwargs` passed on."""
         self.previous_threads: int | None = None
         self.executor: ThreadPoolExecutor | None = None
         self.slots = asyncio.Semaphore(params.max_concurrency)
@@ -581,7 +583,7 @@ class _Engine:
             text = self.tokenizer.apply_chat_template(
                 conversation,
                 tools=template_tools(req.tools),
-                **dict(options.chat_template_kwargs),
+                **{k: v for k, v in options.chat_template_kwargs if k in self.template_vars},
                 add_generation_prompt=options.add_generation_prompt,
                 continue_final_message=options.continue_final_message,
                 tokenize=False,
@@ -881,6 +883,7 @@ class TransformersAdapter(BaseAdapter[TransformersParams]):
         engine.template_errors = (jinja2.TemplateError, ValueError, TypeError)
         options: dict[str, Any] = {"trust_remote_code": params.trust_remote_code}
         engine.tokenizer = _from_pretrained(tf.AutoTokenizer, source, model, kind, options)
+        engine.template_vars = template_variables(engine.tokenizer.chat_template)
         if not engine.tokenizer.chat_template:
             raise EngineError(
                 "the model's tokenizer has no chat template; this backend serves chat models only"

@@ -1118,16 +1118,7 @@ class VllmAdapter(BaseAdapter[VllmParams]):
                 [conversation], chat_params, tok_params
             )
         except api.VLLMClientError as exc:
-            if getattr(exc, "parameter", None) in ("input_text", "input_tokens"):
-                # vLLM's own length refusal: the one context wording instead (kit/context.py)
-                value = getattr(exc, "value", None)
-                # a count equal to the context is vLLM's "at least": the text was cut there
-                exact = isinstance(value, int) and value != self._max_model_len
-                counted = value if exc.parameter == "input_tokens" and exact else None
-                raise context_exceeded(self._max_model_len, counted) from None
-            raise InvalidRequestError(
-                sanitise(_message(exc), mask=self.context.mask), param=_param(exc)
-            ) from None
+            raise self._render_refusal(exc, _param(exc)) from None
         prompt_len = len(engine_input["prompt_token_ids"])
         fit_max_tokens(prompt_len, req.sampling, self._max_model_len)
         return engine_input, prompt_len
@@ -1156,17 +1147,24 @@ class VllmAdapter(BaseAdapter[VllmParams]):
             )
             (engine_input,) = await engine.renderer.render_cmpl_async([dict_prompt], tok_params)
         except api.VLLMClientError as exc:
-            if getattr(exc, "parameter", None) in ("input_text", "input_tokens"):
-                value = getattr(exc, "value", None)
-                exact = isinstance(value, int) and value != self._max_model_len
-                counted = value if exc.parameter == "input_tokens" and exact else None
-                raise context_exceeded(self._max_model_len, counted) from None
-            raise InvalidRequestError(
-                sanitise(_message(exc), mask=self.context.mask), param="prompt"
-            ) from None
+            raise self._render_refusal(exc, "prompt") from None
         prompt_len = len(engine_input["prompt_token_ids"])
         fit_max_tokens(prompt_len, req.sampling, self._max_model_len)
         return engine_input, prompt_len
+
+    def _render_refusal(self, exc: BaseException, param: str) -> InvalidRequestError:
+        """The renderer's refusal of a prompt, as our error.
+
+        Its length refusal takes the one context wording (kit/context.py); anything else is a
+        400 naming `param`.
+        """
+        if getattr(exc, "parameter", None) in ("input_text", "input_tokens"):
+            value = getattr(exc, "value", None)
+            # a count equal to the context is vLLM's "at least": the text was cut there
+            exact = isinstance(value, int) and value != self._max_model_len
+            counted = value if getattr(exc, "parameter", None) == "input_tokens" and exact else None
+            return context_exceeded(self._max_model_len, counted)
+        return InvalidRequestError(sanitise(_message(exc), mask=self.context.mask), param=param)
 
     def token_ops(self) -> TokenOps | None:
         """The engine's tokenizer (`/tokenize`, `/detokenize`); None while nothing is loaded."""

@@ -3,7 +3,10 @@
 `chat_template_kwargs` become keyword arguments of `apply_chat_template` (transformers, and vLLM's
 renderer, which passes them on). A key that names one of that call's own parameters would change
 what the call does (`tokenize`, `return_tensors`) or what it renders (`messages`, `tools`), so
-such keys are refused; the rest are template variables, bounded in count, depth and size.
+such keys are refused by name; the rest are bounded in count, depth and size. The allowlist is
+the model's own template: the adapters pass on only the names it reads (transformers through
+`adapters.kit.tokens.template_variables`, vLLM through its renderer's same rule), so no other
+keyword reaches the tokenizer call whatever it accepts.
 
 Must never: let a kwarg replace the conversation, the tools or the template; pass a non-JSON
 value to a template.

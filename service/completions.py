@@ -53,12 +53,12 @@ from schemas.errors import (
     WrapperError,
 )
 from schemas.features import set_value
-from schemas.generation import GenerationRequest, Message, SamplingOptions
+from schemas.generation import GenerationRequest, Message
 from schemas.openai import ChatMessageIn
 from service.aio import shielded
 from service.context import RequestContext
 from service.errors import require_json_body
-from service.serving import _SAMPLING_FIELDS, ChatServing, Run, parse_body
+from service.serving import _SAMPLING_FIELDS, ChatServing, Run, parse_body, request_sampling
 from service.sse import DONE, SSEStream, error_event
 
 COMPLETIONS_ROUTE = "/v1/completions"
@@ -163,22 +163,12 @@ class CompletionServing:
                 f"max_tokens: must be at most {cap} (the server's limit, IW_MAX_TOKENS)",
                 param="max_tokens",
             )
-        stop: tuple[str, ...] = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-        sampling = SamplingOptions(
+        # the preset's sampling defaults apply here too, as vLLM's completions server applies
+        # its default sampling params
+        sampling = request_sampling(
+            req,
+            loaded,
             max_tokens=req.max_tokens,
-            temperature=req.temperature,
-            top_p=req.top_p,
-            top_k=req.top_k,
-            min_p=req.min_p,
-            seed=req.seed,
-            stop=stop,
-            stop_token_ids=tuple(req.stop_token_ids or ()),
-            ignore_eos=req.ignore_eos,
-            min_tokens=req.min_tokens,
-            presence_penalty=req.presence_penalty,
-            frequency_penalty=req.frequency_penalty,
-            repetition_penalty=req.repetition_penalty,
-            n=req.n,
             logprobs=req.logprobs is not None,
             top_logprobs=req.logprobs,
         )

@@ -132,6 +132,44 @@ def parse_body(body: bytes, cls: type[T], fields: frozenset[str]) -> T:
         raise InvalidRequestError(exc.first.render(), param=exc.first.param) from None
 
 
+def request_sampling(
+    req: ChatCompletionRequest | CompletionRequest,
+    loaded: LoadedModel,
+    *,
+    max_tokens: int,
+    max_tokens_default: bool = False,
+    logprobs: bool = False,
+    top_logprobs: int | None = None,
+    logit_bias: tuple[tuple[int, float], ...] = (),
+) -> SamplingOptions:
+    """The sampling both generating routes share, unset fields from the preset's defaults.
+
+    The adapter then fills what is still unset from the model's generation_config.
+    """
+    stop: tuple[str, ...] = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+    sampling = SamplingOptions(
+        max_tokens=max_tokens,
+        max_tokens_default=max_tokens_default,
+        temperature=req.temperature,
+        top_p=req.top_p,
+        top_k=req.top_k,
+        min_p=req.min_p,
+        seed=req.seed,
+        stop=stop,
+        stop_token_ids=tuple(req.stop_token_ids or ()),
+        ignore_eos=req.ignore_eos,
+        min_tokens=req.min_tokens,
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        repetition_penalty=req.repetition_penalty,
+        n=req.n,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+        logit_bias=logit_bias,
+    )
+    return fill_defaults(sampling, loaded.plan.sampling_defaults)
+
+
 def _unloaded_error() -> ServiceUnavailableError:
     return ServiceUnavailableError(
         "the model was unloaded while this request was in flight", code="model_unloaded"
@@ -165,7 +203,7 @@ class ChatServing:
         """JSON → ChatCompletionRequest, or 400 naming the first bad field."""
         return parse_body(body, ChatCompletionRequest, CHAT_REQUEST_FIELDS)
 
-    def build(  # noqa: C901, PLR0912, PLR0915  (a flat checklist of refusals reads best as one)
+    def build(  # noqa: C901, PLR0912  (a flat checklist of refusals reads best as one)
         self, req: ChatCompletionRequest, loaded: LoadedModel, request_id: str
     ) -> GenerationRequest:
         """Check the request against limits and the adapter; build the engine-neutral request."""
@@ -257,29 +295,15 @@ class ChatServing:
         default_max = max_tokens is None
         if max_tokens is None:
             max_tokens = min(cap, caps.max_context) if caps.max_context else cap
-        stop: tuple[str, ...] = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-        sampling = SamplingOptions(
+        sampling = request_sampling(
+            req,
+            loaded,
             max_tokens=max_tokens,
             max_tokens_default=default_max,
-            temperature=req.temperature,
-            top_p=req.top_p,
-            top_k=req.top_k,
-            min_p=req.min_p,
-            seed=req.seed,
-            stop=stop,
-            stop_token_ids=tuple(req.stop_token_ids or ()),
-            ignore_eos=req.ignore_eos,
-            min_tokens=req.min_tokens,
-            presence_penalty=req.presence_penalty,
-            frequency_penalty=req.frequency_penalty,
-            repetition_penalty=req.repetition_penalty,
-            n=req.n,
             logprobs=req.logprobs,
             top_logprobs=req.top_logprobs,
             logit_bias=parse_logit_bias(req.logit_bias),
         )
-        # fields the request left unset: the preset's defaults (the adapter adds the model's)
-        sampling = fill_defaults(sampling, loaded.plan.sampling_defaults)
         messages = tuple(
             Message(m.role, m.text(), m.name)
             if m.tool_calls is None and m.tool_call_id is None and not m.has_images()
@@ -834,6 +858,9 @@ class Run:
         enc = ChunkEncoder(self.completion_id, self.created, self.model, include_usage, self.role)
         n = self.gen.sampling.n
         texts: list[list[str]] = [[] for _ in range(n)]
+        # per choice, the text not yet sent as content: before the start tag at most a suffix
+        # that may begin it, so the per-token work stays constant however long the answer
+        pending = [""] * n
         sent = [0] * n  # characters of the text already sent as content
         held = [False] * n  # a call started: nothing more is sent before the end
         role_sent = [False] * n
@@ -851,16 +878,17 @@ class Run:
                         texts[i].append(delta.text)
                     if held[i]:
                         continue
-                    text = "".join(texts[i])
-                    at = text.find(start, max(0, sent[i] - len(start)))
+                    tail = pending[i] + delta.text
+                    at = tail.find(start)
                     if at >= 0:
                         held[i] = True
                         upto = at
                     else:
-                        upto = len(text) - _tag_overlap(text, start)
-                    if upto > sent[i] or (delta.token_count and not role_sent[i]):
-                        chunk = enc.delta(i, text[sent[i] : upto], role=not role_sent[i])
-                        sent[i] = max(sent[i], upto)
+                        upto = len(tail) - _tag_overlap(tail, start)
+                    pending[i] = tail[upto:]
+                    if upto or (delta.token_count and not role_sent[i]):
+                        chunk = enc.delta(i, tail[:upto], role=not role_sent[i])
+                        sent[i] += upto
                         role_sent[i] = True
                         frame()
                         yield chunk

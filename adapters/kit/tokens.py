@@ -100,3 +100,25 @@ class TokenOps:
 
 
 __all__ = ["TokenOps"]
+
+
+def template_variables(template: Any) -> frozenset[str]:
+    """The variables a chat template reads (vLLM's `_resolve_chat_template_kwargs` rule).
+
+    Only these names of a request's `chat_template_kwargs` are passed to the template: an
+    allowlist the model's own template defines, so no other keyword reaches the tokenizer call
+    (a kwarg the template does not read would change nothing in the text anyway).
+    """
+    import jinja2.meta  # noqa: PLC0415  (with the engine: transformers depends on jinja2)
+    import jinja2.sandbox  # noqa: PLC0415
+
+    sources = template.values() if isinstance(template, dict) else [template]
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment()
+    names: set[str] = set()
+    for source in sources:
+        if isinstance(source, str):
+            try:
+                names |= jinja2.meta.find_undeclared_variables(env.parse(source))
+            except jinja2.TemplateSyntaxError:
+                continue  # applying it fails later with the template's own message
+    return frozenset(names)

@@ -48,6 +48,17 @@ def answer(client: Any, model: str, **extra: Any) -> str:
     return str(r.json()["choices"][0]["message"]["content"])
 
 
+def test_completions_take_the_preset_defaults_too(client: Any) -> None:
+    """/v1/completions fills unset sampling from the preset, like chat (and vLLM)."""
+    load(client, preset="tuned")
+    body = {"model": "tuned", "prompt": "hi", "max_tokens": 4}
+    r = client.post("/v1/completions", json=body, headers=API)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == "temperature=0.2 top_p=0.9 top_k=40"
+    r = client.post("/v1/completions", json={**body, "temperature": 1.5}, headers=API)
+    assert r.json()["choices"][0]["text"] == "temperature=1.5 top_p=0.9 top_k=40"
+
+
 def test_preset_over_model_under_request(client: Any) -> None:
     """Unset fields take the preset's value, then the model's; a request's own value wins."""
     load(client, preset="tuned")

@@ -79,3 +79,18 @@ def test_prompt_logprobs_with_stream_is_vllms_400() -> None:
         chat_options(request(prompt_logprobs=1, stream=True))
     assert refused.value.param == "prompt_logprobs"
     assert chat_options(request(prompt_logprobs=1)).prompt_logprobs == 1
+
+
+def test_only_the_templates_own_variables_are_passed_on() -> None:
+    """The allowlist is the model's template: what it reads, nothing the tokenizer call takes."""
+    from adapters.kit.tokens import template_variables  # noqa: PLC0415
+
+    template = (
+        "{% for m in messages %}{{ m.content }}{% endfor %}"
+        "{% if enable_thinking %}<think>{% endif %}{% set local = 1 %}{{ local }}"
+    )
+    assert template_variables(template) == {"messages", "enable_thinking"}
+    assert template_variables({"default": template, "tool_use": "{{ tools }}"}) == {
+        "messages", "enable_thinking", "tools",
+    }  # fmt: skip
+    assert template_variables("{% if %}") == frozenset()  # broken: it fails when applied
