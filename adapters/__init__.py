@@ -55,7 +55,7 @@ from adapters.kit.sampling import (
     VLLM_EXTENSION_FIELDS,
 )
 from adapters.kit.threads import BridgeClosedError, Emit, Job, ThreadBridge
-from adapters.kit.tokens import TokenOps
+from adapters.kit.tokens import TokenOps, template_variables
 from adapters.text import StopMatcher
 from schemas.errors import (
     ConflictError,
@@ -155,5 +155,6 @@ __all__ = [
     "no_mask",
     "parse_model_ref",
     "reap",
+    "template_variables",
     "valid_allow_entry",
 ]

@@ -99,7 +99,7 @@ class TokenOps:
         return [str(t) for t in self.tokenizer.convert_ids_to_tokens(list(ids))]
 
 
-__all__ = ["TokenOps"]
+__all__ = ["TokenOps", "template_variables"]
 
 
 def template_variables(template: Any) -> frozenset[str]:
