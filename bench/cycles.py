@@ -31,6 +31,7 @@ if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
 from registry.manager import ModelManager  # noqa: E402
+from registry.memory import MemoryLedger  # noqa: E402
 from registry.registry import AdapterRegistry  # noqa: E402
 from registry.secrets import SecretStore  # noqa: E402
 from schemas.control import LoadRequest, UnloadResponse  # noqa: E402
@@ -71,7 +72,7 @@ def _row(cycle: int, report: dict[str, Any], load_s: float) -> dict[str, Any]:
 
 async def _local_cycles(backend: str, cycles: int, settle_s: float) -> list[dict[str, Any]]:
     registry = AdapterRegistry.from_file(_ROOT / "adapters.yaml", use_entry_points=False)
-    manager = ModelManager(registry, SecretStore(), settle_timeout_s=settle_s)
+    manager = ModelManager(registry, SecretStore(), memory=MemoryLedger(settle_timeout_s=settle_s))
     rows = []
     for cycle in range(1, cycles + 1):
         started = time.perf_counter()

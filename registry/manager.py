@@ -1,5 +1,8 @@
 """ModelManager: the one-engine lifecycle state machine, in-flight tracking and env scope.
 
+It loads what `registry.planning.plan_load` planned and leaves the memory books to
+`registry.memory.MemoryLedger`; what remains here is when things happen:
+
     empty ──load──► loading ──ok──► ready ──unload──► unloading ──► empty
                        └──error (half-built engine unloaded, env restored)──► empty + last_error
 
@@ -23,7 +26,7 @@ goes to the log).
 
 Must never: let an exception's text out unmasked; import an engine; leave env keys set after
 the model that needed them is gone; tear down a serving model before the new one is known to be
-loadable without loading (`plan()` checks everything a dry run can).
+loadable without loading (`plan_load()` checks everything a dry run can).
 """
 
 from __future__ import annotations
@@ -34,29 +37,27 @@ import gc
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeAlias
 
-from attrs import define, evolve, field, frozen
+from attrs import define, evolve, field
 
-from adapters.base import Adapter, LoadInfo, MemoryEstimate
+from adapters.base import Adapter, LoadInfo
 from adapters.kit import clean_error_text
-from registry.env import EnvScope, check_env
 from registry.memory import (
-    MemoryProbe,
-    ProcessTreeProbe,
+    MemoryLedger,
     freeze_heap,
+    memory_change,
     release_host_memory,
     tune_allocator,
     unfreeze_heap,
 )
-from registry.registry import AdapterRegistry, RegisteredAdapter, deep_merge
+from registry.planning import LoadPlan, mask_tree, plan_load
+from registry.registry import AdapterRegistry, SomeParams
 from registry.secrets import SecretStore
 from schemas.control import (
-    LoadPlanView,
     LoadRequest,
     LoadResponse,
     LoadTimings,
-    MemoryChange,
     ModelStatus,
     UnloadResponse,
 )
@@ -64,18 +65,19 @@ from schemas.converter import unstructure
 from schemas.errors import (
     ConflictError,
     EngineError,
-    ParamsValidationError,
     ServiceUnavailableError,
     UpstreamError,
     WrapperError,
 )
-from schemas.sampling import check_sampling_defaults, effective_defaults
+from schemas.sampling import effective_defaults
 from schemas.telemetry import MemorySnapshot
 
 logger = logging.getLogger(__name__)
 
-#: nesting `_mask_tree` walks before it cuts a value short
-_MASK_DEPTH = 32
+#: The plan of whichever backend a request named: the manager serves one backend at a time but
+#: may be handed any, so the params class is erased (`SomeParams`, not Any; see there). The
+#: manager never pairs an adapter with params itself: the plan's own methods do.
+ServedPlan: TypeAlias = LoadPlan[SomeParams]
 
 #: Retry-After (seconds) suggested to data-plane clients while no model is ready
 RETRY_AFTER_S = 5
@@ -93,14 +95,6 @@ class ModelState(enum.StrEnum):
     UNLOADING = "unloading"
 
 
-class LoadGuard(Protocol):
-    """Refuses a load that will not fit (the watchdog implements it)."""
-
-    def check_load(self, estimate: MemoryEstimate | None) -> None:
-        """Raise `InsufficientMemoryError` when the load should not start."""
-        ...
-
-
 class LifecycleListener(Protocol):
     """Told about finished loads and unloads (telemetry implements it)."""
 
@@ -113,44 +107,12 @@ class LifecycleListener(Protocol):
         ...
 
 
-@frozen
-class LoadPlan:
-    """A validated load request: everything `load()` needs, nothing loaded yet."""
-
-    backend: RegisteredAdapter
-    adapter: Adapter[Any]  # checked but not loaded
-    model: str
-    served_model_name: str
-    preset: str | None
-    params: Any
-    env: EnvScope
-    sampling_defaults: Mapping[str, Any] = field(factory=dict)
-    """The preset's sampling for fields a request leaves unset (`schemas.sampling`)."""
-
-    def view(self, secrets: SecretStore) -> LoadPlanView:
-        """What status and responses may show: params masked, env key names only."""
-        params = _mask_tree(unstructure(self.params), secrets)
-        return LoadPlanView(
-            backend=self.backend.name,
-            model=secrets.mask(self.model),
-            served_model_name=secrets.mask(self.served_model_name),
-            preset=self.preset,
-            engine_params=params,
-            env_keys=list(self.env.keys),
-            sampling_defaults=dict(self.sampling_defaults),
-        )
-
-    def serves(self, name: str) -> bool:
-        """Whether a data-plane request for `name` is for this model."""
-        return name in (self.served_model_name, self.model)
-
-
 @define
 class LoadedModel:
     """The model being served."""
 
-    plan: LoadPlan
-    adapter: Adapter[Any]
+    plan: ServedPlan
+    adapter: Adapter[SomeParams]
     info: LoadInfo
     response: LoadResponse
     baseline: MemorySnapshot
@@ -190,20 +152,6 @@ class InflightTicket:
         self.started_at = time.perf_counter()
         self.aborted = False
         self.loaded = loaded
-
-
-def _mask_tree(value: Any, secrets: SecretStore, depth: int = 0) -> Any:
-    # capped: params are bounded at depth 8 before they get here; a deeper value is cut, not
-    # walked (a RecursionError here once turned a bad load request into a 500)
-    if depth > _MASK_DEPTH:
-        return "…"
-    if isinstance(value, str):
-        return secrets.mask(value)
-    if isinstance(value, dict):
-        return {k: _mask_tree(v, secrets, depth + 1) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_mask_tree(v, secrets, depth + 1) for v in value]
-    return value
 
 
 def sanitize_exception(exc: BaseException, secrets: SecretStore, limit: int = 300) -> str:
@@ -275,42 +223,32 @@ class ModelManager:
         registry: AdapterRegistry,
         secrets: SecretStore,
         *,
-        probe: MemoryProbe | None = None,
-        guard: LoadGuard | None = None,
+        memory: MemoryLedger | None = None,
         listener: LifecycleListener | None = None,
         default_drain_timeout_s: float = 30.0,
         abort_grace_s: float = 10.0,
-        settle_timeout_s: float = 10.0,
-        settle_tolerance_mib: float = 64.0,
         swap_wait_s: float = 60.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.registry = registry
         self.secrets = secrets
-        self.probe: MemoryProbe = ProcessTreeProbe() if probe is None else probe
-        self.guard = guard
+        self.memory = MemoryLedger() if memory is None else memory
         self.listener = listener
         self.default_drain_timeout_s = default_drain_timeout_s
         self.abort_grace_s = abort_grace_s
-        self.settle_timeout_s = settle_timeout_s
-        self.settle_tolerance_mib = settle_tolerance_mib
         self.swap_wait_s = swap_wait_s
         self._clock = clock
         self._state = ModelState.EMPTY
         self._state_since = clock()
         self._busy: str | None = None
         """The lifecycle operation running ("load" or "unload"), None when idle."""
-        self._plan: LoadPlan | None = None
-        self._pending: LoadPlan | None = None
+        self._plan: ServedPlan | None = None
+        self._pending: ServedPlan | None = None
         """What a load in progress will serve (requests for its name wait for it)."""
         self.current: LoadedModel | None = None
         self.last_error: str | None = None
         self.last_unload: UnloadResponse | None = None
         self._inflight: dict[int, InflightTicket] = {}
-        # per backend: memory after its first unload (one-time costs of the engine's libraries
-        # and a CUDA context are paid by then, so later growth is creep) and after the last one
-        self._first_baseline: dict[str, MemorySnapshot] = {}
-        self._previous_unload: dict[str, MemorySnapshot] = {}
         self._failure_task: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
@@ -473,59 +411,6 @@ class ModelManager:
 
     # --- control plane -------------------------------------------------------------------------
 
-    def plan(self, req: LoadRequest) -> LoadPlan:
-        """Validate a load request without loading anything (also `/v1/model/validate`).
-
-        The adapter's `check()` runs with the request's env applied for its duration (a hub
-        token decides whether a gated model is reachable), and restored right after.
-        """
-        preset_name = req.preset
-        if (req.backend is None) == (req.preset is None):
-            raise ParamsValidationError("give exactly one of 'backend' or 'preset'", param="$")
-        if preset_name is not None:
-            preset = self.registry.preset(preset_name)
-            if req.backend is not None and req.backend != preset.backend:
-                raise ParamsValidationError("backend contradicts the preset", param="$.backend")
-            backend_name = preset.backend
-            model = req.model or preset.model
-            overrides = deep_merge(preset.engine_params, req.engine_params)
-            served = req.served_model_name or preset.served_model_name or preset_name
-            sampling_defaults = check_sampling_defaults(preset.sampling_defaults)
-        else:
-            backend_name = req.backend or ""
-            if req.model is None:
-                raise ParamsValidationError("'model' is required with 'backend'", param="$.model")
-            model = req.model
-            overrides = dict(req.engine_params)
-            served = req.served_model_name or model
-            sampling_defaults = {}
-        backend = self.registry.resolve(backend_name)
-        params = self.registry.build_params(backend_name, overrides)
-        check_env(req.env, backend.entry.env_allow, backend_name)
-        env = EnvScope({**backend.entry.env, **req.env})
-        # the adapter masks engine text with the store, and takes secrets from this load's env
-        context = evolve(
-            self.registry.context(backend_name), mask=self.secrets.mask, load_env=dict(req.env)
-        )
-        adapter = backend.adapter_cls(context)
-        # the reachability check reads the load's env (HF_TOKEN, HF_HUB_OFFLINE), never ours
-        probe_env = EnvScope({**backend.entry.env, **req.env})
-        probe_env.apply()
-        try:
-            adapter.check(model, params)
-        finally:
-            probe_env.restore()
-        return LoadPlan(
-            backend=backend,
-            adapter=adapter,
-            model=model,
-            served_model_name=served,
-            preset=preset_name,
-            params=params,
-            env=env,
-            sampling_defaults=sampling_defaults,
-        )
-
     def _begin(self, operation: str) -> None:
         if self._busy is not None:
             article = "an" if self._busy == "unload" else "a"
@@ -542,7 +427,7 @@ class ModelManager:
         """Load a model (see the module docstring for the state machine)."""
         self._begin("load")
         try:
-            plan = self.plan(req)
+            plan = plan_load(self.registry, req, self.secrets)
             # only values of env keys the plan accepted; past IW_MAX_SECRETS the load is refused
             self.secrets.add_many(req.env.values())
             previous = self.current
@@ -555,18 +440,17 @@ class ModelManager:
                     )
                 return await self._replace(previous, plan, req.drain_timeout_s)
             self._pending = plan
-            if self.guard is not None:
-                self.guard.check_load(plan.adapter.estimate_memory(plan.model, plan.params))
+            self.memory.admit(plan)
             return self._activate(await self._build(plan))
         finally:
             self._end()
 
     async def _replace(
-        self, previous: LoadedModel, plan: LoadPlan, drain_timeout_s: float | None
+        self, previous: LoadedModel, plan: ServedPlan, drain_timeout_s: float | None
     ) -> LoadResponse:
         """Swap `previous` for `plan`: alongside when memory allows, else unload first."""
         self._pending = plan
-        if self._fits_alongside(plan):
+        if self.memory.fits_alongside(plan):
             try:
                 loaded = await self._build(plan, alongside=True)
             except WrapperError as exc:
@@ -581,8 +465,7 @@ class ModelManager:
         await self._unload(drain_timeout_s)
         self.last_error = None
         try:
-            if self.guard is not None:
-                self.guard.check_load(plan.adapter.estimate_memory(plan.model, plan.params))
+            self.memory.admit(plan)
             loaded = await self._build(plan)
         except WrapperError as exc:
             failure = exc
@@ -590,11 +473,7 @@ class ModelManager:
             return self._activate(loaded, swap="unload_first")
         cause = self.last_error or failure.message
         # a fresh adapter instance: the failed one (and the old one) may hold state to the end
-        again = evolve(
-            previous.plan,
-            # same context (mask, the load's own env) as the plan that loaded it
-            adapter=previous.plan.backend.adapter_cls(previous.plan.adapter.context),
-        )
+        again = previous.plan.again()
         self._pending = again
         gc.collect()  # what the failed engine left must be gone before the old one comes back
         release_host_memory()
@@ -608,23 +487,6 @@ class ModelManager:
         self.last_error = cause
         raise self._rolled_back(restored, failure) from None
 
-    def _fits_alongside(self, plan: LoadPlan) -> bool:
-        """Whether the watchdog's estimate says the new engine fits beside the serving one."""
-        try:
-            estimate = plan.adapter.estimate_memory(plan.model, plan.params)
-        except Exception:
-            logger.exception("memory estimate failed; swapping by unloading first")
-            return False
-        if estimate is None:
-            return False  # unknown: two engines at once could take the machine down
-        if self.guard is not None:
-            try:
-                self.guard.check_load(estimate)  # free memory now: the old engine is counted
-            except WrapperError as exc:
-                logger.info("swap unloads first: %s", exc.message)
-                return False
-        return True
-
     def _rolled_back(self, serving: LoadedModel, failure: WrapperError) -> ReplaceRolledBackError:
         """The answer to a failed replace: what serves now, and why the new model does not."""
         message = self.last_error or failure.message
@@ -635,19 +497,18 @@ class ModelManager:
         )
         return ReplaceRolledBackError(response, failure.status_code, failure.headers)
 
-    async def _build(self, plan: LoadPlan, *, alongside: bool = False) -> LoadedModel:
+    async def _build(self, plan: ServedPlan, *, alongside: bool = False) -> LoadedModel:
         """Load `plan`'s engine; on failure clean up and raise a sanitised `WrapperError`."""
         self.last_error = None
         if not alongside:
             self._plan = plan
             self._set_state(ModelState.LOADING)
-        baseline = await asyncio.to_thread(self.probe.snapshot)
+        baseline = await self.memory.snapshot()
         started = time.perf_counter()
         plan.env.apply()
-        adapter: Adapter[Any] = plan.adapter
         failure: WrapperError | None = None
         try:
-            info = await adapter.load(plan.model, plan.params)
+            info = await plan.load()
         except BaseException as exc:
             await self._abandon(plan, exc, alongside=alongside)
             if isinstance(exc, asyncio.CancelledError):
@@ -658,7 +519,7 @@ class ModelManager:
             # (its frames would keep the half-built engine's memory alive, e.g. during a rollback)
             raise failure
         total = time.perf_counter() - started
-        after = await asyncio.to_thread(self.probe.snapshot, info.engine_pids)
+        after = await self.memory.snapshot(info.engine_pids)
         response = LoadResponse(
             status="loaded",
             plan=plan.view(self.secrets),
@@ -668,12 +529,12 @@ class ModelManager:
                 round(info.warmup_s, 4),
                 round(total, 4),
             ),
-            memory=_change(baseline, after),
+            memory=memory_change(baseline, after),
             device=info.device,
             max_context=info.max_context,
-            details=_mask_tree(info.details, self.secrets),
+            details=mask_tree(info.details, self.secrets),
         )
-        return LoadedModel(plan, adapter, info, response, baseline, self._clock())
+        return LoadedModel(plan, plan.adapter, info, response, baseline, self._clock())
 
     def _load_error(self, exc: BaseException) -> WrapperError:
         """The client's error for a failed load: its class kept for 4xx/upstream, else 500."""
@@ -696,7 +557,7 @@ class ModelManager:
             self.listener.on_load(loaded.response)
         return loaded.response
 
-    async def _abandon(self, plan: LoadPlan, exc: BaseException, *, alongside: bool) -> None:
+    async def _abandon(self, plan: ServedPlan, exc: BaseException, *, alongside: bool) -> None:
         """Clean up after a failed load: unload the half-built engine, restore env, go empty."""
         reason = describe_load_failure(exc, self.secrets)
         # the whole chain goes to the log (tracebacks are masked by the log filter)
@@ -746,7 +607,7 @@ class ModelManager:
                 ticket.aborted = True
             aborted = len(loaded.tickets)
         drain_s = time.perf_counter() - started
-        before = await asyncio.to_thread(self.probe.snapshot, loaded.info.engine_pids)
+        before = await self.memory.snapshot(loaded.info.engine_pids)
         unload_started = time.perf_counter()
         try:
             await loaded.adapter.unload()
@@ -772,8 +633,9 @@ class ModelManager:
         unfreeze_heap()  # frozen objects are never collected: the engine's must be again
         gc.collect()
         release_host_memory()
-        after, settled = await self._settle()
+        after, settled = await self.memory.settle()
         unload_s = time.perf_counter() - unload_started
+        verdict = self.memory.judge(backend, pre_load, after, comparable=successor is None)
         response = UnloadResponse(
             status="unloaded",
             model=self.secrets.mask(served),
@@ -781,9 +643,14 @@ class ModelManager:
             aborted=aborted,
             drain_s=round(drain_s, 4),
             unload_s=round(unload_s, 4),
-            memory=_change(before, after),
+            memory=memory_change(before, after),
             memory_settled=settled,
-            **self._judge_memory(backend, pre_load, after, comparable=successor is None),
+            memory_compared=verdict.compared,
+            memory_vs_first_baseline_mib=verdict.vs_first_baseline_mib,
+            memory_vs_previous_unload_mib=verdict.vs_previous_unload_mib,
+            memory_vs_pre_load_mib=verdict.vs_pre_load_mib,
+            memory_returned=verdict.returned,
+            memory_tolerance_mib=verdict.tolerance_mib,
         )
         self.last_unload = response
         if successor is None:
@@ -791,43 +658,6 @@ class ModelManager:
         if self.listener is not None:
             self.listener.on_unload(response)
         return response
-
-    def _judge_memory(
-        self, backend: str, pre_load: MemorySnapshot, after: MemorySnapshot, *, comparable: bool
-    ) -> dict[str, Any]:
-        """The unload's memory figures against the backend's first baseline and last unload."""
-        compared = (
-            "device"
-            if after.device_used_mib is not None and pre_load.device_used_mib is not None
-            else "rss"
-        )
-        figures: dict[str, Any] = {
-            "memory_compared": compared,
-            "memory_vs_pre_load_mib": _above(pre_load, after, compared),
-            "memory_tolerance_mib": self.settle_tolerance_mib,
-        }
-        if not comparable:
-            # another model is still loaded: its memory is in `after`, so no verdict is honest
-            return figures
-        first = self._first_baseline.setdefault(backend, after)
-        previous = self._previous_unload.get(backend)
-        self._previous_unload[backend] = after
-        vs_first = _above(first, after, compared)
-        returned = vs_first <= self.settle_tolerance_mib
-        if not returned:
-            logger.warning(
-                "unload left %.0f MiB above the backend's first baseline (tolerance %.0f MiB)",
-                vs_first,
-                self.settle_tolerance_mib,
-            )
-        return {
-            **figures,
-            "memory_vs_first_baseline_mib": vs_first,
-            "memory_vs_previous_unload_mib": (
-                None if previous is None else _above(previous, after, compared)
-            ),
-            "memory_returned": returned,
-        }
 
     async def _wait_idle(self, seconds: float) -> bool:
         """Wait until no request runs at all, at most `seconds`; True when none does."""
@@ -852,18 +682,6 @@ class ModelManager:
             except TimeoutError:
                 return not loaded.tickets
         return True
-
-    async def _settle(self) -> tuple[MemorySnapshot, bool]:
-        """Poll memory until two readings agree within 2 MiB, or the settle timeout passes."""
-        deadline = time.perf_counter() + self.settle_timeout_s
-        previous = await asyncio.to_thread(self.probe.snapshot)
-        while time.perf_counter() < deadline:
-            await asyncio.sleep(0.2)
-            current = await asyncio.to_thread(self.probe.snapshot)
-            if abs(current.rss_mib - previous.rss_mib) < 2.0:
-                return current, True
-            previous = current
-        return previous, False
 
     async def shutdown(self, drain_timeout_s: float = 5.0) -> None:
         """Unload on process exit (lifespan), never raising."""
@@ -890,7 +708,7 @@ class ModelManager:
             return None
         self.abort_grace_s = min(self.abort_grace_s, abort_grace_s)
         # the memory report of a last unload is worth less than staying inside the grace period
-        self.settle_timeout_s = min(self.settle_timeout_s, abort_grace_s)
+        self.memory.settle_timeout_s = min(self.memory.settle_timeout_s, abort_grace_s)
         try:
             return await self.unload(drain_timeout_s=0)
         except Exception:
@@ -898,35 +716,13 @@ class ModelManager:
             return None
 
 
-def _change(before: MemorySnapshot, after: MemorySnapshot) -> MemoryChange:
-    def delta(a: float | None, b: float | None) -> float | None:
-        return None if a is None or b is None else round(b - a, 1)
-
-    return MemoryChange(
-        rss_before_mib=round(before.rss_mib, 1),
-        rss_after_mib=round(after.rss_mib, 1),
-        rss_delta_mib=round(after.rss_mib - before.rss_mib, 1),
-        device_before_mib=before.device_used_mib,
-        device_after_mib=after.device_used_mib,
-        device_delta_mib=delta(before.device_used_mib, after.device_used_mib),
-        method=after.method,
-    )
-
-
-def _above(baseline: MemorySnapshot, after: MemorySnapshot, compared: str) -> float:
-    """`after` minus `baseline` in MiB: device memory when `compared` says so, else host RSS."""
-    if compared == "device" and baseline.device_used_mib is not None:
-        return round((after.device_used_mib or 0.0) - baseline.device_used_mib, 1)
-    return round(after.rss_mib - baseline.rss_mib, 1)
-
-
 __all__: Sequence[str] = [
     "InflightTicket",
-    "LoadPlan",
     "LoadedModel",
     "ModelManager",
     "ModelState",
     "ReplaceRolledBackError",
+    "ServedPlan",
     "describe_load_failure",
     "root_cause",
 ]

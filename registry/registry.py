@@ -16,12 +16,12 @@ import importlib
 import importlib.metadata
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Generic, TypeAlias, cast
 
 import attrs
-from attrs import frozen
+from attrs import AttrsInstance, frozen
 
-from adapters.base import Adapter, AdapterContext
+from adapters.base import Adapter, AdapterContext, P
 from adapters.bundled import default_cache_dir
 from hooks.chain import HookSpec, describe_spec
 from registry.config import (
@@ -43,20 +43,39 @@ from schemas.suggest import unknown
 
 ENTRY_POINT_GROUP = "inference_wrapper.adapters"
 
+#: A params instance of a backend named at run time. Its class comes from adapters.yaml or an
+#: entry point, so mypy cannot know it; erased to the bound every params class meets (a frozen
+#: attrs class, which `import_adapter_class` checks) rather than to Any, so everything that does
+#: not depend on the class stays checked. Adapter and params meet only in a `LoadPlan` built
+#: from one `RegisteredAdapter` (`registry.planning`), which pairs them by construction.
+SomeParams: TypeAlias = AttrsInstance
+
 
 @frozen
-class RegisteredAdapter:
+class RegisteredAdapter(Generic[P]):
     """A backend ready to instantiate: its class, its yaml entry and its structured defaults."""
 
     name: str
     entry: AdapterEntry
-    adapter_cls: type[Adapter[Any]]
+    adapter_cls: type[Adapter[P]]
     source: str  # "adapters.yaml" | "entry-point"
 
     @property
-    def params_type(self) -> type[Any]:
+    def params_type(self) -> type[P]:
         """The adapter's frozen attrs params class."""
         return self.adapter_cls.params_type
+
+    def build_params(self, overrides: Mapping[str, Any]) -> P:
+        """Merge `overrides` over the yaml defaults and structure them; 422 naming the field."""
+        merged = deep_merge(self.entry.defaults, overrides)
+        try:
+            return structure(merged, self.params_type, path="$.engine_params")
+        except StructureError as exc:
+            first = exc.first
+            message = first.render()
+            if first.message == "unknown field":  # nothing close, and too many to list here
+                message += f"; GET /v1/adapters lists the params of backend {self.name!r}"
+            raise ParamsValidationError(message, param=first.param or "$") from None
 
 
 def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -74,7 +93,7 @@ def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, An
     return out
 
 
-def import_adapter_class(path: str, *, where: str) -> type[Adapter[Any]]:
+def import_adapter_class(path: str, *, where: str) -> type[Adapter[SomeParams]]:
     """Import `package.module:Class` and check it looks like an adapter."""
     module_name, _, class_name = path.partition(":")
     try:
@@ -93,10 +112,10 @@ def import_adapter_class(path: str, *, where: str) -> type[Adapter[Any]]:
         if not callable(getattr(cls, method, None)):
             raise RegistryError(f"{where}: {path} lacks `{method}()`")
     # checked as far as runtime can; mypy checks in-tree adapters against the contract statically
-    return cast("type[Adapter[Any]]", cls)
+    return cast("type[Adapter[SomeParams]]", cls)
 
 
-def _check_entry(registered: RegisteredAdapter) -> None:
+def _check_entry(registered: RegisteredAdapter[SomeParams]) -> None:
     """Start-up checks of one backend: its env defaults and its params defaults."""
     name = registered.name
     refused = [k for k in registered.entry.env if is_refused(k)]
@@ -140,7 +159,8 @@ class AdapterRegistry:
         self.model_roots = model_roots
         # the same default the Makefile's `prepare-model` converts into
         self.cache_dir = default_cache_dir() if cache_dir is None else cache_dir
-        self._adapters: dict[str, RegisteredAdapter] = {}
+        # heterogeneous: each backend its own params class, erased to `SomeParams` (see there)
+        self._adapters: dict[str, RegisteredAdapter[SomeParams]] = {}
         if use_entry_points:
             self._add_entry_points()
         for name, entry in config.adapters.items():
@@ -200,7 +220,7 @@ class AdapterRegistry:
         """Named model presets from adapters.yaml."""
         return self.config.models
 
-    def resolve(self, name: str) -> RegisteredAdapter:
+    def resolve(self, name: str) -> RegisteredAdapter[SomeParams]:
         """The backend called `name`, or 404."""
         try:
             return self._adapters[name]
@@ -234,21 +254,12 @@ class AdapterRegistry:
             cache_dir=self.cache_dir,
         )
 
-    def build_params(self, name: str, overrides: Mapping[str, Any]) -> Any:
-        """Merge `overrides` over the yaml defaults and structure them; 422 naming the field."""
-        registered = self.resolve(name)
-        merged = deep_merge(registered.entry.defaults, overrides)
-        try:
-            return structure(merged, registered.params_type, path="$.engine_params")
-        except StructureError as exc:
-            first = exc.first
-            message = first.render()
-            if first.message == "unknown field":  # nothing close, and too many to list here
-                message += f"; GET /v1/adapters lists the params of backend {name!r}"
-            raise ParamsValidationError(message, param=first.param or "$") from None
+    def build_params(self, name: str, overrides: Mapping[str, Any]) -> SomeParams:
+        """Backend `name`'s params: `overrides` over its yaml defaults; 404/422 naming the field."""
+        return self.resolve(name).build_params(overrides)
 
     @staticmethod
-    def _effective_defaults(registered: RegisteredAdapter) -> dict[str, Any]:
+    def _effective_defaults(registered: RegisteredAdapter[SomeParams]) -> dict[str, Any]:
         """Class defaults overlaid with the yaml defaults; required params are left out."""
         out: dict[str, Any] = {}
         for a in attrs.fields(registered.params_type):
@@ -284,4 +295,4 @@ class AdapterRegistry:
         return [describe_spec(s) for s in self.hook_specs if s.scope == scope]
 
 
-__all__ = ["AdapterRegistry", "RegisteredAdapter", "RegistryError"]
+__all__ = ["AdapterRegistry", "RegisteredAdapter", "RegistryError", "SomeParams"]

@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry
 
 from hooks.chain import HookSet
 from registry.manager import ModelManager
+from registry.memory import MemoryLedger
 from registry.registry import AdapterRegistry
 from registry.secrets import SecretStore
 from schemas.control import LoadRequest, LoadResponse, UnloadResponse
@@ -349,8 +350,7 @@ async def services_lifespan(app: Litestar) -> AsyncIterator[None]:
     manager = ModelManager(
         state.registry,
         state.secrets,
-        probe=probe,
-        guard=watchdog,
+        memory=MemoryLedger(probe, guard=watchdog),
         listener=_TelemetryListener(telemetry, state.secrets),
         default_drain_timeout_s=settings.drain_timeout_s,
         swap_wait_s=settings.swap_wait_s,

@@ -1,8 +1,9 @@
 """Control plane: load, unload, validate and status of the one model, plus the adapter registry.
 
-Thin handlers: parse the body into attrs classes (422 naming the field), call the ModelManager,
-render. Env values are registered as secrets once the plan has accepted their keys (a refused
-key's value is never stored: the store is bounded); errors name env keys, never values.
+Thin handlers: parse the body into attrs classes (422 naming the field), call the ModelManager
+(validate: the registry's `plan_load`, which a load runs first too), render. Env values are
+registered as secrets once the plan has accepted their keys (a refused key's value is never
+stored: the store is bounded); errors name env keys, never values.
 
 Must never: echo an env value; accept a module path from a request.
 """
@@ -15,6 +16,7 @@ from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency
 
 from registry.manager import ModelManager, ReplaceRolledBackError
+from registry.planning import plan_load
 from registry.registry import AdapterRegistry
 from registry.secrets import SecretStore
 from schemas.control import LoadRequest, UnloadRequest, ValidateResponse
@@ -84,7 +86,7 @@ class ModelController(Controller):
     async def validate(
         self,
         request: Request[Any, Any, Any],
-        manager: NamedDependency[ModelManager],
+        registry: NamedDependency[AdapterRegistry],
         secrets: NamedDependency[SecretStore],
     ) -> Response[bytes]:
         """Dry run of a load: registry lookup, params over defaults, env and model path checks.
@@ -92,7 +94,7 @@ class ModelController(Controller):
         Nothing is imported or loaded; the answer shows what a load would use.
         """
         req = await parse_body(request, LoadRequest, allow_empty=False)
-        plan = manager.plan(req)
+        plan = plan_load(registry, req, secrets)
         # the dry run registers what a load would: values of the env keys it accepted
         secrets.add_many(req.env.values())
         return json_response(ValidateResponse(valid=True, plan=plan.view(secrets)))

@@ -20,7 +20,7 @@ SWAP_REGISTRY = TEST_REGISTRY.replace(
 
 def _quick_settle(app: Any) -> None:
     """The unload's settle poll waits for RSS to stop moving; these tests judge no memory."""
-    app.state.manager.settle_timeout_s = 0.0
+    app.state.manager.memory.settle_timeout_s = 0.0
 
 
 def _status(client: Any) -> dict[str, Any]:

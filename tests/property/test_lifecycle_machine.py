@@ -41,7 +41,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         self.client.__enter__()
         # the unload report's settle poll waits for RSS to stop moving (>= 0.2 s per unload);
         # the machine checks states, not memory figures, and unloads often
-        self.app.state.manager.settle_timeout_s = 0.0
+        self.app.state.manager.memory.settle_timeout_s = 0.0
         self.model: str | None = None
         """Served name of the ready model; None when the state must be empty."""
         self.env: str | None = None

@@ -342,7 +342,7 @@ def one_app(app_factory: Any) -> Iterator[TestClient[Litestar]]:
     with TestClient(application) as client:
         # the unload report's settle poll waits for RSS to stop moving (>= 0.2 s a time); these
         # tests look at statuses, not memory figures, and unload often
-        application.state.manager.settle_timeout_s = 0.0
+        application.state.manager.memory.settle_timeout_s = 0.0
         yield client
 
 

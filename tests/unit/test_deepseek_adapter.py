@@ -141,14 +141,19 @@ def _joined(deltas: list[TokenDelta]) -> tuple[str, str]:
 # --- params ------------------------------------------------------------------------------------
 
 
-def _registry() -> AdapterRegistry:
+def _built_params(overrides: dict[str, Any]) -> DeepseekParams:
+    """Params as the registry builds them for a load: over the defaults, 422 naming a field."""
     entry = AdapterEntry(module="adapters.deepseek:DeepseekAdapter")
-    return AdapterRegistry(RegistryConfig(adapters={"deepseek": entry}), use_entry_points=False)
+    registry = AdapterRegistry(RegistryConfig(adapters={"deepseek": entry}), use_entry_points=False)
+    params = registry.build_params("deepseek", overrides)
+    # the registry knows a backend's params class only at run time (`SomeParams`)
+    assert isinstance(params, DeepseekParams)
+    return params
 
 
 def test_defaults_are_vllm_and_the_r1_recommendations() -> None:
     """Unset params mean vLLM, auto reasoning, temperature 0.6 and top_p 0.95."""
-    params = _registry().build_params("deepseek", {})
+    params = _built_params({})
     assert (params.engine, params.reasoning, params.starts_in_reasoning) == ("vllm", "auto", None)
     assert (params.default_temperature, params.default_top_p) == (0.6, 0.95)
     assert {f.name for f in attrs.fields(DeepseekParams)} == set(field_docs(DeepseekParams))
@@ -167,7 +172,7 @@ def test_inner_params_are_checked_under_our_path(
 ) -> None:
     """The inner engine's params are validated as that engine's, errors under our path."""
     with pytest.raises(ParamsValidationError) as caught:
-        _registry().build_params("deepseek", {"engine": engine, "engine_params": inner})
+        _built_params({"engine": engine, "engine_params": inner})
     assert caught.value.status_code == 422
     assert caught.value.param == param
 
@@ -195,9 +200,7 @@ def test_inner_extra_goes_through_the_engine_allowlist(
     engine: str, extra: dict[str, Any], param: str, code: str
 ) -> None:
     """DeepSeek's check applies the inner engine's `extra` allowlist itself, under our path."""
-    params = _registry().build_params(
-        "deepseek", {"engine": engine, "engine_params": {"extra": extra}}
-    )
+    params = _built_params({"engine": engine, "engine_params": {"extra": extra}})
     inner = FakeEngineAdapter()  # a fake inner: the refusal cannot come from it
     with pytest.raises(ParamsValidationError) as caught:
         DeepseekAdapter(AdapterContext(name="deepseek"), inner=inner).check("org/model", params)
@@ -208,9 +211,7 @@ def test_inner_extra_goes_through_the_engine_allowlist(
 
 def test_inner_params_reach_the_inner_schema() -> None:
     """Valid inner params structure into the chosen engine's params class."""
-    params = _registry().build_params(
-        "deepseek", {"engine_params": {"max_model_len": 4096, "enforce_eager": True}}
-    )
+    params = _built_params({"engine_params": {"max_model_len": 4096, "enforce_eager": True}})
     adapter = DeepseekAdapter(AdapterContext(name="deepseek"))
     inner = adapter._inner_params(params)
     assert isinstance(inner, VllmParams)

@@ -185,6 +185,7 @@ def _registry(**entry: Any) -> AdapterRegistry:
 def _check(extra: dict[str, Any]) -> None:
     """The dry run of a load: params built by the registry, then the adapter's check()."""
     params = _registry().build_params("sglang", {"extra": extra})
+    assert isinstance(params, SglangParams)  # the registry knows it at run time only
     SglangAdapter(AdapterContext(name="sglang")).check(MODEL, params)
 
 

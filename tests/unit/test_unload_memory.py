@@ -7,6 +7,7 @@ from pathlib import Path
 
 from helpers import make_registry
 from registry.manager import ModelManager
+from registry.memory import MemoryLedger
 from registry.secrets import SecretStore
 from schemas.control import LoadRequest, UnloadResponse
 from schemas.telemetry import MemorySnapshot
@@ -36,7 +37,9 @@ async def test_every_unload_compares_with_the_first_baseline_and_the_previous(
     """Creep that each unload alone hides is caught: `memory_returned` tracks the first baseline."""
     probe = ScriptedProbe()
     manager = ModelManager(
-        make_registry(tmp_path), SecretStore(), probe=probe, settle_timeout_s=1.0
+        make_registry(tmp_path),
+        SecretStore(),
+        memory=MemoryLedger(probe, settle_timeout_s=1.0),
     )
     first = await _cycle(manager, probe, 1000.0)
     assert first.memory_compared == "rss"
@@ -58,7 +61,9 @@ async def test_a_first_unload_is_judged_like_every_other(tmp_path: Path) -> None
     """No null verdict on the first unload: it sets the baseline and says so with `true`."""
     probe = ScriptedProbe()
     manager = ModelManager(
-        make_registry(tmp_path), SecretStore(), probe=probe, settle_timeout_s=1.0
+        make_registry(tmp_path),
+        SecretStore(),
+        memory=MemoryLedger(probe, settle_timeout_s=1.0),
     )
     report = await _cycle(manager, probe, 1300.0)
     assert report.memory_returned is True
