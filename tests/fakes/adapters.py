@@ -4,7 +4,8 @@
 HF_TOKEN (the way a real HTTP client error quotes a URL with a token in it), so tests can prove
 the text is masked everywhere and the manager cleans up. `ReasoningEchoAdapter` is echo with
 reasoning on, for the `reasoning_content` rules. `ConstrainedEchoAdapter`
-declares the structured-output features, for the service's checks of them.
+declares the structured-output features, for the service's checks of them. `EnvSeeingAdapter`
+records the environment its dry run saw, for the planner's env scope.
 """
 
 from __future__ import annotations
@@ -80,6 +81,16 @@ class ReasoningEchoAdapter(EchoAdapter):
         yield TokenDelta("", 0, 0, reasoning=self.REASONING)
         async for delta in super().generate(req):
             yield delta
+
+
+class EnvSeeingAdapter(CrashingAdapter):
+    """Records what its dry-run `check()` saw of `HF_TOKEN` in the process environment."""
+
+    seen: ClassVar[list[str | None]] = []
+
+    def check(self, model: str, params: CrashingParams) -> None:
+        """Note the token the environment holds now (a hub reachability check reads it)."""
+        type(self).seen.append(os.environ.get("HF_TOKEN"))
 
 
 class NoisyAdapter(CrashingAdapter):
