@@ -126,6 +126,8 @@ class LoadPlan:
     env: EnvScope
     sampling_defaults: Mapping[str, Any] = field(factory=dict)
     """The preset's sampling for fields a request leaves unset (`schemas.sampling`)."""
+    reasoning_parser: str | None = None
+    """The parser `adapter` splits reasoning with (`AdapterRegistry.reasoning_parser`)."""
 
     def view(self, secrets: SecretStore) -> LoadPlanView:
         """What status and responses may show: params masked, env key names only."""
@@ -138,6 +140,7 @@ class LoadPlan:
             engine_params=params,
             env_keys=list(self.env.keys),
             sampling_defaults=dict(self.sampling_defaults),
+            reasoning_parser=self.reasoning_parser,
         )
 
     def serves(self, name: str) -> bool:
@@ -507,7 +510,8 @@ class ModelManager:
         context = evolve(
             self.registry.context(backend_name), mask=self.secrets.mask, load_env=dict(req.env)
         )
-        adapter = backend.adapter_cls(context)
+        parser = self.registry.reasoning_parser(backend_name, preset_name, req.reasoning_parser)
+        adapter = self.registry.make_adapter(backend_name, context, parser)
         # the reachability check reads the load's env (HF_TOKEN, HF_HUB_OFFLINE), never ours
         probe_env = EnvScope({**backend.entry.env, **req.env})
         probe_env.apply()
@@ -524,6 +528,7 @@ class ModelManager:
             params=params,
             env=env,
             sampling_defaults=sampling_defaults,
+            reasoning_parser=parser,
         )
 
     def _begin(self, operation: str) -> None:
@@ -593,7 +598,11 @@ class ModelManager:
         again = evolve(
             previous.plan,
             # same context (mask, the load's own env) as the plan that loaded it
-            adapter=previous.plan.backend.adapter_cls(previous.plan.adapter.context),
+            adapter=self.registry.make_adapter(
+                previous.plan.backend.name,
+                previous.plan.adapter.context,
+                previous.plan.reasoning_parser,
+            ),
         )
         self._pending = again
         gc.collect()  # what the failed engine left must be gone before the old one comes back

@@ -39,8 +39,6 @@ adapters:
     module: adapters.vllm:VllmAdapter
   sglang:
     module: adapters.sglang:SglangAdapter
-  deepseek:
-    module: adapters.deepseek:DeepseekAdapter
   vllm-spec:
     module: adapters.vllm:VllmAdapter
     extra_allow: [speculative_config, hf_overrides]
@@ -143,16 +141,7 @@ def _attacks(plugin: str) -> list[tuple[str, dict[str, Any], str]]:
         ),
         ("sglang", {"extra": {"json_model_override_args": "{}"}}, "extra.json_model_override_args"),
         ("sglang", {"extra": {"tokenizer_path": "/etc"}}, "extra.tokenizer_path"),
-        (
-            "deepseek",
-            {"engine_params": {"extra": {"reasoning_parser_plugin": plugin}}},
-            "engine_params.extra.reasoning_parser_plugin",
-        ),
-        (
-            "deepseek",
-            {"engine": "sglang", "engine_params": {"extra": {"forward_hooks": [plugin]}}},
-            "engine_params.extra.forward_hooks",
-        ),
+        ("sglang", {"extra": {"forward_hooks": [plugin]}}, "extra.forward_hooks"),
     ]
 
 
@@ -171,6 +160,21 @@ def test_code_file_and_host_params_are_refused_and_nothing_runs(
         assert error["code"] == "param_refused"
     status = client.get("/v1/model/status", headers=ADMIN).json()
     assert status["state"] == "empty"
+
+
+@pytest.mark.parametrize("backend", ["vllm", "sglang"])
+def test_reasoning_parser_is_a_name_from_the_allowlist_never_code(
+    client: TestClient[Litestar], marker: tuple[Path, Path], backend: str
+) -> None:
+    """A load's `reasoning_parser` naming a plugin file or a module is 422, nothing imported."""
+    plugin, _ = marker
+    for name in (str(plugin), "evil_plugin:Parser", "evil_plugin"):
+        body = {"backend": backend, "model": MODEL, "reasoning_parser": name}
+        for r in _both(client, body):
+            assert r.status_code == 422, r.text
+            error = r.json()["error"]
+            assert error["param"] == "$.reasoning_parser"
+            assert "known: deepseek_r1, none, think" in error["message"]
 
 
 @pytest.mark.parametrize(
