@@ -111,7 +111,7 @@ def test_without_a_parser_the_same_text_is_all_content(client: Any) -> None:
 @pytest.mark.parametrize(
     ("parser", "expected"),
     [
-        ("deepseek_r1", {"content": None, "reasoning_content": "Paris is the capital"}),
+        ("deepseek_r1", {"content": "", "reasoning_content": "Paris is the capital"}),
         ("think", {"content": "Paris is the capital", "reasoning_content": None}),
     ],
 )

@@ -141,6 +141,9 @@ def test_the_wrapper_is_an_adapter() -> None:
     assert adapter.params_type is EchoParams
     assert adapter.context is inner.context
     assert adapter.inner is inner
+    # echo keeps its capabilities object: the wrapper builds its own once, not per request
+    assert adapter.capabilities is adapter.capabilities
+    assert adapter.capabilities.reasoning is True
 
 
 async def test_load_passes_params_through_and_reports_the_parser() -> None:
@@ -178,7 +181,6 @@ async def test_capabilities_stats_and_unload_pass_through() -> None:
     assert caps.reasoning is True
     assert (caps.sampling, caps.max_n, caps.max_context) == (SAMPLING, 4, 4096)
     assert caps.features == {"logit_bias"}  # a constraint would bind the thinking too
-    assert adapter.capabilities is caps  # built once per inner capabilities
     assert adapter.stats().running == 3
     await adapter.unload()
     assert inner.unloads == 1
