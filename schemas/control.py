@@ -37,6 +37,10 @@ class LoadRequest:
     unload then load; a failed load restores the previous model (`rolled_back: true`)."""
     drain_timeout_s: float | None = field(default=None, validator=in_range(0, 3600))
     """With `replace`: how long in-flight requests may finish before they are aborted."""
+    reasoning_parser: str | None = field(default=None, validator=max_length(64))
+    """Split `<think>…</think>` into `reasoning_content` by parser name (deepseek_r1, think;
+    `none` turns off the preset's or the backend's), over any backend; listed by
+    `GET /v1/adapters`."""
 
 
 @frozen
@@ -82,6 +86,8 @@ class LoadPlanView:
     env_keys: list[str]
     sampling_defaults: dict[str, Any] = field(factory=dict)
     """The preset's sampling for fields a request leaves unset."""
+    reasoning_parser: str | None = None
+    """The reasoning parser on the output (request's, preset's or backend's), or null."""
 
 
 @frozen

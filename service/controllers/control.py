@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency
 
+from adapters.reasoning import PARSERS
 from registry.manager import ModelManager, ReplaceRolledBackError
 from registry.planning import plan_load
 from registry.registry import AdapterRegistry
@@ -127,9 +128,19 @@ class AdapterController(Controller):
                 "description": p.description,
                 "hooks": registry.describe_hooks(f"models.{alias}.hooks"),
                 "sampling_defaults": p.sampling_defaults,
+                "reasoning_parser": p.reasoning_parser,
             }
             for alias, p in registry.presets.items()
         }
         data = [registry.describe(name) for name in registry.names]
         hooks = registry.describe_hooks("hooks")
-        return json_response({"object": "list", "data": data, "presets": presets, "hooks": hooks})
+        parsers = {p.name: p.summary for p in PARSERS.values()}
+        return json_response(
+            {
+                "object": "list",
+                "data": data,
+                "presets": presets,
+                "hooks": hooks,
+                "reasoning_parsers": parsers,
+            }
+        )

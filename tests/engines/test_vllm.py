@@ -276,15 +276,17 @@ def test_failing_loads_leave_a_clean_state(
     assert admin(server, "/v1/model/load", {"preset": PRESET}).status_code == 200
 
 
-def test_deepseek_on_vllm_is_all_content(server: LiveServer) -> None:
-    """The deepseek backend over vLLM: the bundled model writes no <think>, so all content."""
+def test_deepseek_r1_parser_on_vllm_is_all_content(server: LiveServer) -> None:
+    """The deepseek_r1 parser on vLLM: the bundled model writes no <think>, so all content."""
     r = admin(
         server,
         "/v1/model/load",
-        {"backend": "deepseek", "model": "bundled:smollm2-135m", "served_model_name": "ds",
-         "engine_params": {"engine": "vllm", "engine_params": CPU_ENGINE}, "replace": True},
+        {"backend": "vllm", "model": "bundled:smollm2-135m", "served_model_name": "ds",
+         "engine_params": CPU_ENGINE, "reasoning_parser": "deepseek_r1", "replace": True},
     )  # fmt: skip
     assert r.status_code == 200, r.text
+    # vLLM shows its rendered prompt, so the parser need not take R1's all-reasoning assumption
+    assert r.json()["details"]["reasoning_reads_prompt"] is True
     with openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0) as c:
         out = c.chat.completions.create(model="ds", messages=MSGS, max_tokens=12)
         assert out.choices[0].message.content
@@ -297,10 +299,9 @@ def test_deepseek_on_vllm_is_all_content(server: LiveServer) -> None:
     deltas = [ch.choices[0].delta for ch in chunks if ch.choices]
     assert "".join(d.content or "" for d in deltas).strip()
     assert not any((d.model_extra or {}).get("reasoning_content") for d in deltas)
-    # the inner vLLM adapter shows its template: SmolLM2's has no <think>, so none is opened
-    deepseek = server.app.state.manager.current.adapter
-    assert "<think>" not in (deepseek._inner.chat_template or "<think>")
-    prompt = deepseek._inner.render_prompt((Message("user", "hi"),))
+    # the inner vLLM adapter renders its template: SmolLM2's opens no <think>
+    wrapped = server.app.state.manager.current.adapter
+    prompt = wrapped.inner.render_prompt((Message("user", "hi"),))
     assert "hi" in prompt
     assert not prompt.rstrip().endswith("<think>")
 

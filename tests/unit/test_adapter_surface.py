@@ -17,7 +17,6 @@ import pytest
 
 import adapters
 from adapters.base import Adapter, AdapterContext
-from adapters.deepseek import DeepseekAdapter, DeepseekParams
 from adapters.echo import EchoAdapter, EchoParams
 from adapters.llamacpp import LlamaCppAdapter, LlamaCppParams
 from adapters.openai_upstream import OpenAIUpstreamAdapter, OpenAIUpstreamParams
@@ -32,7 +31,6 @@ _CONTRACT: tuple[
     tuple[type[Adapter[VllmParams]], type[VllmParams]],
     tuple[type[Adapter[SglangParams]], type[SglangParams]],
     tuple[type[Adapter[OpenAIUpstreamParams]], type[OpenAIUpstreamParams]],
-    tuple[type[Adapter[DeepseekParams]], type[DeepseekParams]],
     tuple[type[Adapter[LlamaCppParams]], type[LlamaCppParams]],
     tuple[type[Adapter[CountingParams]], type[CountingParams]],
 ] = (
@@ -41,7 +39,6 @@ _CONTRACT: tuple[
     (VllmAdapter, VllmParams),
     (SglangAdapter, SglangParams),
     (OpenAIUpstreamAdapter, OpenAIUpstreamParams),
-    (DeepseekAdapter, DeepseekParams),
     (LlamaCppAdapter, LlamaCppParams),
     (CountingAdapter, CountingParams),
 )

@@ -15,11 +15,9 @@ def registry() -> AdapterRegistry:
 
 
 def test_every_backend_is_registered_without_importing_an_engine() -> None:
-    """All seven backends load from adapters.yaml; building the app imports no engine package."""
+    """All six backends load from adapters.yaml; building the app imports no engine package."""
     names = set(registry().names)
-    assert names == {
-        "echo", "transformers", "vllm", "sglang", "deepseek", "openai-upstream", "llamacpp"
-    }  # fmt: skip
+    assert names == {"echo", "transformers", "vllm", "sglang", "openai-upstream", "llamacpp"}
     # a fresh interpreter: this test process may have imported engines for other tests
     probe = (
         "import sys; from service.app import create_app; from service.settings import Settings; "
@@ -49,3 +47,15 @@ def test_presets_resolve() -> None:
     assert {"smollm2-135m", "smollm2-135m-vllm", "echo", "deepseek-api"} <= set(reg.presets)
     for preset in reg.presets.values():
         reg.build_params(preset.backend, preset.engine_params)
+
+
+def test_deepseek_r1_is_a_preset_over_each_engine() -> None:
+    """DeepSeek-R1 loads as an engine preset with the deepseek_r1 parser and the card's sampling."""
+    reg = registry()
+    for alias, backend in (("deepseek-r1", "vllm"), ("deepseek-r1-sglang", "sglang")):
+        preset = reg.preset(alias)
+        assert (preset.backend, preset.reasoning_parser) == (backend, "deepseek_r1")
+        assert preset.sampling_defaults == {"temperature": 0.6, "top_p": 0.95}
+        assert reg.reasoning_parser(backend, alias) == "deepseek_r1"
+        assert reg.reasoning_parser(backend, alias, "none") is None
+    assert all(reg.resolve(name).entry.reasoning_parser is None for name in reg.names)

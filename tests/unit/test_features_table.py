@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from adapters.base import AdapterContext
-from adapters.deepseek import DeepseekAdapter, inner_adapter_class
 from adapters.echo import EchoAdapter
 from helpers import ROOT
 from schemas.features import FEATURES, check_declared
@@ -39,11 +38,3 @@ def test_no_adapter_honours_an_undeclared_feature_in_its_source() -> None:
     for path in sorted((ROOT / "adapters").glob("*.py")):
         text = path.read_text(encoding="utf-8")
         assert "features=frozenset(" not in text, f"{path.name}: use declared_features"
-
-
-def test_deepseek_declares_what_its_inner_engines_can() -> None:
-    """The deepseek adapter declares no more than its inner engines can honour."""
-    inner = frozenset().union(
-        *(inner_adapter_class(engine).declared_features for engine in ("vllm", "sglang"))
-    )
-    assert DeepseekAdapter.declared_features <= inner

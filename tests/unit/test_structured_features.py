@@ -6,8 +6,9 @@ import attrs
 import pytest
 
 from adapters.base import AdapterContext, Capabilities
-from adapters.deepseek import DeepseekAdapter
 from adapters.echo import EchoAdapter
+from adapters.reasoning import PARSERS
+from adapters.reasoning_adapter import ReasoningAdapter
 from adapters.tool_parsing import TOOL_CALL_PARSERS
 from adapters.transformers import _FEATURES as TRANSFORMERS
 from adapters.transformers import TransformersAdapter, TransformersParams
@@ -44,10 +45,20 @@ def test_tool_call_parser_names_are_allowlisted() -> None:
             params(tool_call_parser="some.module:Plugin")
 
 
-def test_echo_and_deepseek_declare_none() -> None:
-    """Echo constrains nothing; DeepSeek drops its inner engine's (a constraint binds <think>)."""
+class _Inner(EchoAdapter):
+    """Echo claiming vLLM's constraints and forced tools, as a loaded vLLM would."""
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """The features of vLLM plus logit_bias."""
+        return attrs.evolve(Capabilities(), features=frozenset(VLLM | {"logit_bias"}))
+
+
+def test_echo_and_a_reasoning_parser_declare_none() -> None:
+    """Echo constrains nothing; a reasoning parser drops its inner engine's (they bind <think>)."""
     assert not EchoAdapter(AdapterContext(name="echo")).capabilities.features & STRUCTURED
-    adapter = DeepseekAdapter(AdapterContext(name="deepseek"))
-    inner = attrs.evolve(Capabilities(), features=frozenset(VLLM | {"logit_bias"}))
-    adapter._inner = type("Inner", (), {"capabilities": inner})()
-    assert adapter.capabilities.features == {"logit_bias"}
+    for parser in PARSERS.values():
+        adapter = ReasoningAdapter(_Inner(AdapterContext(name="vllm")), parser)
+        features = adapter.capabilities.features
+        assert not features & (STRUCTURED | FORCED_TOOLS - {"tools"})
+        assert "logit_bias" in features
