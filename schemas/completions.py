@@ -18,7 +18,8 @@ import attrs
 from attrs import field, frozen
 
 from schemas.converter import converter
-from schemas.openai import StopField, StreamOptions, _check_seed
+from schemas.errors import UnsupportedParameterError
+from schemas.openai import StopField, StreamOptions, _check_seed, check_stream_options
 from schemas.validators import in_range
 
 #: most token ids one prompt (completions, detokenize) may carry: above any context we serve
@@ -100,6 +101,26 @@ class CompletionRequest:
 
 
 COMPLETION_REQUEST_FIELDS = frozenset(a.name for a in attrs.fields(CompletionRequest))
+
+
+def check_completion_request(req: CompletionRequest) -> None:
+    """The completions rules that hold whatever is loaded: 400 naming the field that breaks one.
+
+    Called once, right after parsing, as `schemas.openai.check_chat_request` is for chat. `suffix`
+    and `echo` with `logprobs` stay with the service's capability checks: their refusals name the
+    backend, or follow the refusal of `logprobs` itself where a backend has none.
+    """
+    if req.best_of is not None and req.best_of != req.n:
+        raise UnsupportedParameterError(
+            "best_of is not supported (only best_of equal to n)", param="best_of"
+        )
+    check_stream_options(req.stream, req.stream_options)
+    if req.stream_options is not None and req.stream_options.continuous_usage_stats:
+        # the completions stream sends its usage once, at the end, whatever the backend
+        raise UnsupportedParameterError(
+            "stream_options.continuous_usage_stats is not supported",
+            param="stream_options.continuous_usage_stats",
+        )
 
 
 @frozen

@@ -3,9 +3,10 @@
 The request class lists every field OpenAI documents for `/v1/chat/completions` plus vLLM's
 sampling extensions that benchmark clients send (`ignore_eos`, `min_tokens`, `top_k`, ...). Fields
 we do not implement are still declared so that the service can refuse them by name (400 with
-`param`) instead of failing on an unknown key or ignoring them. Streaming chunks are not built from
-these classes: `service.sse` renders them from byte templates because they sit on the per-token
-path.
+`param`) instead of failing on an unknown key or ignoring them; `check_chat_request` holds the
+rules that depend on the request alone (those that depend on the loaded adapter are the
+service's). Streaming chunks are not built from these classes: `service.sse` renders them from
+byte templates because they sit on the per-token path.
 
 Must never: import the service or an adapter.
 """
@@ -20,6 +21,8 @@ from attrs import field, frozen
 from cattrs.gen import make_dict_unstructure_fn, override
 
 from schemas.converter import converter
+from schemas.errors import InvalidRequestError, UnsupportedParameterError
+from schemas.features import set_value
 from schemas.validators import FieldValueError, in_range, min_items
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -247,6 +250,54 @@ class ChatCompletionRequest:
 
 
 CHAT_REQUEST_FIELDS = frozenset(a.name for a in attrs.fields(ChatCompletionRequest))
+
+#: OpenAI parameters no adapter implements here; refused by name when set (the ones some
+#: adapters honour are catalogued in schemas.features and checked against the capabilities)
+REFUSED_FIELDS = (
+    "functions", "function_call", "audio", "prediction", "web_search_options", "reasoning_effort",
+)  # fmt: skip
+#: `response_format.type` values OpenAI documents (which of them a backend honours is a feature)
+RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema")
+
+
+def check_stream_options(stream: bool, options: StreamOptions | None) -> None:
+    """400 naming `stream_options` when it comes without `stream: true` (OpenAI's rule)."""
+    if options is not None and not stream:
+        raise InvalidRequestError(
+            "stream_options is only allowed when stream is true", param="stream_options"
+        )
+
+
+def check_chat_request(req: ChatCompletionRequest) -> None:
+    """The chat rules that hold whatever is loaded: 400 naming the first field that breaks one.
+
+    Called once, right after parsing and before the request waits for a model, so a request no
+    backend could serve is refused at once (OpenAI and vLLM validate a body before they look the
+    model up). What depends on the loaded adapter or the server's settings is checked by
+    `service.serving.ChatServing.build`; rules that combine a field some backend lacks (prompt
+    logprobs with streaming, structured output with a forced tool call) stay there, after the
+    capability check, so that such a backend names the field itself first.
+    """
+    for name in REFUSED_FIELDS:
+        if set_value(getattr(req, name)):
+            raise UnsupportedParameterError(f"{name} is not supported", param=name)
+    if (
+        req.response_format is not None
+        and req.response_format.get("type") not in RESPONSE_FORMAT_TYPES
+    ):
+        raise InvalidRequestError(
+            "response_format.type must be 'text', 'json_object' or 'json_schema'",
+            param="response_format",
+        )
+    if req.modalities not in (None, ["text"]):
+        raise UnsupportedParameterError("only the text modality is supported", param="modalities")
+    if req.store:
+        raise UnsupportedParameterError("stored completions are not supported", param="store")
+    if req.service_tier not in (None, "auto", "default"):
+        raise UnsupportedParameterError("service_tier is not supported", param="service_tier")
+    check_stream_options(req.stream, req.stream_options)
+    if req.top_logprobs and not req.logprobs:
+        raise InvalidRequestError("top_logprobs requires logprobs: true", param="top_logprobs")
 
 
 @frozen

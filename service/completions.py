@@ -42,6 +42,7 @@ from schemas.completions import (
     DetokenizeResponse,
     TokenizeRequest,
     TokenizeResponse,
+    check_completion_request,
     token_ids,
 )
 from schemas.converter import StructureError, structure
@@ -58,7 +59,13 @@ from schemas.openai import ChatMessageIn
 from service.aio import shielded
 from service.context import RequestContext
 from service.errors import require_json_body
-from service.serving import _SAMPLING_FIELDS, ChatServing, Run, parse_body, request_sampling
+from service.serving import (
+    ChatServing,
+    Run,
+    check_sampling_caps,
+    parse_body,
+    request_sampling,
+)
 from service.sse import DONE, SSEStream, error_event
 
 COMPLETIONS_ROUTE = "/v1/completions"
@@ -96,14 +103,21 @@ class CompletionServing:
         self.admission = chat.admission
 
     def parse(self, body: bytes) -> CompletionRequest:
-        """JSON → CompletionRequest, or 400 naming the first bad field."""
+        """JSON → CompletionRequest, or 400 naming the first bad field or broken rule.
+
+        The request-only rules (`check_completion_request`) run here, before any model wait.
+        """
         req: CompletionRequest = parse_body(body, CompletionRequest, COMPLETION_REQUEST_FIELDS)
+        check_completion_request(req)
         return req
 
-    def build(  # noqa: C901, PLR0912  (a flat checklist of refusals reads best as one)
+    def build(
         self, req: CompletionRequest, loaded: LoadedModel, request_id: str
     ) -> GenerationRequest:
-        """Check the request against limits and the adapter; build the engine-neutral request."""
+        """Check the request against the adapter and the server's limits; build the engine request.
+
+        `req` has passed `parse`'s request-only rules; what is left depends on what is loaded.
+        """
         check_model(req.model, loaded)
         caps = require_feature(loaded, COMPLETIONS_ROUTE)
         backend = loaded.plan.backend.name
@@ -111,33 +125,11 @@ class CompletionServing:
             raise UnsupportedParameterError(
                 f"suffix is not supported by backend '{backend}'", param="suffix"
             )
-        if req.best_of is not None and req.best_of != req.n:
-            raise UnsupportedParameterError(
-                "best_of is not supported (only best_of equal to n)", param="best_of"
-            )
         if set_value(req.logit_bias) and "logit_bias" not in caps.features:
             raise UnsupportedParameterError(
                 f"logit_bias is not supported by backend '{backend}'", param="logit_bias"
             )
-        if req.stream_options is not None and not req.stream:
-            raise InvalidRequestError(
-                "stream_options is only allowed when stream is true", param="stream_options"
-            )
-        if req.stream_options is not None and req.stream_options.continuous_usage_stats:
-            raise UnsupportedParameterError(
-                "stream_options.continuous_usage_stats is not supported",
-                param="stream_options.continuous_usage_stats",
-            )
-        for name in _SAMPLING_FIELDS:
-            value = getattr(req, name)
-            if value not in (None, False, 0, [], "") and name not in caps.sampling:
-                raise UnsupportedParameterError(
-                    f"{name} is not supported by backend '{backend}'", param=name
-                )
-        if req.n > caps.max_n:
-            raise UnsupportedParameterError(
-                f"n must be at most {caps.max_n} for backend '{backend}'", param="n"
-            )
+        check_sampling_caps(req, caps, backend)
         if req.logprobs is not None:
             if caps.max_top_logprobs == 0:
                 raise UnsupportedParameterError(

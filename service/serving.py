@@ -1,10 +1,12 @@
 """Chat-completions serving: request checks, the generation run, OpenAI responses and streams.
 
 The controller stays thin (vLLM's entrypoints split it the same way): it hands the raw body here.
-`ChatServing.prepare` parses and checks the request against the loaded adapter's capabilities,
-refusing by name (400 + `param`) anything the adapter cannot honour. A `Run` then owns one
-request's resources (in-flight ticket, admission slot, timer) and releases them exactly once in
-`close()`, which every path reaches: normal end, error, client disconnect, unload.
+`ChatServing.parse` parses the request and applies the rules that depend on it alone
+(`schemas.openai.check_chat_request`); `ChatServing.build` checks it against the loaded adapter's
+capabilities and the server's limits, refusing by name (400 + `param`) anything the adapter
+cannot honour. A `Run` then owns one request's resources (in-flight ticket, admission slot,
+timer) and releases them exactly once in `close()`, which every path reaches: normal end, error,
+client disconnect, unload.
 
 Structured output (`schemas.structured`) and tools (`schemas.tools`) become one decoding
 constraint on the `GenerationRequest`; a forced tool call's answer (that constraint's JSON) is
@@ -77,6 +79,7 @@ from schemas.openai import (
     ImagePart,
     TextPart,
     Usage,
+    check_chat_request,
 )
 from schemas.sampling import fill_defaults
 from schemas.structured import from_request as structured_from_request
@@ -101,11 +104,6 @@ from service.telemetry import (
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-#: OpenAI parameters no adapter implements here; refused by name when set (the ones some
-#: adapters honour are catalogued in schemas.features and checked against the capabilities)
-_REFUSED = (
-    "functions", "function_call", "audio", "prediction", "web_search_options", "reasoning_effort",
-)  # fmt: skip
 #: request field → SamplingOptions field, for the capability check
 _SAMPLING_FIELDS = GATED_FIELDS
 
@@ -176,6 +174,51 @@ def _unloaded_error() -> ServiceUnavailableError:
     )
 
 
+def check_sampling_caps(
+    req: ChatCompletionRequest | CompletionRequest, caps: Capabilities, backend: str
+) -> None:
+    """Sampling fields and `n` beyond what the backend honours, refused by name (both routes)."""
+    for name in _SAMPLING_FIELDS:
+        value = getattr(req, name)
+        if value not in (None, False, 0, [], "") and name not in caps.sampling:
+            raise UnsupportedParameterError(
+                f"{name} is not supported by backend '{backend}'", param=name
+            )
+    if req.n > caps.max_n:
+        raise UnsupportedParameterError(
+            f"n must be at most {caps.max_n} for backend '{backend}'", param="n"
+        )
+
+
+def check_capabilities(req: ChatCompletionRequest, caps: Capabilities, backend: str) -> None:
+    """What a chat request asks of the loaded adapter, refused by name where it cannot honour it.
+
+    Runs after `check_chat_request`, so `top_logprobs` here always comes with `logprobs`.
+    """
+    check_tool_features(req, caps, backend)
+    check_auto_stream(req, caps)
+    images = "image_url" in caps.features
+    for i, m in enumerate(req.messages):
+        if m.has_images() and not images:
+            raise UnsupportedParameterError(
+                f"image content parts are not supported by backend '{backend}' "
+                "(the loaded model takes text only)",
+                param=f"messages[{i}].content",
+            )
+    for feature, param in chat_request_features(req):
+        if feature not in caps.features:
+            raise UnsupportedParameterError(
+                f"{param} is not supported by backend '{backend}'", param=param
+            )
+    check_sampling_caps(req, caps, backend)
+    if req.logprobs and caps.max_top_logprobs == 0:
+        raise UnsupportedParameterError("logprobs are not available", param="logprobs")
+    if req.top_logprobs and req.top_logprobs > caps.max_top_logprobs:
+        raise UnsupportedParameterError(
+            f"top_logprobs must be at most {caps.max_top_logprobs}", param="top_logprobs"
+        )
+
+
 class ChatServing:
     """Turns OpenAI chat requests into adapter generations and back."""
 
@@ -200,13 +243,22 @@ class ChatServing:
     # --- request checks ------------------------------------------------------------------------
 
     def parse(self, body: bytes) -> ChatCompletionRequest:
-        """JSON → ChatCompletionRequest, or 400 naming the first bad field."""
-        return parse_body(body, ChatCompletionRequest, CHAT_REQUEST_FIELDS)
+        """JSON → ChatCompletionRequest, or 400 naming the first bad field or broken rule.
 
-    def build(  # noqa: C901, PLR0912  (a flat checklist of refusals reads best as one)
+        The request-only rules (`check_chat_request`) run here, before the request waits for a
+        model: one that no backend could serve never takes a ticket or waits out a load.
+        """
+        req = parse_body(body, ChatCompletionRequest, CHAT_REQUEST_FIELDS)
+        check_chat_request(req)
+        return req
+
+    def build(
         self, req: ChatCompletionRequest, loaded: LoadedModel, request_id: str
     ) -> GenerationRequest:
-        """Check the request against limits and the adapter; build the engine-neutral request."""
+        """Check the request against the adapter and the server's limits; build the engine request.
+
+        `req` has passed `parse`'s request-only rules; what is left depends on what is loaded.
+        """
         served = loaded.plan.served_model_name
         if req.model not in (served, loaded.plan.model):
             raise NotFoundError(
@@ -215,86 +267,10 @@ class ChatServing:
                 code="model_not_found",
             )
         caps: Capabilities = loaded.adapter.capabilities
-        for name in _REFUSED:
-            if getattr(req, name) not in (None, [], {}):
-                raise UnsupportedParameterError(f"{name} is not supported", param=name)
-        if req.response_format is not None and req.response_format.get("type") not in (
-            "text",
-            "json_object",
-            "json_schema",
-        ):
-            raise InvalidRequestError(
-                "response_format.type must be 'text', 'json_object' or 'json_schema'",
-                param="response_format",
-            )
-        backend = loaded.plan.backend.name
-        check_tool_features(req, caps, backend)
-        check_auto_stream(req, caps)
-        images = "image_url" in caps.features
-        for i, m in enumerate(req.messages):
-            if m.has_images() and not images:
-                raise UnsupportedParameterError(
-                    f"image content parts are not supported by backend '{backend}' "
-                    "(the loaded model takes text only)",
-                    param=f"messages[{i}].content",
-                )
-        for feature, param in chat_request_features(req):
-            if feature not in caps.features:
-                raise UnsupportedParameterError(
-                    f"{param} is not supported by backend '{backend}'", param=param
-                )
+        check_capabilities(req, caps, loaded.plan.backend.name)
         # after the capability check: a backend without the feature refuses it by name first
         structured, tools = constraint_of(req)
-        if req.modalities not in (None, ["text"]):
-            raise UnsupportedParameterError(
-                "only the text modality is supported", param="modalities"
-            )
-        if req.store:
-            raise UnsupportedParameterError("stored completions are not supported", param="store")
-        if req.service_tier not in (None, "auto", "default"):
-            raise UnsupportedParameterError("service_tier is not supported", param="service_tier")
-        if req.stream_options is not None and not req.stream:
-            raise InvalidRequestError(
-                "stream_options is only allowed when stream is true", param="stream_options"
-            )
-        for name in _SAMPLING_FIELDS:
-            value = getattr(req, name)
-            if value not in (None, False, 0, [], "") and name not in caps.sampling:
-                raise UnsupportedParameterError(
-                    f"{name} is not supported by backend '{loaded.plan.backend.name}'", param=name
-                )
-        if req.n > caps.max_n:
-            raise UnsupportedParameterError(
-                f"n must be at most {caps.max_n} for backend '{loaded.plan.backend.name}'",
-                param="n",
-            )
-        if req.logprobs and caps.max_top_logprobs == 0:
-            raise UnsupportedParameterError("logprobs are not available", param="logprobs")
-        if req.top_logprobs:
-            if not req.logprobs:
-                raise InvalidRequestError(
-                    "top_logprobs requires logprobs: true", param="top_logprobs"
-                )
-            if req.top_logprobs > caps.max_top_logprobs:
-                raise UnsupportedParameterError(
-                    f"top_logprobs must be at most {caps.max_top_logprobs}", param="top_logprobs"
-                )
-        if len(req.messages) > self.settings.max_messages:
-            raise InvalidRequestError(
-                f"messages: at most {self.settings.max_messages} messages"
-                f" (the server's limit, IW_MAX_MESSAGES), got {len(req.messages)}",
-                param="messages",
-            )
-        max_tokens = req.max_completion_tokens or req.max_tokens
-        cap = self.settings.max_tokens_cap
-        if max_tokens is not None and max_tokens > cap:
-            param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
-            raise InvalidRequestError(
-                f"{param}: must be at most {cap} (the server's limit, IW_MAX_TOKENS)", param=param
-            )
-        default_max = max_tokens is None
-        if max_tokens is None:
-            max_tokens = min(cap, caps.max_context) if caps.max_context else cap
+        max_tokens, default_max = self._token_budget(req, caps)
         sampling = request_sampling(
             req,
             loaded,
@@ -326,6 +302,28 @@ class ChatServing:
             tools=tools,
             options=_parser_options(req, chat_options(req), loaded.adapter),
         )
+
+    def _token_budget(self, req: ChatCompletionRequest, caps: Capabilities) -> tuple[int, bool]:
+        """The server's limits on a request (IW_MAX_MESSAGES, IW_MAX_TOKENS), 400 beyond them.
+
+        Returns the max_tokens to ask for and whether it is the default (the request set none).
+        """
+        if len(req.messages) > self.settings.max_messages:
+            raise InvalidRequestError(
+                f"messages: at most {self.settings.max_messages} messages"
+                f" (the server's limit, IW_MAX_MESSAGES), got {len(req.messages)}",
+                param="messages",
+            )
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        cap = self.settings.max_tokens_cap
+        if max_tokens is None:
+            return (min(cap, caps.max_context) if caps.max_context else cap), True
+        if max_tokens > cap:
+            param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+            raise InvalidRequestError(
+                f"{param}: must be at most {cap} (the server's limit, IW_MAX_TOKENS)", param=param
+            )
+        return max_tokens, False
 
     def check_amended(  # noqa: C901, PLR0912  (one flat list of limits)
         self, old: GenerationRequest, new: GenerationRequest, loaded: LoadedModel
