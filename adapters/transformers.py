@@ -428,8 +428,10 @@ class _Grammars:
                     code="grammar_compiler_busy",
                     headers={"Retry-After": "1"},
                 ) from None
-        # it began while we waited: its own bound counts from its start
-        left = started[0] + self.timeout_s - time.monotonic() if started else 0.0
+        # it began while we waited: its own bound counts from its start (which `run` may not
+        # have recorded yet if it began this instant)
+        began = started[0] if started else time.monotonic()
+        left = began + self.timeout_s - time.monotonic()
         try:
             return future.result(timeout=max(left, 0.0))
         except TimeoutError:  # concurrent.futures' (the builtin since 3.11)
