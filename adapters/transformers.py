@@ -855,7 +855,8 @@ class TransformersAdapter(BaseAdapter[TransformersParams]):
     def stats(self) -> EngineStats:
         """Generations running now and waiting for a slot."""
         b = self._bridge
-        return EngineStats(running=b.running, waiting=b.waiting) if b else EngineStats()
+        # nothing loaded: nothing runs (zero, not unknown)
+        return EngineStats(running=b.running if b else 0, waiting=b.waiting if b else 0)
 
     def count_prompt_tokens(self, messages: Sequence[Message]) -> int | None:
         """Tokens of the templated prompt, exactly as `generate` would encode it (blocking)."""
