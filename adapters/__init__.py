@@ -54,7 +54,14 @@ from adapters.kit.sampling import (
     SAMPLING_FIELDS,
     VLLM_EXTENSION_FIELDS,
 )
-from adapters.kit.threads import BridgeClosedError, Emit, Job, ThreadBridge
+from adapters.kit.threads import (
+    BridgeClosedError,
+    Emit,
+    Job,
+    ThreadBridge,
+    each_choice,
+    stream_deltas,
+)
 from adapters.kit.tokens import TokenOps, template_variables
 from adapters.text import StopMatcher
 from schemas.errors import (
@@ -148,6 +155,7 @@ __all__ = [
     "child_pids",
     "clean_error_text",
     "context_exceeded",
+    "each_choice",
     "fit_max_tokens",
     "in_range",
     "logprob_from_logits",
@@ -155,6 +163,7 @@ __all__ = [
     "no_mask",
     "parse_model_ref",
     "reap",
+    "stream_deltas",
     "template_variables",
     "valid_allow_entry",
 ]

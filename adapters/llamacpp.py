@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import contextlib
 import secrets
 import time
 from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
-from attrs import evolve, field, frozen
+from attrs import field, frozen
 from attrs.validators import optional
 
 from adapters import (
@@ -47,6 +48,7 @@ from adapters import (
     in_range,
     logprob_from_logits,
     parse_model_ref,
+    stream_deltas,
 )
 
 __all__ = ["LlamaCppAdapter", "LlamaCppParams"]
@@ -147,19 +149,16 @@ class LlamaCppAdapter(BaseAdapter[LlamaCppParams]):
             raise ServiceUnavailableError("no model is loaded")
         prompt = await asyncio.to_thread(_encode, llama, self._formatter, req)
         max_tokens = fit_max_tokens(len(prompt), req.sampling, self._params.max_model_len)
-        job = Job()
-        first = True
+
+        def work(job: Job, emit: Emit[TokenDelta]) -> None:
+            _decode(llama, req, prompt, max_tokens, job, emit)
+
         try:
-            async for delta in bridge.stream(
-                lambda j, emit: _decode(llama, req, prompt, max_tokens, j, emit), job
-            ):
-                yield evolve(
-                    delta,
-                    prompt_tokens=len(prompt) if first or delta.finish_reason else None,
-                    engine_queued_at=job.queued_at if first else None,
-                    engine_scheduled_at=job.scheduled_at if first else None,
-                )
-                first = False
+            # aclosing: closing this stream joins the worker now, not when the GC finalises it
+            stream = stream_deltas(bridge, work, Job(), prompt)
+            async with contextlib.aclosing(stream) as deltas:
+                async for delta in deltas:
+                    yield delta
         except (RuntimeError, ValueError, OSError) as exc:
             why = clean_error_text(str(exc), self.context.mask)
             raise EngineError(f"llama.cpp failed: {why}") from None

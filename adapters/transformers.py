@@ -1,11 +1,11 @@
 """The HuggingFace transformers adapter: one in-process model, `model.generate` per request.
 
-Each generation runs `generate` in a worker thread of a pool sized `max_concurrency`; more
-requests wait in an asyncio semaphore. One object per request rides along as a stopping
-criterion: after every new token it detokenises incrementally, matches stop strings, hands the
-text to the event loop with `loop.call_soon_threadsafe(queue.put_nowait, ...)` (no thread hop per
-token on the loop side) and says "stop" when a stop string, an end token or the cancel flag says
-so, all within the same decoding step. Sampling is done by our own last logits processor with a
+Each generation runs `generate` in a worker of the kit's `ThreadBridge` (`max_concurrency` slots;
+more requests wait in order; cancel flag, join on close, abort on unload), its `n` choices in turn
+(`each_choice`). One object per request rides along as a stopping criterion: after every new
+token it detokenises incrementally, matches stop strings, emits the text as a `TokenDelta` through
+the bridge and says "stop" when a stop string, an end token or the cancel flag says so, all
+within the same decoding step. Sampling is done by our own last logits processor with a
 `torch.Generator` per request, so a seed repeats its text even while other requests sample
 concurrently (torch's global generator is shared by every thread); `generate` itself runs greedy
 over the one token that processor leaves.
@@ -26,7 +26,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -43,6 +43,14 @@ from adapters.base import (
 from adapters.bundled import check_model_source, resolve_model_source
 from adapters.kit.context import fit_max_tokens
 from adapters.kit.models import check_reachable
+from adapters.kit.threads import (
+    BridgeClosedError,
+    Emit,
+    Job,
+    ThreadBridge,
+    each_choice,
+    stream_deltas,
+)
 from adapters.kit.tokens import TokenOps, template_variables
 from adapters.text import StopMatcher
 from adapters.tool_parsing import ToolCallParser, check_parser_name, parsers_available
@@ -50,6 +58,7 @@ from schemas.errors import (
     EngineError,
     InvalidRequestError,
     ParamsValidationError,
+    RateLimitError,
     ServiceUnavailableError,
     UnsupportedParameterError,
     WrapperError,
@@ -110,6 +119,10 @@ class TransformersParams:
     """CPU threads torch uses per operation; unset keeps torch's default (all cores)."""
     tool_call_parser: str | None = field(default=None, validator=check_parser_name)
     """vLLM's tool parser for the model's format (`hermes`): enables `tool_choice: "auto"`."""
+    grammar_compile_timeout_s: float = field(default=10.0, validator=in_range(0.01, 600))
+    """Longest a request waits for xgrammar to compile its `response_format`/`structured_outputs`
+    constraint; past it the request is a 400 naming the field (xgrammar cannot stop a compile:
+    it finishes in the background, at most two at once)."""
 
 
 _SAMPLING = frozenset(
@@ -176,50 +189,6 @@ class _Plan:
     return_token_ids: bool = False
 
 
-class _Job:
-    """The shared state of one generation: the loop sets `cancel`, the worker reads it."""
-
-    __slots__ = ("cancel",)
-
-    def __init__(self) -> None:
-        self.cancel = threading.Event()
-
-
-class _Final:
-    """The last item a worker puts on a request's queue."""
-
-    __slots__ = (
-        "error", "finish", "index", "last_at", "logprobs", "stop_reason", "text", "token_ids",
-        "tokens",
-    )  # fmt: skip
-
-    def __init__(
-        self,
-        *,
-        text: str = "",
-        tokens: int = 0,
-        finish: FinishReason = "abort",
-        stop_reason: str | int | None = None,
-        last_at: float | None = None,
-        error: str | None = None,
-        index: int = 0,
-        logprobs: tuple[TokenLogprob, ...] = (),
-        token_ids: tuple[int, ...] = (),
-    ) -> None:
-        self.text = text
-        self.tokens = tokens
-        self.finish = finish
-        self.stop_reason = stop_reason
-        self.last_at = last_at
-        self.error = error
-        self.index = index
-        self.logprobs = logprobs
-        self.token_ids = token_ids
-
-
-Emit = Callable[[Any], None]
-
-
 class _StepHook:
     """Stopping criterion called by `generate` after each new token (see module docstring).
 
@@ -227,7 +196,9 @@ class _StepHook:
     criterion and start padding.
     """
 
-    def __init__(self, engine: _Engine, plan: _Plan, job: _Job, emit: Emit, index: int = 0) -> None:
+    def __init__(
+        self, engine: _Engine, plan: _Plan, job: Job, emit: Emit[TokenDelta], index: int = 0
+    ) -> None:
         self.engine = engine
         self.index = index
         self.recorder: _LogprobRecorder | None = None
@@ -248,6 +219,8 @@ class _StepHook:
         self.pending = 0
         """Tokens produced since the last emitted piece (their text may still be held back)."""
         self.first_at: float | None = None
+        self.emitted = False
+        """Whether a text delta went out (the request's first one carries `first_at`)."""
         self.last_at: float | None = None
         self.ended_by: int | None = None
         self.stop_string: str | None = None
@@ -267,7 +240,7 @@ class _StepHook:
             self.lps.append(self.recorder.entry(token, self.plan.top_logprobs))
         if self.plan.return_token_ids:
             self.pending_ids.append(token)
-        stop = self.job.cancel.is_set()
+        stop = self.job.cancelled
         if token in self.end_ids:
             # `_MinTokens` masked these until min_tokens: reaching one here ends the choice
             self.ended_by = token
@@ -296,9 +269,19 @@ class _StepHook:
             else:
                 self.recent = window[-self.longest_stop :]
         if piece:
+            # choices run in turn: the request's first text delta is choice 0's first
+            first = not self.emitted and self.index == 0
             self.emit(
-                (self.index, piece, self.pending, self.first_at, tuple(self.lps), self.pending_ids)
+                TokenDelta(
+                    piece,
+                    self.pending,
+                    self.index,
+                    logprobs=tuple(self.lps) or None,
+                    engine_first_token_at=self.first_at if first else None,
+                    token_ids=tuple(self.pending_ids) if self.plan.return_token_ids else None,
+                )
             )
+            self.emitted = True
             self.pending = 0
             self.lps.clear()
             self.pending_ids = []
@@ -322,8 +305,8 @@ class _StepHook:
         full = decode(self.ids[self.prefix_offset :], skip_special_tokens=skip)
         return prefix, full
 
-    def final(self) -> _Final:
-        """How the generation ended, with whatever text was still held back."""
+    def final(self) -> TokenDelta:
+        """The choice's last delta: how it ended, with whatever text was still held back."""
         tail = ""
         if not self.stops.stopped:
             prefix, full = self._window()
@@ -338,19 +321,19 @@ class _StepHook:
         elif self.ended_by is not None:
             finish = "stop"
             stop_reason = self.ended_by if self.ended_by in self.plan.stop_token_ids else None
-        elif self.job.cancel.is_set():
+        elif self.job.cancelled:
             finish = "abort"
         else:
             finish = "length"
-        return _Final(
-            text=tail,
-            tokens=self.pending,
-            finish=finish,
+        return TokenDelta(
+            tail,
+            self.pending,
+            self.index,
+            finish_reason=finish,
+            logprobs=tuple(self.lps) if self.plan.logprobs else None,
+            engine_last_token_at=self.last_at,
             stop_reason=stop_reason,
-            last_at=self.last_at,
-            index=self.index,
-            logprobs=tuple(self.lps),
-            token_ids=tuple(self.pending_ids),
+            token_ids=tuple(self.pending_ids) if self.plan.return_token_ids else None,
         )
 
 
@@ -388,24 +371,78 @@ class _Constraint:
 
 
 class _Grammars:
-    """xgrammar's compiler for the loaded tokenizer; its cache, keyed by spec, is bounded."""
+    """xgrammar's compiler for the loaded tokenizer: its cache bounded, each compile timed.
+
+    xgrammar cannot interrupt a compile, so the bound is on the request, not the work: the
+    compile runs in a small pool of its own and the request waits at most
+    `grammar_compile_timeout_s` for it (a 400 naming the field past that); a compile that runs
+    over goes on in its pool thread (its result lands in the cache) and no request waits for it.
+    The pool's size bounds how many such compiles can hold a core; a request that finds every
+    compile thread taken for its whole bound is a 429 (the client's constraint was never tried).
+    """
 
     #: compiled grammars kept (xgrammar's cache evicts the least recently used past this)
     CACHE_BYTES = 64 * 1024 * 1024
+    #: compiles that run at once (xgrammar releases the GIL while it compiles)
+    THREADS = 2
 
-    def __init__(self, engine: _Engine) -> None:
+    def __init__(self, compiler: Any, timeout_s: float) -> None:
+        self.compiler = compiler
+        self.timeout_s = timeout_s
+        self.pool = ThreadPoolExecutor(max_workers=self.THREADS, thread_name_prefix="iw-grammar")
+
+    @classmethod
+    def build(cls, engine: _Engine) -> _Grammars:
+        """The compiler for the engine's tokenizer (the engine imported xgrammar already)."""
         xgr = engine.xgr
         info = xgr.TokenizerInfo.from_huggingface(
             engine.tokenizer,
             vocab_size=int(engine.model.config.vocab_size),
             stop_token_ids=sorted(engine.eos_ids),
         )
-        self.compiler = xgr.GrammarCompiler(
-            info, max_threads=1, cache_enabled=True, cache_limit_bytes=self.CACHE_BYTES
+        compiler = xgr.GrammarCompiler(
+            info, max_threads=1, cache_enabled=True, cache_limit_bytes=cls.CACHE_BYTES
         )
+        return cls(compiler, engine.params.grammar_compile_timeout_s)
 
     def compile(self, structured: StructuredOutput) -> Any:
-        """The compiled grammar of `structured`; a 400 naming the field when it does not compile."""
+        """The compiled grammar of `structured`, or a 400 naming its field.
+
+        400 when xgrammar refuses it or does not finish within the bound; 429 when no compile
+        thread came free within the bound.
+        """
+        started: list[float] = []
+
+        def run() -> Any:
+            started.append(time.monotonic())
+            return self._compile(structured)
+
+        future = self.pool.submit(run)
+        try:
+            return future.result(timeout=self.timeout_s)
+        except TimeoutError:  # concurrent.futures' (the builtin since 3.11)
+            if future.cancel():
+                raise RateLimitError(
+                    "every grammar compile thread is busy; retry shortly",
+                    param=structured.param,
+                    code="grammar_compiler_busy",
+                    headers={"Retry-After": "1"},
+                ) from None
+        # it began while we waited: its own bound counts from its start (which `run` may not
+        # have recorded yet if it began this instant)
+        began = started[0] if started else time.monotonic()
+        left = began + self.timeout_s - time.monotonic()
+        try:
+            return future.result(timeout=max(left, 0.0))
+        except TimeoutError:  # concurrent.futures' (the builtin since 3.11)
+            raise InvalidRequestError(
+                f"the {structured.kind} constraint did not compile within "
+                f"{self.timeout_s:g} s (grammar_compile_timeout_s); simplify it",
+                param=structured.param,
+                code="grammar_compile_timeout",
+            ) from None
+
+    def _compile(self, structured: StructuredOutput) -> Any:
         kind, spec = structured.kind, structured.spec
         compiler = self.compiler
         try:
@@ -425,6 +462,10 @@ class _Grammars:
             raise InvalidRequestError(
                 f"the {kind} constraint does not compile: {detail}", param=structured.param
             ) from None
+
+    def close(self) -> None:
+        """Let the pool's threads end once their compile returns (unload; nothing waits)."""
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 class _MinTokens:
@@ -536,8 +577,6 @@ class _Engine:
         self.template_vars: frozenset[str] = frozenset()
         """What the model's chat template reads: the only `chat_template_kwargs` passed on."""
         self.previous_threads: int | None = None
-        self.executor: ThreadPoolExecutor | None = None
-        self.slots = asyncio.Semaphore(params.max_concurrency)
         self.xgr: Any = None
         self.grammars: _Grammars | None = None
         self.grammars_lock = threading.Lock()
@@ -549,7 +588,7 @@ class _Engine:
                 import xgrammar  # noqa: PLC0415  (imports torch: only once a request needs it)
 
                 self.xgr = xgrammar
-                self.grammars = _Grammars(self)
+                self.grammars = _Grammars.build(self)
         return self.grammars.compile(structured)
 
     # -- building (load thread) --
@@ -660,11 +699,12 @@ class _Engine:
 
     # -- generating (worker thread) --
 
-    def run(self, plan: _Plan, job: _Job, emit: Emit, index: int = 0) -> _Final:
-        """Run `generate` for one choice of a request; return how it ended. Never raises."""
+    def run(self, plan: _Plan, job: Job, emit: Emit[TokenDelta], index: int = 0) -> TokenDelta:
+        """Run `generate` for one choice of a request; its final delta.
+
+        Raises `EngineError` with a message that shows no engine text when the engine fails.
+        """
         hook = _StepHook(self, plan, job, emit, index)
-        if job.cancel.is_set():
-            return _Final(finish="abort", index=index)
         try:
             if self.params.torch_threads is not None:
                 # the intra-op thread count is per OS thread for OpenMP: set it where we compute
@@ -672,17 +712,11 @@ class _Engine:
             self._generate(plan, hook)
             return hook.final()
         except Exception as exc:
-            return _Final(error=_engine_failure(exc), tokens=hook.pending, index=index)
+            raise EngineError(_engine_failure(exc)) from None
 
-    def run_all(self, plan: _Plan, job: _Job, emit: Emit) -> None:
-        """Each of the `n` choices in turn, each ended by its `_Final` (the rest abort)."""
-        for index in range(plan.n):
-            final = self.run(plan, job, emit, index)
-            emit(final)
-            if final.error is not None or final.finish == "abort":
-                for rest in range(index + 1, plan.n):
-                    emit(_Final(finish="abort", index=rest))
-                return
+    def run_all(self, plan: _Plan, job: Job, emit: Emit[TokenDelta]) -> None:
+        """The bridge's worker: each of the `n` choices in turn (see `each_choice`)."""
+        each_choice(plan.n, job, emit, lambda index: self.run(plan, job, emit, index))
 
     def _generate(self, plan: _Plan, hook: _StepHook) -> None:  # noqa: C901  (one flat setup)
         torch, tf = self.torch, self.tf
@@ -781,10 +815,7 @@ class TransformersAdapter(BaseAdapter[TransformersParams]):
     def __init__(self, context: AdapterContext) -> None:
         super().__init__(context)
         self._engine: _Engine | None = None
-        self._closing = False
-        self._jobs: set[_Job] = set()
-        self._running = 0
-        self._waiting = 0
+        self._bridge: ThreadBridge[TokenDelta] | None = None
 
     @property
     def capabilities(self) -> Capabilities:
@@ -823,7 +854,9 @@ class TransformersAdapter(BaseAdapter[TransformersParams]):
 
     def stats(self) -> EngineStats:
         """Generations running now and waiting for a slot."""
-        return EngineStats(running=self._running, waiting=self._waiting)
+        b = self._bridge
+        # nothing loaded: nothing runs (zero, not unknown)
+        return EngineStats(running=b.running if b else 0, waiting=b.waiting if b else 0)
 
     def count_prompt_tokens(self, messages: Sequence[Message]) -> int | None:
         """Tokens of the templated prompt, exactly as `generate` would encode it (blocking)."""
@@ -848,14 +881,11 @@ class TransformersAdapter(BaseAdapter[TransformersParams]):
         imported = time.perf_counter()
         engine = _Engine(torch, transformers, params)
         self._engine = engine
-        self._closing = False
         details = await asyncio.to_thread(self._build, engine, model, kind)
         built = time.perf_counter()
         await asyncio.to_thread(self._warm_up, engine)
         warmed = time.perf_counter()
-        engine.executor = ThreadPoolExecutor(
-            max_workers=params.max_concurrency, thread_name_prefix="iw-transformers"
-        )
+        self._bridge = ThreadBridge(params.max_concurrency, name="iw-transformers")
         return LoadInfo(
             import_s=imported - started,
             init_s=built - imported,
@@ -943,18 +973,19 @@ class TransformersAdapter(BaseAdapter[TransformersParams]):
             stop_token_ids=frozenset(),
             ignore_eos=True,
         )
-        result = engine.run(plan, _Job(), lambda _: None)
-        if result.error is not None:
-            raise EngineError(f"warm-up {result.error}")
+        try:
+            engine.run(plan, Job(), lambda _: None)
+        except EngineError as exc:
+            raise EngineError(f"warm-up {exc.message}") from None
 
     # -- generate --
 
     async def generate(self, req: GenerationRequest) -> AsyncGenerator[TokenDelta, None]:
-        """Stream one choice; stop the worker within a token when the consumer goes away."""
-        engine = self._engine
-        if engine is None or engine.executor is None or self._closing:
+        """Stream the request's choices; the worker stops within a token when this is closed."""
+        engine, bridge = self._engine, self._bridge
+        if engine is None or bridge is None or bridge.closed:
             raise ServiceUnavailableError("no model is loaded")
-        queued_at = time.perf_counter()
+        job = Job()  # queued from here: encoding and grammar compiling count as queue time
         _refuse_unsupported(req.sampling)
         try:
             plan = await asyncio.to_thread(engine.plan, req)
@@ -964,119 +995,35 @@ class TransformersAdapter(BaseAdapter[TransformersParams]):
             if self._engine is not engine:
                 raise ServiceUnavailableError("the model was unloaded") from None
             raise EngineError(f"could not prepare the request ({type(exc).__name__})") from None
-        prompt_len = len(plan.prompt_ids)
-        job = _Job()
-        self._jobs.add(job)
-        self._waiting += 1
-        waiting = True
-        try:
-            await engine.slots.acquire()
-            self._waiting -= 1
-            waiting = False
-            if self._closing or job.cancel.is_set() or engine.executor is None:
-                engine.slots.release()
-                yield TokenDelta("", 0, finish_reason="abort", prompt_tokens=prompt_len)
-                return
-            # aclosing: closing us must close the inner stream now (its finally waits for the
-            # worker), not whenever the garbage collector finalises it
-            async with contextlib.aclosing(self._stream(engine, plan, job, queued_at)) as stream:
-                async for delta in stream:
-                    yield delta
-        finally:
-            job.cancel.set()
-            self._jobs.discard(job)
-            if waiting:
-                self._waiting -= 1
 
-    async def _stream(
-        self, engine: _Engine, plan: _Plan, job: _Job, queued_at: float
-    ) -> AsyncGenerator[TokenDelta, None]:
-        """Run the worker and relay its queue; the slot is released when the thread is done."""
-        assert engine.executor is not None  # noqa: S101  (checked by the caller, same tick)
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        put = queue.put_nowait
-
-        def emit(item: Any) -> None:
-            try:
-                loop.call_soon_threadsafe(put, item)
-            except RuntimeError:
-                job.cancel.set()  # the loop is gone: nobody reads this stream any more
-
-        def work() -> None:
+        def work(job: Job, emit: Emit[TokenDelta]) -> None:
             engine.run_all(plan, job, emit)
 
-        self._running += 1
-        scheduled_at = time.perf_counter()
-        future = loop.run_in_executor(engine.executor, work)
-        # accounting rides on the future, so it happens even if our task is cancelled twice
-        future.add_done_callback(lambda _: self._slot_done(engine))
-        prompt_len = len(plan.prompt_ids)
-        first = True
-        open_choices = plan.n
-        want_ids = plan.return_token_ids
+        stream = stream_deltas(
+            bridge, work, job, plan.prompt_ids, prompt_token_ids=plan.return_token_ids
+        )
         try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, _Final):
-                    if item.error is not None:
-                        raise EngineError(item.error)
-                    yield TokenDelta(
-                        item.text,
-                        item.tokens,
-                        item.index,
-                        finish_reason=item.finish,
-                        prompt_tokens=prompt_len,
-                        logprobs=item.logprobs if plan.logprobs else None,
-                        engine_queued_at=queued_at if first else None,
-                        engine_scheduled_at=scheduled_at if first else None,
-                        engine_last_token_at=item.last_at,
-                        stop_reason=item.stop_reason,
-                        token_ids=item.token_ids if want_ids else None,
-                        prompt_token_ids=plan.prompt_ids if want_ids and first else None,
-                    )
-                    first = False
-                    open_choices -= 1
-                    if not open_choices:
-                        return
-                    continue
-                index, text, count, first_at, lps, ids = item
-                yield TokenDelta(
-                    text,
-                    count,
-                    index,
-                    prompt_tokens=prompt_len if first else None,
-                    logprobs=lps or None,
-                    engine_queued_at=queued_at if first else None,
-                    engine_scheduled_at=scheduled_at if first else None,
-                    engine_first_token_at=first_at if first else None,
-                    token_ids=tuple(ids) if want_ids else None,
-                    prompt_token_ids=plan.prompt_ids if want_ids and first else None,
-                )
-                first = False
-        finally:
-            job.cancel.set()
-            # wait (at most one decoding step) so that a closed stream has really stopped; a
-            # second cancellation may cut this short: the done callback still frees the slot
-            await asyncio.shield(future)
-
-    def _slot_done(self, engine: _Engine) -> None:
-        self._running -= 1
-        engine.slots.release()
+            # aclosing: closing us must close the bridge's stream now (it joins the worker),
+            # not whenever the garbage collector finalises it
+            async with contextlib.aclosing(stream) as deltas:
+                async for delta in deltas:
+                    yield delta
+        except BridgeClosedError:
+            # unloading began while this request waited for a slot: it ends like running ones
+            yield TokenDelta("", 0, finish_reason="abort", prompt_tokens=len(plan.prompt_ids))
 
     # -- unload --
 
     async def unload(self) -> None:
         """Abort in-flight generations, wait for their threads, drop the model and free memory."""
-        self._closing = True
-        for job in list(self._jobs):
-            job.cancel.set()
         engine, self._engine = self._engine, None
+        bridge = self._bridge
+        if bridge is not None:
+            # closed at once (no new job starts), then every worker aborts and is joined
+            await bridge.aclose()
+            self._bridge = None
         if engine is None:
             return
-        executor, engine.executor = engine.executor, None
-        if executor is not None:
-            await asyncio.to_thread(executor.shutdown, wait=True)
         await asyncio.to_thread(_release, engine)
 
 
@@ -1084,6 +1031,9 @@ def _release(engine: _Engine) -> None:
     """Drop the engine's objects and give memory back (unload thread)."""
     torch = engine.torch
     on_cuda = engine.device is not None and engine.device.type == "cuda"
+    if engine.grammars is not None:
+        engine.grammars.close()
+    engine.grammars = None
     engine.model = None
     engine.tokenizer = None
     gc.collect()

@@ -17,6 +17,15 @@ owns what sits between them, written once:
 An exception the worker raises is re-raised in the consumer (the adapter turns it into a clean
 error). The worker's return value is not used: it emits everything it has to say.
 
+Two helpers cover what every token-streaming adapter does around the bridge:
+
+- `stream_deltas` streams a worker's `TokenDelta`s and stamps on what only the loop side knows:
+  the prompt size (first delta and every choice's last), the queue and schedule times (first
+  delta), the prompt's ids (first delta, when the request asked for them);
+- `each_choice` is the worker of an `n`-choice request on an engine that decodes one sequence:
+  the choices run in turn in the request's slot, each ended by its final delta; once the job is
+  cancelled the choices not yet begun end `abort` without running.
+
 Must never: import an engine; let a stream end while its worker still runs (bar a second
 cancellation, after which the pool's done-callback still frees the slot); block the event loop.
 """
@@ -27,13 +36,16 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Generic, TypeVar
 
-from schemas.errors import ServiceUnavailableError
+from attrs import evolve
 
-__all__ = ["BridgeClosedError", "Emit", "Job", "ThreadBridge"]
+from schemas.errors import ServiceUnavailableError
+from schemas.generation import TokenDelta
+
+__all__ = ["BridgeClosedError", "Emit", "Job", "ThreadBridge", "each_choice", "stream_deltas"]
 
 T = TypeVar("T")
 
@@ -200,3 +212,53 @@ class ThreadBridge(Generic[T]):
         executor, self._executor = self._executor, None
         if executor is not None:
             await asyncio.to_thread(executor.shutdown, wait=True)
+
+
+async def stream_deltas(
+    bridge: ThreadBridge[TokenDelta],
+    work: Callable[[Job, Emit[TokenDelta]], object],
+    job: Job,
+    prompt: Sequence[int],
+    *,
+    prompt_token_ids: bool = False,
+) -> AsyncGenerator[TokenDelta, None]:
+    """`bridge.stream(work, job)`, each delta stamped with what the loop side knows.
+
+    The first delta gets the prompt size, `job.queued_at` and `job.scheduled_at` (and the prompt's
+    ids when `prompt_token_ids`); the final delta of every choice gets the prompt size. Other
+    deltas pass as the worker made them (no copy per token). Closing this stream closes the
+    bridge's stream at once, so the worker is joined before `aclose()` returns.
+    """
+    first = True
+    async with contextlib.aclosing(bridge.stream(work, job)) as stream:
+        async for delta in stream:
+            if first:
+                first = False
+                ids = tuple(prompt) if prompt_token_ids else None
+                yield evolve(
+                    delta,
+                    prompt_tokens=len(prompt),
+                    engine_queued_at=job.queued_at,
+                    engine_scheduled_at=job.scheduled_at,
+                    prompt_token_ids=ids,
+                )
+            elif delta.finish_reason is not None:
+                yield evolve(delta, prompt_tokens=len(prompt))
+            else:
+                yield delta
+
+
+def each_choice(
+    n: int, job: Job, emit: Emit[TokenDelta], choice: Callable[[int], TokenDelta]
+) -> None:
+    """Run choices `0..n-1` in turn in this worker, emitting the final delta each returns.
+
+    `choice(index)` emits the choice's text deltas itself and returns its final one (with
+    `finish_reason` set). A choice whose turn comes after the job was cancelled is not run: it
+    ends `abort` at once, so a closed `n`-choice stream still gets one finish per choice.
+    """
+    for index in range(n):
+        if job.cancelled:
+            emit(TokenDelta("", 0, index, finish_reason="abort"))
+        else:
+            emit(choice(index))

@@ -8,6 +8,7 @@ with fixed text: greedy answers differ between dtypes and engines (see ENGINES.m
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import time
 from collections.abc import AsyncIterator
@@ -17,7 +18,7 @@ from typing import Any
 import psutil
 import pytest
 import pytest_asyncio
-from attrs import frozen
+from attrs import evolve, frozen
 
 from adapters.base import AdapterContext, LoadInfo
 from adapters.bundled import default_cache_dir, resolve_model_source
@@ -25,7 +26,13 @@ from adapters.transformers import TransformersAdapter, TransformersParams
 from registry.memory import release_host_memory
 from schemas.converter import StructureError, structure
 from schemas.errors import EngineError, InvalidRequestError, ParamsValidationError
-from schemas.generation import GenerationRequest, Message, SamplingOptions, TokenDelta
+from schemas.generation import (
+    GenerationRequest,
+    Message,
+    SamplingOptions,
+    StructuredOutput,
+    TokenDelta,
+)
 
 pytestmark = [
     pytest.mark.engine,
@@ -315,6 +322,43 @@ async def test_max_tokens_is_clamped_only_when_the_request_set_none(loaded: Load
     prompt = next(d.prompt_tokens for d in deltas if d.prompt_tokens is not None)
     assert tokens_of(deltas) == 2048 - prompt
     assert deltas[-1].finish_reason == "length"
+
+
+#: nested counted repetitions in a schema's `pattern` (the service bounds `{m,n}` in regex and
+#: grammar specs, not inside a JSON schema): a valid schema xgrammar needs seconds to compile
+EXPENSIVE = {
+    "type": "object",
+    "properties": {
+        f"p{i}": {"type": "string", "pattern": "([a-z]{1,200}x){1,200}"} for i in (0, 1)
+    },
+    "required": ["p0", "p1"],
+}
+
+
+async def test_a_grammar_compile_past_its_bound_is_a_400_on_the_field(
+    loaded: Loaded, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A schema xgrammar compiles for seconds is a 400 naming the field once the bound passes.
+
+    Unbounded, the request would wait out the compile and generate: no error at all.
+    """
+    adapter = loaded.adapter
+    # a cheap constraint builds the compiler; then its bound is lowered for this test
+    cheap = evolve(chat(max_tokens=1, temperature=0.0), structured=StructuredOutput("json_object"))
+    await collect(adapter, cheap)
+    engine = adapter._engine
+    assert engine is not None
+    assert engine.grammars is not None
+    monkeypatch.setattr(engine.grammars, "timeout_s", 0.2)
+    param = "response_format.json_schema.schema"
+    structured = StructuredOutput("json", json.dumps(EXPENSIVE), param)
+    req = evolve(chat(max_tokens=1, temperature=0.0), structured=structured)
+    async with asyncio.timeout(HANG):
+        with pytest.raises(InvalidRequestError) as info:
+            await collect(adapter, req)
+    assert (info.value.status_code, info.value.param) == (400, param)
+    assert info.value.code == "grammar_compile_timeout"
+    assert (adapter.stats().running, adapter.stats().waiting) == (0, 0)
 
 
 async def test_unload_mid_stream_ends_it_with_abort() -> None:
