@@ -174,6 +174,8 @@ class _Plan:
     logit_bias: tuple[tuple[int, float], ...] = ()
     skip_special_tokens: bool = True
     return_token_ids: bool = False
+    echo: bool = False
+    """The first delta carries the prompt's ids (a streamed completions echo sends them)."""
 
 
 class _Job:
@@ -656,6 +658,7 @@ class _Engine:
             logit_bias=s.logit_bias,
             skip_special_tokens=req.options.skip_special_tokens,
             return_token_ids=req.options.return_token_ids,
+            echo=req.options.echo,
         )
 
     # -- generating (worker thread) --
@@ -1015,6 +1018,7 @@ class TransformersAdapter(BaseAdapter[TransformersParams]):
         first = True
         open_choices = plan.n
         want_ids = plan.return_token_ids
+        prompt_ids = plan.prompt_ids if want_ids or plan.echo else None
         try:
             while True:
                 item = await queue.get()
@@ -1033,7 +1037,7 @@ class TransformersAdapter(BaseAdapter[TransformersParams]):
                         engine_last_token_at=item.last_at,
                         stop_reason=item.stop_reason,
                         token_ids=item.token_ids if want_ids else None,
-                        prompt_token_ids=plan.prompt_ids if want_ids and first else None,
+                        prompt_token_ids=prompt_ids if first else None,
                     )
                     first = False
                     open_choices -= 1
@@ -1051,7 +1055,7 @@ class TransformersAdapter(BaseAdapter[TransformersParams]):
                     engine_scheduled_at=scheduled_at if first else None,
                     engine_first_token_at=first_at if first else None,
                     token_ids=tuple(ids) if want_ids else None,
-                    prompt_token_ids=plan.prompt_ids if want_ids and first else None,
+                    prompt_token_ids=prompt_ids if first else None,
                 )
                 first = False
         finally:
