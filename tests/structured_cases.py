@@ -255,17 +255,17 @@ def check_arguments_stream(url: str, model: str, api_key: str, case: str) -> Non
     (call,) = whole
     assert "".join(pieces) == call["function"]["arguments"]
     jsonschema.validate(json.loads("".join(pieces)), SCHEMAS[call["function"]["name"]])
+    typed: Any = {"messages": WEATHER_Q, "tools": TOOLS}  # the client's TypedDicts, as JSON
     with (
         openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0) as client,
         client.chat.completions.stream(
             model=model,
-            messages=WEATHER_Q,
             max_tokens=body["max_tokens"],
             temperature=0,
-            tools=TOOLS,
             tool_choice=fields["tool_choice"],
+            **typed,
             extra_body={k: v for k, v in fields.items() if k not in ("max_tokens", "tool_choice")},
-        ) as events,  # fmt: skip
+        ) as events,
     ):
         final = events.get_final_completion()
     (accumulated,) = final.choices[0].message.tool_calls or []
