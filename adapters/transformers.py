@@ -187,6 +187,8 @@ class _Plan:
     logit_bias: tuple[tuple[int, float], ...] = ()
     skip_special_tokens: bool = True
     return_token_ids: bool = False
+    echo: bool = False
+    """The first delta carries the prompt's ids (a streamed completions echo sends them)."""
 
 
 class _StepHook:
@@ -695,6 +697,7 @@ class _Engine:
             logit_bias=s.logit_bias,
             skip_special_tokens=req.options.skip_special_tokens,
             return_token_ids=req.options.return_token_ids,
+            echo=req.options.echo,
         )
 
     # -- generating (worker thread) --
@@ -1000,7 +1003,7 @@ class TransformersAdapter(BaseAdapter[TransformersParams]):
             engine.run_all(plan, job, emit)
 
         stream = stream_deltas(
-            bridge, work, job, plan.prompt_ids, prompt_token_ids=plan.return_token_ids
+            bridge, work, job, plan.prompt_ids, prompt_token_ids=plan.return_token_ids or plan.echo
         )
         try:
             # aclosing: closing us must close the bridge's stream now (it joins the worker),

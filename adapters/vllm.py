@@ -1008,7 +1008,10 @@ class VllmAdapter(BaseAdapter[VllmParams]):
         top_n = req.sampling.top_logprobs or 0
         want_ids = req.options.return_token_ids
         want_prompt_lps = _prompt_logprobs_asked(req.sampling, req.options) is not None
-        prompt_ids = tuple(engine_input["prompt_token_ids"]) if want_ids else None
+        # echo wants them too: a streamed completions echo carries them (vLLM's server)
+        prompt_ids = (
+            tuple(engine_input["prompt_token_ids"]) if want_ids or req.options.echo else None
+        )
         open_choices = set(range(req.sampling.n))
         started: set[int] = set()
         stream = engine.generate(engine_input, sampling, rid)

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import attrs
 from attrs import field, frozen
+from cattrs.gen import make_dict_unstructure_fn, override
 
 from schemas.converter import converter
 from schemas.errors import UnsupportedParameterError
@@ -98,6 +99,11 @@ class CompletionRequest:
     ignore_eos: bool = False
     min_tokens: int = field(default=0, validator=in_range(0))
     stop_token_ids: list[int] | None = None
+    # vLLM extensions, honoured per adapter (schemas.features; refused by name elsewhere)
+    prompt_logprobs: int | None = field(default=None, validator=in_range(0, MAX_LOGPROBS))
+    """Log-probabilities of each prompt token and this many alternatives (whole answers only)."""
+    return_token_ids: bool | None = None
+    """The choice's `token_ids` and the prompt's `prompt_token_ids` (streamed: first chunk's)."""
 
 
 COMPLETION_REQUEST_FIELDS = frozenset(a.name for a in attrs.fields(CompletionRequest))
@@ -135,13 +141,33 @@ class CompletionLogprobs:
 
 @frozen
 class CompletionChoice:
-    """One choice of a non-streaming completion."""
+    """One choice of a non-streaming completion.
+
+    vLLM's extension keys (`token_ids`, `prompt_token_ids`, `prompt_logprobs`) are sent only when
+    the request asked for them, on the choice as vLLM's `CompletionResponseChoice` has them.
+    """
 
     index: int
     text: str
     logprobs: CompletionLogprobs | None
     finish_reason: str | None
     stop_reason: str | int | None = None
+    token_ids: list[int] | None = None
+    prompt_logprobs: list[dict[str, Any] | None] | None = None
+    """Per prompt position null (the first) or {token id: {logprob, rank, decoded_token}}."""
+    prompt_token_ids: list[int] | None = None
+
+
+converter.register_unstructure_hook(
+    CompletionChoice,
+    make_dict_unstructure_fn(
+        CompletionChoice,
+        converter,
+        token_ids=override(omit_if_default=True),
+        prompt_logprobs=override(omit_if_default=True),
+        prompt_token_ids=override(omit_if_default=True),
+    ),
+)
 
 
 @frozen

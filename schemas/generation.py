@@ -160,7 +160,8 @@ class TokenDelta:
     token_ids: tuple[int, ...] | None = None
     """The ids of this delta's tokens, when the request asked for them (`return_token_ids`)."""
     prompt_token_ids: tuple[int, ...] | None = None
-    """The prompt's ids, on the first delta, when the request asked for them."""
+    """The prompt's ids, on the first delta, when the request asked for them
+    (`options.return_token_ids` or `options.echo`)."""
     prompt_logprobs: tuple[PromptPosition, ...] | None = None
     """Per prompt position (the first has none): (token id, logprob, rank, text) of the prompt
     token and its alternatives, as vLLM reports them; on the first delta, when asked for."""

@@ -6,9 +6,16 @@ for what each field does), then hands it to `ChatServing.reserve`, so admission,
 telemetry, the unload/stop rules and the disconnect handling are the chat route's own, not a
 copy. `CompletionRun` is the chat `Run` with OpenAI's `text_completion` objects for output.
 
+vLLM's extensions, shaped as its completions server (`completion/serving.py`) shapes them:
+`prompt_logprobs` (on the whole choice; a stream refuses it above 0, as vLLM), `return_token_ids`
+(`token_ids` per choice or chunk, `prompt_token_ids` on the whole choice and on each choice's
+first chunk), and `echo` with `logprobs` (the prompt's positions first, the first one null).
+A streamed `echo` carries `prompt_token_ids` on each choice's first chunk too, as vLLM's does.
+
 Refused by name (400 + `param`): `suffix` (no adapter renders fill-in-the-middle prompts),
-`best_of` other than `n` (no adapter ranks extra candidates), `echo` with `logprobs` (that needs
-the prompt's logprobs), several prompts in one request; a backend whose adapter does not
+`best_of` other than `n` (no adapter ranks extra candidates), `echo` with `logprobs` or
+`prompt_logprobs` where the adapter does not compute the prompt's logprobs, `return_token_ids`
+where it does not declare them, several prompts in one request; a backend whose adapter does not
 declare the route gets a 400 naming it (code `unsupported_route`).
 
 Must never: apply a chat template to a raw prompt; build a frame per token beyond one
@@ -54,7 +61,13 @@ from schemas.errors import (
     WrapperError,
 )
 from schemas.features import set_value
-from schemas.generation import GenerationRequest, Message
+from schemas.generation import (
+    ChatOptions,
+    GenerationRequest,
+    Message,
+    PromptPosition,
+    TokenDelta,
+)
 from schemas.openai import ChatMessageIn
 from service.aio import shielded
 from service.context import RequestContext
@@ -66,6 +79,7 @@ from service.serving import (
     parse_body,
     request_sampling,
 )
+from service.serving import _prompt_logprobs as _prompt_logprobs_json
 from service.sse import DONE, SSEStream, error_event
 
 COMPLETIONS_ROUTE = "/v1/completions"
@@ -130,20 +144,12 @@ class CompletionServing:
                 f"logit_bias is not supported by backend '{backend}'", param="logit_bias"
             )
         check_sampling_caps(req, caps, backend)
-        if req.logprobs is not None:
-            if caps.max_top_logprobs == 0:
-                raise UnsupportedParameterError(
-                    f"logprobs are not available on backend '{backend}'", param="logprobs"
-                )
-            if req.logprobs > caps.max_top_logprobs:
-                raise UnsupportedParameterError(
-                    f"logprobs must be at most {caps.max_top_logprobs}", param="logprobs"
-                )
-            if req.echo:
-                raise UnsupportedParameterError(
-                    "echo with logprobs needs the prompt's logprobs, which are not computed",
-                    param="echo",
-                )
+        prompt_lps = _logprob_requests(req, caps, backend)
+        if req.return_token_ids and "return_token_ids" not in caps.features:
+            raise UnsupportedParameterError(
+                f"return_token_ids is not supported by backend '{backend}'",
+                param="return_token_ids",
+            )
         if req.echo and not isinstance(req.prompt, str) and loaded.adapter.token_ops() is None:
             raise UnsupportedParameterError(
                 f"echo of a token-id prompt needs a tokenizer; backend '{backend}' has none",
@@ -164,8 +170,19 @@ class CompletionServing:
             logprobs=req.logprobs is not None,
             top_logprobs=req.logprobs,
         )
+        options = ChatOptions(
+            return_token_ids=bool(req.return_token_ids),
+            prompt_logprobs=prompt_lps,
+            # only to an adapter that declares it: it then sends the prompt's ids (streamed echo)
+            echo=req.echo and "echo" in caps.features,
+        )
         return GenerationRequest(
-            request_id, (), sampling, loaded.plan.served_model_name, prompt=req.prompt
+            request_id,
+            (),
+            sampling,
+            loaded.plan.served_model_name,
+            prompt=req.prompt,
+            options=options,
         )
 
     async def open_run(
@@ -204,12 +221,33 @@ class CompletionRun(Run):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.completion_id = f"cmpl-{uuid.uuid4().hex}"
+        req = self.req
+        self.want_ids = self.gen.options.return_token_ids
+        self.echo_on = isinstance(req, CompletionRequest) and req.echo
+        self.top_n = req.logprobs if isinstance(req, CompletionRequest) else None
+        # vLLM's rule: the prompt's positions lead each choice's logprobs with echo and logprobs
+        self.echo_logprobs = self.echo_on and self.top_n is not None
+        # what the adapter sent on its first delta, kept for every choice
+        self.prompt_ids: tuple[int, ...] | None = None
+        self.positions: tuple[PromptPosition, ...] | None = None
+
+    def _note_prompt(self, delta: TokenDelta) -> None:
+        if delta.prompt_token_ids is not None and self.prompt_ids is None:
+            self.prompt_ids = delta.prompt_token_ids
+        if delta.prompt_logprobs is not None and self.positions is None:
+            self.positions = delta.prompt_logprobs
 
     async def _echo_text(self) -> str | None:
-        """The prompt as text when `echo` is on (a token-id prompt decoded by the tokenizer)."""
+        """The prompt as text when `echo` is on (a token-id prompt decoded by the tokenizer).
+
+        With `return_token_ids` too the echoed text is empty, as vLLM's server sends it (the ids
+        say what the prompt was; its renderer skips detokenising the prompt then).
+        """
         req = self.req
         if not isinstance(req, CompletionRequest) or not req.echo:
             return None
+        if self.want_ids:
+            return ""
         prompt = req.prompt
         if isinstance(prompt, str):
             return prompt
@@ -217,6 +255,38 @@ class CompletionRun(Run):
         if ops is None:  # checked in build; the model may have been swapped since
             raise InvalidRequestError("echo of a token-id prompt needs a tokenizer", param="echo")
         return await asyncio.to_thread(ops.decode, prompt)
+
+    def _prompt_logprobs(self) -> dict[str, list[Any]]:
+        """The prompt's positions in OpenAI's completions logprobs (echo with logprobs).
+
+        As vLLM's `_create_completion_logprobs` over the prompt: the first position has no
+        logprob (its token decoded alone, nulls); each other one the prompt token's own
+        logprob and the first `logprobs + 1` entries of the position (the token, then the top
+        alternatives), floors at -9999 as vLLM's JSON.
+        """
+        out = _empty_logprobs()
+        ids, positions = self.prompt_ids, self.positions
+        if ids is None or positions is None:
+            return out
+        ops = self.adapter.token_ops()
+        keep = (self.top_n or 0) + 1
+        offset = 0
+        for token_id, position in zip(ids, positions, strict=False):
+            if position is None:
+                token = ops.decode((token_id,)) if ops is not None else ""
+                logprob, top = None, None
+            else:
+                entries = {entry[0]: entry for entry in position}
+                own = entries.get(token_id)
+                token = own[3] if own is not None else ""
+                logprob = max(own[1], -9999.0) if own is not None else None
+                top = {text: max(lp, -9999.0) for _, lp, _, text in position[:keep]}
+            out["tokens"].append(token)
+            out["token_logprobs"].append(logprob)
+            out["top_logprobs"].append(top)
+            out["text_offset"].append(offset)
+            offset += len(token)
+        return out
 
     def _fail(self, exc: BaseException) -> WrapperError:
         # the context rule words the prompt as "messages" (adapters.kit.context): name ours
@@ -227,7 +297,13 @@ class CompletionRun(Run):
 
     # --- streaming -----------------------------------------------------------------------------
 
-    async def frames(self) -> AsyncIterator[bytes]:
+    def _first_extras(self) -> bytes:
+        """`prompt_token_ids` for a choice's first chunk (vLLM's, with echo or return_token_ids)."""
+        if (self.echo_on or self.want_ids) and self.prompt_ids is not None:
+            return b',"prompt_token_ids":' + _encode(self.prompt_ids)
+        return b""
+
+    async def frames(self) -> AsyncIterator[bytes]:  # noqa: C901, PLR0912, PLR0915  (one stream)
         """The SSE body: text chunks, finish chunks, optional usage chunk, `[DONE]`."""
         req = self.req
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -245,24 +321,44 @@ class CompletionRun(Run):
         offsets = [0] * n
         frame = self.timer.frame
         ctx = self.ctx
+        want_ids = self.want_ids
         try:
             echo = await self._echo_text()
             echoed = [echo is None] * n
+            # a choice's first chunk carries the prompt's ids (echo, return_token_ids)
+            first = [True] * n
             agen = await self._start()
             try:
                 async for delta in agen:
                     if ctx.cut:  # the stall watch dropped the connection: nobody reads on
                         return
                     self._observe(delta)
+                    self._note_prompt(delta)
                     index, text = delta.index, delta.text
+                    lp_parts = None
                     if not echoed[index] and (text or delta.token_count):
                         text = f"{echo}{text}"
                         echoed[index] = True
-                    if not text and not delta.logprobs:
+                        if self.echo_logprobs:
+                            lp_parts = self._prompt_logprobs()
+                            offsets[index] = sum(len(t) for t in lp_parts["tokens"])
+                    ids = delta.token_ids if want_ids else None
+                    if not text and not delta.logprobs and not ids and lp_parts is None:
                         continue
                     lp = b"null"
-                    if delta.logprobs:
-                        lp = _encode(_logprobs(delta.logprobs, offsets, index))
+                    if delta.logprobs or lp_parts is not None:
+                        part = _logprobs(delta.logprobs or (), offsets, index)
+                        if lp_parts is not None:
+                            for key, values in part.items():
+                                lp_parts[key].extend(values)
+                            part = lp_parts
+                        lp = _encode(part)
+                    extras = b""
+                    if first[index]:
+                        first[index] = False
+                        extras = self._first_extras()
+                    if ids is not None:
+                        extras += b',"token_ids":' + _encode(ids)
                     frame()
                     yield (
                         head
@@ -272,6 +368,7 @@ class CompletionRun(Run):
                         + b',"logprobs":'
                         + lp
                         + b',"finish_reason":null,"stop_reason":null'
+                        + extras
                         + tail
                     )
             finally:
@@ -291,6 +388,7 @@ class CompletionRun(Run):
                     + _encode(self.finish[index] or "stop")
                     + b',"stop_reason":'
                     + _encode(self.stop_reasons[index])
+                    + (self._first_extras() if first[index] else b"")
                     + b"}]"
                     + extra
                     + tail[2:]
@@ -322,6 +420,7 @@ class CompletionRun(Run):
         n = self.gen.sampling.n
         texts: list[list[str]] = [[] for _ in range(n)]
         logprobs: list[dict[str, list[Any]]] = [_empty_logprobs() for _ in range(n)]
+        token_ids: list[list[int]] = [[] for _ in range(n)]
         offsets = [0] * n
         frame = self.timer.frame
         echo = await self._echo_text()
@@ -329,6 +428,7 @@ class CompletionRun(Run):
         try:
             async for delta in agen:
                 self._observe(delta)
+                self._note_prompt(delta)
                 if delta.text or (delta.token_count and self.timer.frames == 0):
                     frame()
                     texts[delta.index].append(delta.text)
@@ -336,12 +436,24 @@ class CompletionRun(Run):
                     part = _logprobs(delta.logprobs, offsets, delta.index)
                     for key, values in part.items():
                         logprobs[delta.index][key].extend(values)
+                if delta.token_ids:
+                    token_ids[delta.index].extend(delta.token_ids)
         finally:
             await shielded(agen.aclose())
         self._check_end()
         self.status = "ok"
         metrics = self._metrics()
-        want_logprobs = isinstance(self.req, CompletionRequest) and self.req.logprobs is not None
+        want_logprobs = self.top_n is not None
+        if self.echo_logprobs:
+            # the prompt's positions first, the output's offsets moved past them (vLLM's)
+            lead = self._prompt_logprobs()
+            shift = sum(len(t) for t in lead["tokens"])
+            for i in range(n):
+                output = logprobs[i]
+                output["text_offset"] = [o + shift for o in output["text_offset"]]
+                logprobs[i] = {key: [*lead[key], *output[key]] for key in lead}
+        want_ids = self.want_ids
+        prompt_lps = _prompt_logprobs_json(self.positions) if self.positions is not None else None
         choices = [
             CompletionChoice(
                 index=i,
@@ -349,6 +461,9 @@ class CompletionRun(Run):
                 logprobs=CompletionLogprobs(**logprobs[i]) if want_logprobs else None,
                 finish_reason=self.finish[i],
                 stop_reason=self.stop_reasons[i],
+                token_ids=token_ids[i] if want_ids else None,
+                prompt_logprobs=prompt_lps,
+                prompt_token_ids=list(self.prompt_ids or ()) if want_ids else None,
             )
             for i in range(n)
         ]
@@ -490,6 +605,36 @@ class TokenServing:
             return DetokenizeResponse(ops.decode(ids))
 
         return await self._with_ops(req.model, "/detokenize", request_id, run)
+
+
+def _logprob_requests(req: CompletionRequest, caps: Capabilities, backend: str) -> int | None:
+    """Check `logprobs`, `prompt_logprobs` and echo's against `caps`; the prompt logprobs asked."""
+    if req.logprobs is not None:
+        if caps.max_top_logprobs == 0:
+            raise UnsupportedParameterError(
+                f"logprobs are not available on backend '{backend}'", param="logprobs"
+            )
+        if req.logprobs > caps.max_top_logprobs:
+            raise UnsupportedParameterError(
+                f"logprobs must be at most {caps.max_top_logprobs}", param="logprobs"
+            )
+    # vLLM's rule (`CompletionRequest.to_sampling_params`): echo with logprobs asks the
+    # prompt's logprobs with as many alternatives as `logprobs`
+    prompt_lps = req.prompt_logprobs
+    if prompt_lps is None and req.echo:
+        prompt_lps = req.logprobs
+    if prompt_lps is not None and "prompt_logprobs" not in caps.features:
+        name = "prompt_logprobs" if req.prompt_logprobs is not None else "echo"
+        raise UnsupportedParameterError(
+            f"{name} needs the prompt's logprobs, which backend '{backend}' does not compute",
+            param=name,
+        )
+    if req.prompt_logprobs and req.stream:
+        # vLLM's check and wording (0 asks nothing beyond the prompt token itself)
+        raise InvalidRequestError(
+            "`prompt_logprobs` are not available when `stream=True`.", param="prompt_logprobs"
+        )
+    return prompt_lps
 
 
 __all__ = [

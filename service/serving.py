@@ -40,7 +40,7 @@ from litestar.types import Receive
 
 from adapters.base import BaseAdapter, Capabilities
 from adapters.kit.sampling import GATED_FIELDS
-from adapters.tool_parsing import ToolCallParser
+from adapters.tool_parsing import CallStream, ToolCallParser
 from hooks.base import HIDDEN_HEADERS, Exchange, HookCall
 from hooks.chain import HookChain, HookSet
 from registry.manager import InflightTicket, LoadedModel, ModelManager, sanitize_exception
@@ -68,6 +68,7 @@ from schemas.generation import (
     StructuredOutput,
     TokenDelta,
     Tool,
+    ToolCall,
 )
 from schemas.openai import (
     CHAT_REQUEST_FIELDS,
@@ -780,9 +781,10 @@ class Run:
         """The SSE body of a forced tool call (`required` or named), as vLLM streams it.
 
         Named: the call's id, type and name on the first delta, then the arguments as the engine
-        makes them. Required: the answer is a JSON array of calls, sent as `tool_calls` deltas
-        once complete (a role delta goes first, at the first token). Text that never became
-        complete JSON (cut by max_tokens) is sent as content.
+        makes them. Required: the answer is a JSON array of calls (a role delta goes first, at
+        the first token); each call's id, type and name go out once its name is complete, then
+        its arguments in pieces as they grow (`CallStream`), joining to the whole answer's.
+        Text that never held a call (cut by max_tokens early) is sent as content.
         """
         include_usage = bool(self.req.stream_options and self.req.stream_options.include_usage)
         enc = ChunkEncoder(self.completion_id, self.created, self.model, include_usage, self.role)
@@ -791,6 +793,8 @@ class Run:
         texts: list[list[str]] = [[] for _ in range(n)]
         started = [False] * n
         ids = [call_id() for _ in range(n)]
+        streams = [CallStream(args_key="parameters", start_tag=None) for _ in range(n)]
+        call_ids: list[dict[int, str]] = [{} for _ in range(n)]
         frame = self.timer.frame
         try:
             agen = await self._start()
@@ -806,6 +810,11 @@ class Run:
                         started[i] = True
                         frame()
                         yield enc.delta(i, None, role=True)
+                    if not named and delta.text:
+                        events = streams[i].feed(delta.text)
+                        for chunk in _call_chunks(enc, i, events, call_ids[i], None):
+                            frame()
+                            yield chunk
                     elif named and delta.text:
                         fn: dict[str, Any] = {"arguments": delta.text}
                         call: dict[str, Any] = {"index": 0, "function": fn}
@@ -825,7 +834,11 @@ class Run:
                 if not named:
                     calls = parse_output("".join(texts[i]), "required", None)
                     if calls:
-                        yield enc.tool_calls(i, wire_calls(calls, indexed=True))
+                        for chunk in _settle_calls(enc, i, streams[i], calls, call_ids[i], None):
+                            yield chunk
+                        reason = "tool_calls" if reason == "stop" else reason
+                    elif call_ids[i]:
+                        # calls went out before the text broke off: they stay the answer
                         reason = "tool_calls" if reason == "stop" else reason
                     elif texts[i]:
                         yield enc.delta(i, "".join(texts[i]))
@@ -847,10 +860,12 @@ class Run:
         """The SSE body with `tool_choice: "auto"`: content until a call starts, then the calls.
 
         Text streams as content until the parser's start tag (`<tool_call>`) appears; a suffix
-        that may begin that tag is held back. From the tag on, the text is buffered and parsed
-        whole at the end: its calls go out as one `tool_calls` delta per choice (vLLM streams
-        arguments as they grow; clients that join deltas see the same calls). Text the parser
-        cannot read is sent as content.
+        that may begin that tag is held back. From the tag on, the calls are read as the text
+        grows (`CallStream`), as vLLM's server streams them: each call's id, type and name once
+        its name is complete, then its arguments in pieces. At the end the whole text is
+        parsed as the whole answer is (vLLM's parser), and what the pieces lack is sent, so
+        they join to the whole answer's calls. Text the parser cannot read, where no call went
+        out, is sent as content.
         """
         include_usage = bool(self.req.stream_options and self.req.stream_options.include_usage)
         enc = ChunkEncoder(self.completion_id, self.created, self.model, include_usage, self.role)
@@ -862,6 +877,8 @@ class Run:
         sent = [0] * n  # characters of the text already sent as content
         held = [False] * n  # a call started: nothing more is sent before the end
         role_sent = [False] * n
+        streams: list[CallStream | None] = [None] * n
+        call_ids: list[dict[int, str]] = [{} for _ in range(n)]
         frame = self.timer.frame
         start = parser.start
         try:
@@ -874,7 +891,12 @@ class Run:
                     i = delta.index
                     if delta.text:
                         texts[i].append(delta.text)
-                    if held[i]:
+                    reader = streams[i]
+                    if reader is not None:
+                        events = reader.feed(delta.text) if delta.text else []
+                        for chunk in _call_chunks(enc, i, events, call_ids[i], role_sent):
+                            frame()
+                            yield chunk
                         continue
                     tail = pending[i] + delta.text
                     at = tail.find(start)
@@ -890,6 +912,12 @@ class Run:
                         role_sent[i] = True
                         frame()
                         yield chunk
+                    if at >= 0:
+                        reader = streams[i] = parser.stream()
+                        events = reader.feed(tail[at:])
+                        for chunk in _call_chunks(enc, i, events, call_ids[i], role_sent):
+                            frame()
+                            yield chunk
             finally:
                 await shielded(agen.aclose())
             self._check_end()
@@ -900,10 +928,12 @@ class Run:
                 text = "".join(texts[i])
                 parsed = parser.extract(text) if held[i] else None
                 if parsed is not None:
-                    yield enc.tool_calls(
-                        i, wire_calls(list(parsed.calls), indexed=True), role=not role_sent[i]
-                    )
-                    role_sent[i] = True
+                    calls = list(parsed.calls)
+                    for chunk in _settle_calls(enc, i, streams[i], calls, call_ids[i], role_sent):
+                        yield chunk
+                    reason = "tool_calls" if reason == "stop" else reason
+                elif call_ids[i]:
+                    # calls went out before the text turned unreadable: they stay the answer
                     reason = "tool_calls" if reason == "stop" else reason
                 elif len(text) > sent[i]:
                     yield enc.delta(i, text[sent[i] :], role=not role_sent[i])
@@ -1179,6 +1209,70 @@ def _tag_overlap(text: str, tag: str) -> int:
         if text.endswith(tag[:k]):
             return k
     return 0
+
+
+def _call_chunks(
+    enc: ChunkEncoder,
+    index: int,
+    events: list[tuple[int, str | None, str]],
+    ids: dict[int, str],
+    role_sent: list[bool] | None,
+) -> list[bytes]:
+    """`tool_calls` chunks of a `CallStream`'s events, one call delta each, as vLLM sends them.
+
+    A call's first delta has its index, id, type, name and the arguments read so far; later
+    ones the index and the new arguments. `role_sent`: the role goes on the first chunk.
+    """
+    chunks = []
+    for k, name, arguments in events:
+        call: dict[str, Any]
+        if name is not None:
+            ids[k] = call_id()
+            call = {"index": k, "id": ids[k], "type": "function",
+                    "function": {"name": name, "arguments": arguments}}  # fmt: skip
+        else:
+            call = {"index": k, "function": {"arguments": arguments}}
+        role = role_sent is not None and not role_sent[index]
+        chunks.append(enc.tool_calls(index, [call], role=role))
+        if role_sent is not None:
+            role_sent[index] = True
+    return chunks
+
+
+def _settle_calls(
+    enc: ChunkEncoder,
+    index: int,
+    reader: CallStream | None,
+    calls: list[ToolCall],
+    ids: dict[int, str],
+    role_sent: list[bool] | None,
+) -> list[bytes]:
+    """What the streamed calls lack of the whole text's `calls`: the rest, or whole calls.
+
+    The pieces a call streamed are a prefix of its whole arguments (`CallStream`); a call the
+    stream never named goes out whole. Where the two part (arguments that repeat a key), the
+    streamed call is complete JSON already and stays as it is.
+    """
+    events: list[tuple[int, str | None, str]] = []
+    whole = []
+    for k, call in enumerate(calls):
+        streamed = reader.calls[k] if reader is not None and k < len(reader.calls) else None
+        if streamed is None or k not in ids:
+            whole.append((k, call))
+            continue
+        done = streamed.arguments
+        if call.arguments.startswith(done) and len(call.arguments) > len(done):
+            events.append((k, None, call.arguments[len(done) :]))
+    chunks = _call_chunks(enc, index, events, ids, role_sent)
+    for k, call in whole:
+        ids[k] = call.id
+        wire = {"index": k, "id": call.id, "type": "function",
+                "function": {"name": call.name, "arguments": call.arguments}}  # fmt: skip
+        role = role_sent is not None and not role_sent[index]
+        chunks.append(enc.tool_calls(index, [wire], role=role))
+        if role_sent is not None:
+            role_sent[index] = True
+    return chunks
 
 
 def check_auto_stream(req: ChatCompletionRequest, caps: Capabilities) -> None:

@@ -120,6 +120,101 @@ def check_logprobs(oai: openai.OpenAI, model: str) -> None:
     assert offsets == lp.text_offset
 
 
+def _extra(obj: Any) -> dict[str, Any]:
+    extra: dict[str, Any] | None = obj.model_extra
+    assert extra is not None
+    return extra
+
+
+def check_token_ids(oai: openai.OpenAI, model: str) -> None:
+    """`return_token_ids` and `echo` as vLLM's completions server shapes them.
+
+    Whole: the choice's `token_ids` and `prompt_token_ids`, and the echoed text empty (vLLM
+    echoes no text with the ids). Streamed: `token_ids` per chunk joining to the whole's, and
+    `prompt_token_ids` on the first chunk, with `echo` alone too.
+    """
+    ids = tokenizer().encode(PROMPT)
+    args: dict[str, Any] = {"model": model, "prompt": PROMPT, "max_tokens": 5, "temperature": 0}
+    plain = oai.completions.create(**args)
+    whole = oai.completions.create(**args, echo=True, extra_body={"return_token_ids": True})
+    choice = whole.choices[0]
+    assert choice.text == plain.choices[0].text
+    assert _extra(choice)["prompt_token_ids"] == ids
+    assert whole.usage is not None
+    assert len(_extra(choice)["token_ids"]) == whole.usage.completion_tokens
+    assert tokenizer().decode(_extra(choice)["token_ids"]) == plain.choices[0].text
+    chunks = list(
+        oai.completions.create(**args, stream=True, extra_body={"return_token_ids": True})
+    )
+    with_text = [c for c in chunks if c.choices]
+    assert _extra(with_text[0].choices[0])["prompt_token_ids"] == ids
+    assert all("prompt_token_ids" not in _extra(c.choices[0]) for c in with_text[1:])
+    streamed = [t for c in with_text for t in _extra(c.choices[0]).get("token_ids") or ()]
+    assert streamed == _extra(choice)["token_ids"]
+    chunks = list(oai.completions.create(**args, stream=True, echo=True))
+    first = next(c for c in chunks if c.choices)
+    assert _extra(first.choices[0])["prompt_token_ids"] == ids
+    assert first.choices[0].text.startswith(PROMPT)
+
+
+def check_prompt_logprobs(oai: openai.OpenAI, model: str) -> None:
+    """`prompt_logprobs`, and `echo` with `logprobs`, as vLLM's completions server shapes them.
+
+    The choice carries `prompt_logprobs` (null first, then each prompt token among its
+    position's entries); with echo the logprobs cover the prompt first (its first position
+    null), then the completion's, offsets running over both; streamed the same tokens come.
+    A stream refuses `prompt_logprobs` above 0, naming it (vLLM's check).
+    """
+    ids = tokenizer().encode(PROMPT)
+    args: dict[str, Any] = {"model": model, "prompt": PROMPT, "max_tokens": 4, "temperature": 0}
+    plain = oai.completions.create(**args, logprobs=2)
+    out = oai.completions.create(**args, extra_body={"prompt_logprobs": 1})
+    positions = _extra(out.choices[0])["prompt_logprobs"]
+    assert len(positions) == len(ids)
+    assert positions[0] is None
+    for token, position in zip(ids[1:], positions[1:], strict=True):
+        assert str(token) in position
+        assert 1 <= len(position) <= 2  # the top 1, and the prompt's own
+        assert all(v["logprob"] <= 0 for v in position.values())
+    echoed = oai.completions.create(**args, logprobs=2, echo=True)
+    choice = echoed.choices[0]
+    assert choice.text == PROMPT + plain.choices[0].text
+    lp = choice.logprobs
+    assert lp is not None
+    assert lp.tokens is not None
+    assert lp.token_logprobs is not None
+    assert lp.top_logprobs is not None
+    assert lp.text_offset is not None
+    assert "".join(lp.tokens[: len(ids)]) == PROMPT
+    assert lp.token_logprobs[0] is None
+    assert lp.top_logprobs[0] is None
+    assert all(v is not None and v <= 0 for v in lp.token_logprobs[1:])
+    assert plain.choices[0].logprobs is not None
+    assert lp.tokens[len(ids) :] == plain.choices[0].logprobs.tokens
+    assert lp.text_offset[0] == 0
+    steps = zip(lp.text_offset[:-1], lp.text_offset[1:], lp.tokens[:-1], strict=True)
+    assert all(b - a == len(t) for a, b, t in steps)
+    assert len(_extra(choice)["prompt_logprobs"]) == len(ids)
+    chunks = list(oai.completions.create(**args, logprobs=2, echo=True, stream=True))
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs
+                for t in c.choices[0].logprobs.tokens or ()]  # fmt: skip
+    assert streamed == lp.tokens
+    with pytest.raises(openai.BadRequestError) as refused:
+        oai.completions.create(**args, stream=True, extra_body={"prompt_logprobs": 1})
+    assert refused.value.param == "prompt_logprobs"
+
+
+def check_prompt_logprobs_refused(oai: openai.OpenAI, model: str) -> None:
+    """A backend that does not compute prompt logprobs refuses them by name, echo's too."""
+    args: dict[str, Any] = {"model": model, "prompt": PROMPT, "max_tokens": 2}
+    with pytest.raises(openai.BadRequestError) as refused:
+        oai.completions.create(**args, extra_body={"prompt_logprobs": 1})
+    assert refused.value.param == "prompt_logprobs"
+    with pytest.raises(openai.BadRequestError) as refused:
+        oai.completions.create(**args, echo=True, logprobs=1)
+    assert refused.value.param == "echo"
+
+
 def check_logprobs_refused(oai: openai.OpenAI, model: str) -> None:
     """A backend without logprobs refuses `logprobs` by name."""
     with pytest.raises(openai.BadRequestError) as info:

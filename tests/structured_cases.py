@@ -206,6 +206,74 @@ def check_tool_case(url: str, model: str, case: str, *, stream: bool) -> None:
         jsonschema.validate(json.loads(call["function"]["arguments"]), SCHEMAS[name])
 
 
+#: the Hermes format, forced on the real model (a regex) so that `auto` meets a call to parse
+HERMES_CALL = (
+    r'<tool_call>\n\{"name": "get_weather", "arguments": '
+    r'\{"city": "[A-Z][a-z]{2,8}", "unit": "(celsius|fahrenheit)"\}\}\n</tool_call>'
+)
+#: the three ways a call is made: its request fields (auto's call forced by `HERMES_CALL`)
+STREAMED_TOOL_CASES: dict[str, dict[str, Any]] = {
+    "required": {"tool_choice": "required", "parallel_tool_calls": False},
+    "named": {"tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
+    "auto": {"tool_choice": "auto", "max_tokens": 64, "structured_outputs": {"regex": HERMES_CALL}},
+}
+
+
+def check_arguments_stream(url: str, model: str, api_key: str, case: str) -> None:
+    """Streamed arguments come in pieces that join to exactly the whole answer's arguments.
+
+    The first delta of the call carries its id, type and name; later ones only argument
+    pieces, at least two of them (not the whole arguments at the end). The joined arguments
+    equal the non-streamed answer's (greedy: the same text), validate against the function's
+    schema, and the official client's stream accumulation rebuilds the same call.
+    """
+    import openai  # noqa: PLC0415  (only the engine tests use the client here)
+
+    fields = STREAMED_TOOL_CASES[case]
+    whole, whole_finish, _ = ask_tools(url, model, fields, stream=False)
+    body = {"model": model, "messages": WEATHER_Q, "max_tokens": 48, "temperature": 0,
+            "tools": TOOLS, "stream": True, **fields}  # fmt: skip
+    pieces: list[str] = []
+    with httpx.stream(
+        "POST", f"{url}/v1/chat/completions", json=body, headers=API, timeout=300
+    ) as r:
+        assert r.status_code == 200, r.read().decode()
+        first: dict[str, Any] | None = None
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            for choice in json.loads(line[len("data: ") :])["choices"]:
+                for tc in choice["delta"].get("tool_calls") or ():
+                    assert tc["index"] == 0, tc
+                    if first is None:
+                        first = tc
+                    pieces.append(tc["function"].get("arguments") or "")
+    assert first is not None
+    assert first["id"].startswith("chatcmpl-tool-")
+    assert first["function"]["name"] == whole[0]["function"]["name"]
+    assert len([p for p in pieces if p]) >= 2, pieces  # in pieces, not one
+    (call,) = whole
+    assert "".join(pieces) == call["function"]["arguments"]
+    jsonschema.validate(json.loads("".join(pieces)), SCHEMAS[call["function"]["name"]])
+    typed: Any = {"messages": WEATHER_Q, "tools": TOOLS}  # the client's TypedDicts, as JSON
+    with (
+        openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0) as client,
+        client.chat.completions.stream(
+            model=model,
+            max_tokens=body["max_tokens"],
+            temperature=0,
+            tool_choice=fields["tool_choice"],
+            **typed,
+            extra_body={k: v for k, v in fields.items() if k not in ("max_tokens", "tool_choice")},
+        ) as events,
+    ):
+        final = events.get_final_completion()
+    (accumulated,) = final.choices[0].message.tool_calls or []
+    assert accumulated.function.name == call["function"]["name"]
+    assert accumulated.function.arguments == call["function"]["arguments"]
+    assert final.choices[0].finish_reason == whole_finish
+
+
 #: a conversation that went through one tool call: the history a client sends back
 HISTORY: list[dict[str, Any]] = [
     *WEATHER_Q,

@@ -187,6 +187,10 @@ def test_sampling_fields_chat_takes_are_taken(echo: Any) -> None:
         ({"n": 99}, "n"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
         ({"echo": True, "prompt": [1, 2]}, "echo"),  # echo has no tokenizer to decode ids
+        ({"prompt_logprobs": 1}, "prompt_logprobs"),  # echo computes no prompt logprobs
+        ({"prompt_logprobs": 0}, "prompt_logprobs"),
+        ({"prompt_logprobs": 21}, "prompt_logprobs"),
+        ({"return_token_ids": True}, "return_token_ids"),  # echo has no token ids
         ({"max_tokens": 0}, "max_tokens"),
         ({"max_tokens": 10**9}, "max_tokens"),
         ({"prompt": ""}, "prompt"),

@@ -302,7 +302,8 @@ def test_forced_tool_answer_becomes_tool_calls(constrained: Any) -> None:
     deltas = [e["choices"][0]["delta"] for e in events]
     assert deltas[0] == {"role": "assistant"}
     streamed = [tc for d in deltas for tc in d.get("tool_calls", ())]
-    assert [(tc["index"], tc["function"]["name"]) for tc in streamed] == [(0, "a"), (1, "b")]
+    named_deltas = [tc for tc in streamed if "name" in tc["function"]]
+    assert [(tc["index"], tc["function"]["name"]) for tc in named_deltas] == [(0, "a"), (1, "b")]
     assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
     # named: the id, type and name first, then the arguments in the engine's pieces
     named = chat_body('{"a": "x y z"}', tools=tools,
@@ -329,3 +330,60 @@ def test_forced_tool_answer_becomes_tool_calls(constrained: Any) -> None:
     choice = r.json()["choices"][0]
     assert (choice["finish_reason"], choice["message"]["tool_calls"]) == ("length", [])
     assert choice["message"]["content"]
+
+
+def _stream_events(client: Any, body: dict[str, Any]) -> list[dict[str, Any]]:
+    r = client.post("/v1/chat/completions", json={**body, "stream": True}, headers=API)
+    assert r.status_code == 200, r.text
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def test_required_stream_sends_arguments_in_pieces(constrained: Any) -> None:
+    """`required`: each call named once, its arguments in pieces joining to the whole answer's.
+
+    Echo's "model output" is the JSON array the constraint would force (echo forces nothing),
+    spaced oddly: the pieces are the arguments as `json.dumps` renders them, as the whole.
+    """
+    answer = ('[{"name": "a", "parameters": {"q": "x y z", "n": [1, 2.0]}},'
+              ' {"parameters": {"q": "w"}, "name": "b"}]')  # fmt: skip
+    body = chat_body(answer, tools=[fn("a", parameters=OBJ), fn("b")], tool_choice="required")
+    whole = constrained.post("/v1/chat/completions", json=body, headers=API).json()["choices"][0]
+    assert whole["finish_reason"] == "tool_calls"
+    chunks = _stream_events(constrained, body)
+    deltas = [
+        tc
+        for c in chunks
+        if c["choices"]
+        for tc in c["choices"][0]["delta"].get("tool_calls") or []
+    ]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    firsts = {}
+    joined: dict[int, str] = {}
+    for tc in deltas:
+        if tc["index"] not in firsts:
+            firsts[tc["index"]] = tc
+            assert tc["id"].startswith("chatcmpl-tool-")
+            assert tc["type"] == "function"
+            joined[tc["index"]] = ""
+        else:
+            assert set(tc) == {"index", "function"}
+        joined[tc["index"]] += tc["function"]["arguments"]
+    assert len([tc for tc in deltas if tc["index"] == 0]) > 2  # in pieces, not whole at the end
+    assert [firsts[k]["function"]["name"] for k in sorted(firsts)] == ["a", "b"]
+    assert [joined[k] for k in sorted(joined)] == [
+        c["function"]["arguments"] for c in whole["message"]["tool_calls"]
+    ]
+    assert joined[0] == '{"q": "x y z", "n": [1, 2.0]}'
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    assert not any(c["choices"][0]["delta"].get("content") for c in chunks if c["choices"])
+
+
+def test_required_stream_not_json_stays_content(constrained: Any) -> None:
+    """Text that never became a call (no constraint on echo) streams as content, as whole."""
+    body = chat_body("no calls here", tools=[fn("a")], tool_choice="required")
+    chunks = _stream_events(constrained, body)
+    content = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert content == "no calls here"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"

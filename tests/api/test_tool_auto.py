@@ -3,8 +3,10 @@
 The fake (tests/fakes/adapters.py `ToolAutoEchoAdapter`) echoes the user's text and carries
 vLLM's Hermes parser, so each test chooses the "model output": calls become `tool_calls` with
 `finish_reason: "tool_calls"`, the text before them stays content, plain text stays plain, and a
-stream sends content until `<tool_call>` starts, then the calls at the end. Echo without a parser
-still refuses `auto` by name. The real model: tests/engines/test_structured_transformers.py.
+stream sends content until `<tool_call>` starts, then each call's name and its arguments in
+pieces that join to the whole answer's (and rebuild through the official client's stream
+accumulation). Echo without a parser still refuses `auto` by name. The real model:
+tests/engines/test_structured_transformers.py and test_structured_vllm.py.
 """
 
 from __future__ import annotations
@@ -106,19 +108,68 @@ def test_auto_unreadable_call_stays_content(toolauto: Any) -> None:
 
 
 def test_auto_stream_call(toolauto: Any) -> None:
-    """Content streams until the call starts; the call comes whole, then `tool_calls`."""
+    """Content streams until the call starts; then its name, then its arguments in pieces."""
     chunks = _stream(toolauto, f"Let me check. {CALL}")
     deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
     assert deltas[0]["role"] == "assistant"
     content = "".join(d.get("content") or "" for d in deltas)
     assert content == "Let me check. "
     calls = [tc for d in deltas for tc in d.get("tool_calls") or []]
-    assert len(calls) == 1
-    assert calls[0]["index"] == 0
-    assert calls[0]["function"]["name"] == "get_weather"
-    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris"}
+    assert len(calls) > 2  # the name, then the arguments as the echo's tokens arrive
+    assert all(c["index"] == 0 for c in calls)
+    first, rest = calls[0], calls[1:]
+    assert first["id"].startswith("chatcmpl-tool-")
+    assert (first["type"], first["function"]["name"]) == ("function", "get_weather")
+    assert all(set(c) == {"index", "function"} and set(c["function"]) == {"arguments"}
+               for c in rest)  # fmt: skip
+    arguments = "".join(c["function"]["arguments"] for c in calls)
+    assert arguments == '{"city": "Paris"}'
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
     assert "<tool_call>" not in content
+
+
+#: two calls, the second with its arguments before its name, oddly spaced and escaped
+ODD = (
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par\\u00eds", "days": [1 , 2.50]}}'
+    '\n</tool_call>\n<tool_call>\n{ "arguments" : {"city":"Rome"} , "name" : "get_weather" }'
+    "\n</tool_call>"
+)
+
+
+@pytest.mark.parametrize("text", [CALL, ODD, f"Sure. {CALL} {CALL}"], ids=["one", "odd", "two"])
+def test_auto_streamed_arguments_equal_the_whole(toolauto: Any, text: str) -> None:
+    """Joined pieces equal the whole answer's arguments; the client's accumulation agrees."""
+    from openai.lib.streaming.chat import ChatCompletionStreamState  # noqa: PLC0415
+    from openai.types.chat import ChatCompletionChunk  # noqa: PLC0415
+
+    r = toolauto.post("/v1/chat/completions", json=chat_body(text, tools=TOOLS), headers=API)
+    assert r.status_code == 200, r.text
+    whole = r.json()["choices"][0]
+    state: Any = ChatCompletionStreamState()
+    for chunk in _stream(toolauto, text):
+        state.handle_chunk(ChatCompletionChunk.model_validate(chunk))
+    streamed = state.get_final_completion().choices[0]
+    assert streamed.finish_reason == whole["finish_reason"] == "tool_calls"
+    assert (streamed.message.content or None) == whole["message"]["content"]
+    calls = [(c.function.name, c.function.arguments) for c in streamed.message.tool_calls]
+    assert calls == [
+        (c["function"]["name"], c["function"]["arguments"]) for c in whole["message"]["tool_calls"]
+    ]
+    for _, arguments in calls:
+        assert isinstance(json.loads(arguments)["city"], str)
+
+
+def test_auto_stream_cut_inside_a_call(toolauto: Any) -> None:
+    """Cut by max_tokens inside the arguments: the call went out named, the reason is length."""
+    chunks = _stream(toolauto, CALL, max_tokens=4)
+    calls = [
+        tc
+        for c in chunks
+        if c["choices"]
+        for tc in c["choices"][0]["delta"].get("tool_calls") or []
+    ]
+    assert calls[0]["function"]["name"] == "get_weather"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
 
 
 def test_auto_stream_plain_text(toolauto: Any) -> None:

@@ -20,15 +20,18 @@ import pytest
 from openai.types.chat import ChatCompletionToolParam
 from structured_cases import (
     CASES,
+    HERMES_CALL,
     HISTORY,
     QUESTION,
     SCHEMA,
     SCHEMAS,
+    STREAMED_TOOL_CASES,
     TOOL_CASES,
     TOOLS,
     UNCOMPILABLE,
     WEATHER_Q,
     ask_tools,
+    check_arguments_stream,
     check_case,
     check_tool_case,
 )
@@ -120,13 +123,6 @@ def test_tool_history_is_templated(url: str) -> None:
     assert "tool_calls" not in r.json()["choices"][0]["message"]
 
 
-#: the Hermes format, forced on the real model so it emits a call the parser must read
-HERMES_CALL = (
-    r'<tool_call>\n\{"name": "get_weather", "arguments": '
-    r'\{"city": "[A-Z][a-z]{2,8}", "unit": "(celsius|fahrenheit)"\}\}\n</tool_call>'
-)
-
-
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 def test_auto_tool_choice_parses_hermes(url: str, stream: bool) -> None:
     """`auto` with the preset's hermes parser: forced Hermes text comes back as a valid call.
@@ -143,6 +139,12 @@ def test_auto_tool_choice_parses_hermes(url: str, stream: bool) -> None:
     assert call["id"].startswith("chatcmpl-tool-")
     assert call["function"]["name"] == "get_weather"
     jsonschema.validate(json.loads(call["function"]["arguments"]), SCHEMAS["get_weather"])
+
+
+@pytest.mark.parametrize("case", sorted(STREAMED_TOOL_CASES))
+def test_streamed_arguments_join_to_the_whole(url: str, case: str) -> None:
+    """Arguments stream in pieces (required, named, auto) that join to the whole answer's."""
+    check_arguments_stream(url, MODEL, API_KEY, case)
 
 
 def test_openai_client_tools(url: str) -> None:

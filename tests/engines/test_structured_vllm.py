@@ -18,14 +18,16 @@ from structured_cases import (
     CASES,
     HISTORY,
     QUESTION,
+    STREAMED_TOOL_CASES,
     TOOL_CASES,
     TOOLS,
     UNCOMPILABLE,
+    check_arguments_stream,
     check_case,
     check_tool_case,
 )
 
-from helpers import ADMIN, API, ROOT, LiveServer, make_settings
+from helpers import ADMIN, API, API_KEY, ROOT, LiveServer, make_settings
 from registry.registry import AdapterRegistry
 from schemas.tools import from_request as tools_from_request
 from service.app import create_app
@@ -76,6 +78,12 @@ def test_uncompilable_constraint_is_a_400(url: str, fields: dict[str, object], p
 def test_forced_tool_calls(url: str, case: str, stream: bool) -> None:
     """`required` and a named function give calls that validate, whole and streamed."""
     check_tool_case(url, PRESET, case, stream=stream)
+
+
+@pytest.mark.parametrize("case", sorted(STREAMED_TOOL_CASES))
+def test_streamed_arguments_join_to_the_whole(url: str, case: str) -> None:
+    """Arguments stream in pieces (required, named, auto) that join to the whole answer's."""
+    check_arguments_stream(url, PRESET, API_KEY, case)
 
 
 def test_tool_history(url: str) -> None:

@@ -177,6 +177,16 @@ def test_completions_logprobs(oai: openai.OpenAI) -> None:
     checks.check_logprobs(oai, MODEL)
 
 
+def test_completions_token_ids(oai: openai.OpenAI) -> None:
+    """`return_token_ids` and a streamed `echo` carry the ids where vLLM's server puts them."""
+    checks.check_token_ids(oai, MODEL)
+
+
+def test_completions_prompt_logprobs_refused(oai: openai.OpenAI) -> None:
+    """The transformers backend computes no prompt logprobs: refused by name, with echo's too."""
+    checks.check_prompt_logprobs_refused(oai, MODEL)
+
+
 def test_tokenize_detokenize_round_trip(loaded: LiveServer) -> None:
     """/tokenize and /detokenize use the loaded tokenizer: the ids are the model tokenizer's."""
     checks.check_tokenize_round_trip(loaded.url, MODEL, 2048)

@@ -198,6 +198,16 @@ def test_completions_logprobs(oai: openai.OpenAI) -> None:
     checks.check_logprobs(oai, PRESET)
 
 
+def test_completions_token_ids(oai: openai.OpenAI) -> None:
+    """`return_token_ids` and a streamed `echo` carry the ids where vLLM's server puts them."""
+    checks.check_token_ids(oai, PRESET)
+
+
+def test_completions_prompt_logprobs(oai: openai.OpenAI) -> None:
+    """`prompt_logprobs` and `echo` with `logprobs`: the prompt's logprobs, vLLM's shapes."""
+    checks.check_prompt_logprobs(oai, PRESET)
+
+
 def test_tokenize_detokenize_round_trip(server: LiveServer, loaded: dict[str, Any]) -> None:
     """/tokenize and /detokenize use vLLM's tokenizer: the ids are the model tokenizer's."""
     checks.check_tokenize_round_trip(server.url, PRESET, 2048)
