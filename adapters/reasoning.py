@@ -41,6 +41,7 @@ from typing import Literal
 
 from attrs import frozen
 
+from adapters.text import tag_overlap
 from schemas.suggest import unknown
 
 OPEN_TAG = "<think>"
@@ -64,14 +65,6 @@ def split_reasoning(text: str, *, start: Start = "outside") -> tuple[str, str]:
             return "", text
     reasoning, tag, content = text.partition(CLOSE_TAG)
     return (reasoning, content) if tag else (text, "")
-
-
-def _partial_tag_suffix(text: str, tag: str) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of `tag`."""
-    for n in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:n]):
-            return n
-    return 0
 
 
 class ReasoningSplitter:
@@ -117,7 +110,7 @@ class ReasoningSplitter:
         if end >= 0:
             self._state = _CONTENT
             return buf[:end], buf[end + len(CLOSE_TAG) :]
-        keep = _partial_tag_suffix(buf, CLOSE_TAG)
+        keep = tag_overlap(buf, CLOSE_TAG)
         if keep:
             self._held = buf[-keep:]
             return buf[:-keep], ""

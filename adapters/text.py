@@ -92,3 +92,15 @@ class StopMatcher:
         """Return held-back text at the end of the stream (no stop string completed)."""
         out, self._buffer = ("" if self.stopped else self._buffer), ""
         return out
+
+
+def tag_overlap(text: str, tag: str) -> int:
+    """Length of the longest end of `text` that begins `tag` (held back while a tag may follow).
+
+    The one copy of the hold-back rule that tool-call parsing, the reasoning split and the
+    streamed tool frames share: a piece of a tag never leaves before the tag is decided.
+    """
+    for size in range(min(len(tag) - 1, len(text)), 0, -1):
+        if tag.startswith(text[-size:]):
+            return size
+    return 0

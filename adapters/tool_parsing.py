@@ -29,6 +29,7 @@ from typing import Any
 
 from attrs import define, field, frozen
 
+from adapters.text import tag_overlap
 from schemas.errors import InvalidRequestError
 from schemas.generation import ToolCall
 from schemas.validators import FieldValueError
@@ -147,14 +148,6 @@ def _canonical_char(ch: str) -> str:
     return ch
 
 
-def _tag_overlap(text: str, tag: str) -> int:
-    """Length of the longest suffix of `text` that begins `tag`."""
-    for size in range(min(len(tag) - 1, len(text)), 0, -1):
-        if tag.startswith(text[-size:]):
-            return size
-    return 0
-
-
 @define
 class StreamedCall:
     """One call as read so far: its name once complete, its arguments' canonical pieces."""
@@ -220,7 +213,7 @@ class CallStream:
                 buf = self._tag_buf + text[i:]
                 at = buf.find(tag)
                 if at < 0:
-                    self._tag_buf = buf[len(buf) - _tag_overlap(buf, tag) :]
+                    self._tag_buf = buf[len(buf) - tag_overlap(buf, tag) :]
                     break
                 self._seeking, self._tag_buf = False, ""
                 text, i = buf[at + len(tag) :], 0

@@ -40,6 +40,7 @@ from litestar.types import Receive
 
 from adapters.base import BaseAdapter, Capabilities
 from adapters.kit.sampling import GATED_FIELDS
+from adapters.text import tag_overlap
 from adapters.tool_parsing import CallStream, ToolCallParser
 from hooks.base import HIDDEN_HEADERS, Exchange, HookCall
 from hooks.chain import HookChain, HookSet
@@ -904,7 +905,7 @@ class Run:
                         held[i] = True
                         upto = at
                     else:
-                        upto = len(tail) - _tag_overlap(tail, start)
+                        upto = len(tail) - tag_overlap(tail, start)
                     pending[i] = tail[upto:]
                     if upto or (delta.token_count and not role_sent[i]):
                         chunk = enc.delta(i, tail[:upto], role=not role_sent[i])
@@ -1201,14 +1202,6 @@ def _parser_options(req: ChatCompletionRequest, options: ChatOptions, adapter: A
     if isinstance(parser, ToolCallParser) and parser.keeps_special_tokens:
         return attrs.evolve(options, skip_special_tokens=False)
     return options
-
-
-def _tag_overlap(text: str, tag: str) -> int:
-    """Length of the longest end of `text` that begins `tag` (held back from the stream)."""
-    for k in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:k]):
-            return k
-    return 0
 
 
 def _call_chunks(
