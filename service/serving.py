@@ -302,7 +302,9 @@ class ChatServing:
             served,
             structured=structured,
             tools=tools,
-            options=_parser_options(req, chat_options(req), loaded.adapter),
+            options=_parser_options(
+                req, chat_options(req, "prompt_logprobs" in caps.features), loaded.adapter
+            ),
         )
 
     def _token_budget(self, req: ChatCompletionRequest, caps: Capabilities) -> tuple[int, bool]:
@@ -1371,8 +1373,14 @@ def parse_logit_bias(value: dict[str, float] | None) -> tuple[tuple[int, float],
     return tuple(out)
 
 
-def chat_options(req: ChatCompletionRequest) -> ChatOptions:
-    """The chat-template extensions of `req` (features already checked); 400 when refused."""
+def chat_options(req: ChatCompletionRequest, prompt_logprobs: bool = False) -> ChatOptions:
+    """The chat-template extensions of `req` (features already checked); 400 when refused.
+
+    `prompt_logprobs`: the backend computes them, so a whole `echo` answer carries the prompt's
+    logprobs unasked, with `top_logprobs` alternatives, as vLLM's chat server does
+    (`ChatCompletionRequest.to_sampling_params`: echo without prompt_logprobs takes
+    top_logprobs, default 0).
+    """
     if req.prompt_logprobs and req.stream:
         # vLLM's own rule and wording: prompt logprobs come with whole responses only
         raise InvalidRequestError(
@@ -1391,7 +1399,11 @@ def chat_options(req: ChatCompletionRequest) -> ChatOptions:
         skip_special_tokens=req.skip_special_tokens,
         spaces_between_special_tokens=req.spaces_between_special_tokens,
         return_token_ids=bool(req.return_token_ids),
-        prompt_logprobs=req.prompt_logprobs,
+        prompt_logprobs=(
+            req.top_logprobs or 0
+            if req.prompt_logprobs is None and req.echo and prompt_logprobs and not req.stream
+            else req.prompt_logprobs
+        ),
         echo=req.echo,
     )
 

@@ -175,7 +175,7 @@ def template_switches(oai: openai.OpenAI, model: str) -> None:
     assert "<|im_end|>" in texts[1]
 
 
-def token_ids_and_echo(oai: openai.OpenAI, model: str) -> None:
+def token_ids_and_echo(oai: openai.OpenAI, model: str, *, prompt_logprobs: bool = False) -> None:
     """return_token_ids and echo, whole and streamed, shaped as vLLM's server shapes them.
 
     The assistant's started answer is continued (continue_final_message) and echoed back in
@@ -204,6 +204,15 @@ def token_ids_and_echo(oai: openai.OpenAI, model: str) -> None:
     assert len(prompt_ids) == whole.usage.prompt_tokens
     assert tok.decode(ids, skip_special_tokens=True) == content[len(started) :]
     assert tok.decode(prompt_ids).endswith(started)
+    # vLLM's chat server: a whole echo carries the prompt's logprobs unasked (0 alternatives),
+    # where the backend computes them (`prompt_logprobs`); one entry per prompt token, the first
+    # null; a backend without them answers the echo without the key
+    assert ("prompt_logprobs" in whole.model_extra) is prompt_logprobs
+    if prompt_logprobs:
+        prompt_lps = whole.model_extra["prompt_logprobs"]
+        assert len(prompt_lps) == len(prompt_ids)
+        assert prompt_lps[0] is None
+        assert all(len(p) == 1 for p in prompt_lps[1:])
     streamed_ids: list[int] = []
     streamed_prompt: list[int] | None = None
     texts: list[str] = []

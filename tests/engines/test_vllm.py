@@ -134,7 +134,7 @@ def test_chat_template_extensions(oai: openai.OpenAI) -> None:
 
 def test_token_ids_and_echo(oai: openai.OpenAI) -> None:
     """return_token_ids and echo, whole and streamed, as vLLM's server shapes them."""
-    sampling_checks.token_ids_and_echo(oai, PRESET)
+    sampling_checks.token_ids_and_echo(oai, PRESET, prompt_logprobs=True)
 
 
 def test_prompt_logprobs(oai: openai.OpenAI) -> None:

@@ -81,6 +81,22 @@ def test_prompt_logprobs_with_stream_is_vllms_400() -> None:
     assert chat_options(request(prompt_logprobs=1)).prompt_logprobs == 1
 
 
+def test_a_whole_echo_asks_the_prompts_logprobs_where_the_backend_has_them() -> None:
+    """The chat rule of vLLM: echo without prompt_logprobs takes top_logprobs (default 0)."""
+    assert chat_options(request(echo=True), prompt_logprobs=True).prompt_logprobs == 0
+    both = request(echo=True, logprobs=True, top_logprobs=3)
+    assert chat_options(both, prompt_logprobs=True).prompt_logprobs == 3
+    assert (
+        chat_options(request(echo=True, prompt_logprobs=1), prompt_logprobs=True).prompt_logprobs
+        == 1
+    )
+    # not asked where the backend has none, nor on a stream (vLLM sends none in chunks)
+    assert chat_options(request(echo=True)).prompt_logprobs is None
+    assert (
+        chat_options(request(echo=True, stream=True), prompt_logprobs=True).prompt_logprobs is None
+    )
+
+
 def test_only_the_templates_own_variables_are_passed_on() -> None:
     """The allowlist is the model's template: what it reads, nothing the tokenizer call takes."""
     from adapters.kit.tokens import template_variables  # noqa: PLC0415
