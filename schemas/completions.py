@@ -20,7 +20,13 @@ from cattrs.gen import make_dict_unstructure_fn, override
 
 from schemas.converter import converter
 from schemas.errors import UnsupportedParameterError
-from schemas.openai import StopField, StreamOptions, _check_seed, check_stream_options
+from schemas.openai import (
+    StopField,
+    StreamOptions,
+    _check_seed,
+    check_min_tokens,
+    check_stream_options,
+)
 from schemas.validators import in_range
 
 #: most token ids one prompt (completions, detokenize) may carry: above any context we serve
@@ -127,6 +133,7 @@ def check_completion_request(req: CompletionRequest) -> None:
             "stream_options.continuous_usage_stats is not supported",
             param="stream_options.continuous_usage_stats",
         )
+    check_min_tokens(req.min_tokens, req.max_tokens)
 
 
 @frozen

@@ -298,6 +298,16 @@ def check_chat_request(req: ChatCompletionRequest) -> None:
     check_stream_options(req.stream, req.stream_options)
     if req.top_logprobs and not req.logprobs:
         raise InvalidRequestError("top_logprobs requires logprobs: true", param="top_logprobs")
+    check_min_tokens(req.min_tokens, req.max_completion_tokens or req.max_tokens)
+
+
+def check_min_tokens(min_tokens: int, max_tokens: int | None) -> None:
+    """`min_tokens` above a set `max_tokens` can never be met: vLLM's 400 and wording."""
+    if max_tokens is not None and min_tokens > max_tokens:
+        raise InvalidRequestError(
+            f"min_tokens must be less than or equal to max_tokens={max_tokens}, got {min_tokens}.",
+            param="min_tokens",
+        )
 
 
 @frozen

@@ -289,10 +289,9 @@ class CompletionRun(Run):
         return out
 
     def _fail(self, exc: BaseException) -> WrapperError:
-        # the context rule words the prompt as "messages" (adapters.kit.context): name ours
+        # the context rule names chat's field (adapters.kit.context): name ours
         if isinstance(exc, InvalidRequestError) and exc.param == "messages":
             exc.param = "prompt"
-            exc.message = exc.message.replace("messages", "prompt")
         return super()._fail(exc)
 
     # --- streaming -----------------------------------------------------------------------------

@@ -192,6 +192,30 @@ def check_sampling_caps(
         )
 
 
+def _blame_parser(
+    exc: UnsupportedParameterError, req: ChatCompletionRequest, loaded: LoadedModel
+) -> UnsupportedParameterError:
+    """`exc`, reworded when the backend has the field and only the reasoning parser refuses it.
+
+    A reasoning parser narrows the backend's features (`adapters.reasoning_adapter`); its refusal
+    must say so, or the user is told the backend lacks what it has.
+    """
+    parser = loaded.plan.reasoning_parser
+    inner = getattr(loaded.adapter, "inner", None)
+    if parser is None or inner is None:
+        return exc
+    try:
+        check_capabilities(req, inner.capabilities, loaded.plan.backend.name)
+    except UnsupportedParameterError:
+        return exc  # the backend itself refuses it: its own message says why
+    return UnsupportedParameterError(
+        f"{exc.param} is not available with reasoning parser '{parser}': backend "
+        f"'{loaded.plan.backend.name}' has it, but it would fight the reasoning split "
+        "(load without the parser, or with reasoning_parser 'none', to use it)",
+        param=exc.param,
+    )
+
+
 def check_capabilities(req: ChatCompletionRequest, caps: Capabilities, backend: str) -> None:
     """What a chat request asks of the loaded adapter, refused by name where it cannot honour it.
 
@@ -269,7 +293,10 @@ class ChatServing:
                 code="model_not_found",
             )
         caps: Capabilities = loaded.adapter.capabilities
-        check_capabilities(req, caps, loaded.plan.backend.name)
+        try:
+            check_capabilities(req, caps, loaded.plan.backend.name)
+        except UnsupportedParameterError as exc:
+            raise _blame_parser(exc, req, loaded) from None
         # after the capability check: a backend without the feature refuses it by name first
         structured, tools = constraint_of(req)
         max_tokens, default_max = self._token_budget(req, caps)
@@ -1034,7 +1061,8 @@ class Run:
                 index=i,
                 message=AssistantMessage(
                     self.role,
-                    echo + "".join(texts[i]),
+                    # vLLM's reasoning parsers give no answer part as null, not ""
+                    (echo + "".join(texts[i])) or (None if with_reasoning else ""),
                     "".join(reasoning[i]) or None,
                     with_reasoning,
                 ),

@@ -34,15 +34,15 @@ def context_exceeded(
     if max_tokens is not None and prompt_tokens is not None:
         asked = (
             f"the request asks for {prompt_tokens + max_tokens} ({prompt_tokens} in the "
-            f"messages, max_tokens {max_tokens})"
+            f"prompt, max_tokens {max_tokens})"
         )
     elif prompt_tokens is not None:
-        asked = f"the messages take {prompt_tokens}, which leaves no room for a completion"
+        asked = f"the prompt takes {prompt_tokens}, which leaves no room for a completion"
     else:
-        asked = "the messages take more, which leaves no room for a completion"
+        asked = "the prompt takes more, which leaves no room for a completion"
     return InvalidRequestError(
         f"This model's maximum context length is {limit} tokens; {asked}. "
-        "Shorten the messages or lower max_tokens.",
+        "Shorten the prompt or lower max_tokens.",
         param="messages" if max_tokens is None else "max_tokens",
         code=CODE,
     )

@@ -35,6 +35,8 @@ adapters:
     module: fakes.adapters:CrashingAdapter
   sampling-echo:
     module: fakes.adapters:SamplingEchoAdapter
+  constrained-echo:
+    module: fakes.adapters:ConstrainedEchoAdapter
 models:
   echo: {backend: echo, model: echo}
   r1-echo: {backend: echo, model: echo, reasoning_parser: deepseek_r1}
@@ -111,7 +113,7 @@ def test_without_a_parser_the_same_text_is_all_content(client: Any) -> None:
 @pytest.mark.parametrize(
     ("parser", "expected"),
     [
-        ("deepseek_r1", {"content": "", "reasoning_content": "Paris is the capital"}),
+        ("deepseek_r1", {"content": None, "reasoning_content": "Paris is the capital"}),
         ("think", {"content": "Paris is the capital", "reasoning_content": None}),
     ],
 )
@@ -121,6 +123,25 @@ def test_untagged_output_follows_each_parsers_rule(
     """Echo cannot show a rendered prompt: deepseek_r1 takes vLLM's rule, think gives content."""
     load(client, backend="echo", model="echo", reasoning_parser=parser)
     assert whole(client, "Paris is the capital")["message"] == {"role": "assistant", **expected}
+
+
+def test_a_field_only_the_parser_refuses_says_so(client: Any) -> None:
+    """The backend has response_format; under a parser the 400 blames the parser, not it."""
+    body = chat_body("hi", response_format={"type": "json_object"})
+    load(client, backend="constrained-echo", model="echo")
+    assert client.post(CHAT, json=body, headers=API).status_code == 200
+    load(client, backend="constrained-echo", model="echo", reasoning_parser="think", replace=True)
+    r = client.post(CHAT, json=body, headers=API)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "response_format"
+    assert "reasoning parser 'think'" in error["message"]
+    assert "backend 'constrained-echo' has it" in error["message"]
+    # what the backend itself lacks keeps the backend's own refusal
+    load(client, backend="echo", model="echo", reasoning_parser="think", replace=True)
+    r = client.post(CHAT, json=body, headers=API)
+    assert r.status_code == 400, r.text
+    assert "reasoning parser" not in r.json()["error"]["message"]
 
 
 def test_completions_pass_through_unsplit(client: Any) -> None:

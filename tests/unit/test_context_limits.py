@@ -137,8 +137,8 @@ async def test_context_limit_rule_is_the_same_on_every_backend(
             )
             assert refused.value.message == (
                 f"This model's maximum context length is {LIMIT} tokens; the request asks for "
-                f"{prompt + asked} ({prompt} in the messages, max_tokens {asked}). "
-                "Shorten the messages or lower max_tokens."
+                f"{prompt + asked} ({prompt} in the prompt, max_tokens {asked}). "
+                "Shorten the prompt or lower max_tokens."
             )
         # the request set no max_tokens: the service passes the whole context, the room is used
         _, completion = await _run(
@@ -152,7 +152,7 @@ async def test_context_limit_rule_is_the_same_on_every_backend(
             "messages",
         )
         assert too_long.value.message.startswith(
-            f"This model's maximum context length is {LIMIT} tokens; the messages take "
+            f"This model's maximum context length is {LIMIT} tokens; the prompt takes "
         )
     finally:
         await adapter.unload()

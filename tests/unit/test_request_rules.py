@@ -45,6 +45,8 @@ CHAT_RULES: list[Row] = [
      "stream_options", "stream_options is only allowed when stream is true"),
     ({"logprobs": False, "top_logprobs": 3}, InvalidRequestError, "top_logprobs",
      "top_logprobs requires logprobs: true"),
+    ({"min_tokens": 10, "max_tokens": 5}, InvalidRequestError, "min_tokens",
+     "min_tokens must be less than or equal to max_tokens=5, got 10."),
 ]  # fmt: skip
 
 #: more ways to break the same rules (edge values the rules must catch)
@@ -67,6 +69,9 @@ CHAT_MORE: list[Row] = [
      "stream_options is only allowed when stream is true"),
     ({"logprobs": False, "top_logprobs": 20}, InvalidRequestError, "top_logprobs",
      "top_logprobs requires logprobs: true"),
+    # max_completion_tokens wins over max_tokens, as for the budget
+    ({"min_tokens": 3, "max_tokens": 50, "max_completion_tokens": 2}, InvalidRequestError,
+     "min_tokens", "min_tokens must be less than or equal to max_tokens=2, got 3."),
 ]  # fmt: skip
 
 #: values every rule accepts (unset, empty, or what the rule allows)
@@ -177,6 +182,8 @@ COMPLETION_RULES: list[Row] = [
     ({"stream": True, "stream_options": {"continuous_usage_stats": True}},
      UnsupportedParameterError, "stream_options.continuous_usage_stats",
      "stream_options.continuous_usage_stats is not supported"),
+    ({"min_tokens": 17}, InvalidRequestError, "min_tokens",
+     "min_tokens must be less than or equal to max_tokens=16, got 17."),
 ]  # fmt: skip
 
 COMPLETION_MORE: list[Row] = [
