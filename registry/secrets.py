@@ -50,13 +50,16 @@ class SecretStoreFullError(ParamsValidationError):
 def _forms(value: str) -> set[str]:
     """Every form the value takes in our outputs.
 
-    Raw, JSON (ASCII-escaped as the stdlib writes it, raw UTF-8 as msgspec does), and the URL
+    Raw, JSON (ASCII-escaped as the stdlib writes it, raw UTF-8 as msgspec does), Python's
+    `repr` and `ascii` escapes (error messages quote a field's value with `!r`), and the URL
     encodings clients and libraries use.
     """
     return {
         value,
         json.dumps(value)[1:-1],
         json.dumps(value, ensure_ascii=False)[1:-1],
+        repr(value)[1:-1],
+        ascii(value)[1:-1],
         quote(value, safe=""),
         quote(value),
         quote_plus(value),

@@ -132,8 +132,10 @@ def _secrets(request: Request[Any, Any, Any]) -> SecretStore:
 def wrapper_error_payload(
     mask: Callable[[str], str], exc: WrapperError
 ) -> tuple[int, dict[str, Any], dict[str, str]]:
-    """Status, envelope and headers of one of our errors (message masked once more)."""
-    detail = ErrorDetail(mask(exc.message), exc.error_type, exc.param, exc.code)
+    """Status, envelope and headers of one of our errors (message and param masked once more)."""
+    # `param` too: a field path quotes the request's own keys (an engine_params key may be one)
+    param = mask(exc.param) if exc.param is not None else None
+    detail = ErrorDetail(mask(exc.message), exc.error_type, param, exc.code)
     if exc.status_code >= 500 and exc.status_code != 503:  # 503 is routine (loading, not ready)
         logger.warning("request failed: %s (%s)", detail.message, exc.code)
     body: dict[str, Any] = {"error": unstructure(detail)}

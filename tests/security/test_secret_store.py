@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import httpx
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from litestar.testing import TestClient
@@ -77,6 +78,23 @@ def test_refused_env_keys_values_are_never_stored(client: TestClient[Any]) -> No
     assert client.post("/v1/model/load", json=body, headers=ADMIN).status_code in (400, 422)
     assert "refused-value-0002" not in store
     assert store.count == before
+
+
+@pytest.mark.parametrize("canary", ["CANARY\x7fsec8a", "CANARY\x85sec8b", "CANARY\u2028'q\"c"])
+def test_a_secret_quoted_by_repr_in_an_error_stays_masked(
+    client: TestClient[Any], canary: str
+) -> None:
+    """Error messages quote a field with `!r`: its escapes are a form of the secret too."""
+    store: SecretStore = client.app.state.secrets
+    store.add(canary)
+    for body in (
+        {"preset": "echo", "reasoning_parser": canary},
+        {"preset": "echo", "engine_params": {f"x{canary}": 1}},
+    ):
+        r = client.post("/v1/model/validate", json=body, headers=ADMIN)
+        assert r.status_code == 422, r.text
+        for form in (canary, repr(canary)[1:-1], ascii(canary)[1:-1], "sec8"):
+            assert form not in r.text, (form, r.text)
 
 
 def test_the_bound_refuses_the_load_and_keeps_masking(app_factory: Any) -> None:
