@@ -63,7 +63,7 @@ from adapters.kit.threads import (
     stream_deltas,
 )
 from adapters.kit.tokens import TokenOps, template_variables
-from adapters.text import StopMatcher
+from adapters.text import StopMatcher, tag_overlap
 from schemas.errors import (
     ConflictError,
     EngineError,
@@ -164,6 +164,7 @@ __all__ = [
     "parse_model_ref",
     "reap",
     "stream_deltas",
+    "tag_overlap",
     "template_variables",
     "valid_allow_entry",
 ]

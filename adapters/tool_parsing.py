@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import warnings
 from types import SimpleNamespace
 from typing import Any
@@ -76,6 +77,15 @@ class ParsedCalls:
     calls: tuple[ToolCall, ...]
 
 
+class _OneLine(logging.Filter):
+    """Keeps a record, without its traceback (see `ToolCallParser.__init__`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info = None
+        record.exc_text = None
+        return True
+
+
 class ToolCallParser:
     """One loaded model's tool-call parser (vLLM's class, built with the model's tokenizer)."""
 
@@ -90,6 +100,11 @@ class ToolCallParser:
         self.keeps_special_tokens = name in _KEEP_SPECIAL_TOKENS
         """Requests with tools keep special tokens in the text (vLLM's `adjust_request`)."""
         self._tokenizer = tokenizer
+        # a model's unreadable call makes vLLM's parser log a whole traceback at ERROR: any client
+        # could flood the log with them; one line each says the same (the text stays content)
+        parser_log = logging.getLogger(self._cls.__module__)
+        if not any(isinstance(f, _OneLine) for f in parser_log.filters):
+            parser_log.addFilter(_OneLine())
         self.start: str = str(getattr(self._cls, "tool_call_start_token", "<tool_call>"))
         """The text that opens a call: a stream holds its text back from here."""
         self._cls(tokenizer)  # fails at load, not at the first request

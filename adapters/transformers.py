@@ -42,6 +42,7 @@ from adapters.base import (
 )
 from adapters.bundled import check_model_source, resolve_model_source
 from adapters.kit.context import fit_max_tokens
+from adapters.kit.errors import clean_error_text
 from adapters.kit.models import check_reachable
 from adapters.kit.threads import (
     BridgeClosedError,
@@ -189,6 +190,19 @@ class _Plan:
     return_token_ids: bool = False
     echo: bool = False
     """The first delta carries the prompt's ids (a streamed completions echo sends them)."""
+
+
+#: xgrammar's C++ log prefix (`[16:11:49] /project/cpp/grammar_functor.cc:3567: `)
+_CPP_PREFIX = re.compile(r"^\[[\d:.]+\]\s*\S+:\d+:\s*")
+
+
+def _compiler_reason(exc: BaseException) -> str:
+    """The reason xgrammar gives (first line, no build paths); an internal check is named so."""
+    line = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
+    if _CPP_PREFIX.match(line):
+        # a C++ assertion inside the compiler, not a reason the client can act on
+        return "the grammar compiler rejected it (an internal check failed)"
+    return clean_error_text(line, limit=200)
 
 
 class _StepHook:
@@ -460,9 +474,10 @@ class _Grammars:
                 return compiler.compile_regex(spec)
             return compiler.compile_grammar(spec)
         except (RuntimeError, ValueError) as exc:
-            detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
             raise InvalidRequestError(
-                f"the {kind} constraint does not compile: {detail}", param=structured.param
+                f"the {kind} constraint does not compile: {_compiler_reason(exc)}",
+                param=structured.param,
+                code="invalid_constraint",
             ) from None
 
     def close(self) -> None:

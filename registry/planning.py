@@ -114,6 +114,7 @@ def plan_load(
         sampling_defaults = check_sampling_defaults(preset.sampling_defaults)
     else:
         backend_name = req.backend or ""
+        registry.resolve(backend_name)  # an unknown backend is the first thing to fix: its 404
         if req.model is None:
             raise ParamsValidationError("'model' is required with 'backend'", param="$.model")
         model = req.model

@@ -12,6 +12,7 @@ tests/engines/test_structured_transformers.py and test_structured_vllm.py.
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import pytest
@@ -105,6 +106,20 @@ def test_auto_unreadable_call_stays_content(toolauto: Any) -> None:
     choice = r.json()["choices"][0]
     assert choice["message"]["content"] == text
     assert choice["finish_reason"] == "stop"
+
+
+def test_an_unreadable_call_logs_one_line_not_a_traceback(
+    toolauto: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """VLLM's parser logs its JSON error with a traceback; a client must not flood the log."""
+    text = "<tool_call> {not json} </tool_call>"
+    with caplog.at_level(logging.DEBUG):
+        r = toolauto.post("/v1/chat/completions", json=chat_body(text, tools=TOOLS), headers=API)
+    assert r.status_code == 200, r.text
+    parser_records = [rec for rec in caplog.records if "tool_parsers" in rec.name]
+    assert parser_records  # vLLM's parser did log: the filter keeps the line
+    assert all(rec.exc_info is None and rec.exc_text is None for rec in parser_records)
+    assert "Traceback" not in caplog.text
 
 
 def test_auto_stream_call(toolauto: Any) -> None:

@@ -111,6 +111,25 @@ def test_a_refused_constraint_is_still_a_400_with_the_compilers_reason() -> None
             grammars.compile(bad)
         assert info.value.param == "structured_outputs.grammar"
         assert info.value.message == "the grammar constraint does not compile: undefined rule foo"
+        assert info.value.code == "invalid_constraint"
+    finally:
+        grammars.close()
+
+
+def test_an_internal_compiler_check_reaches_the_client_without_its_build_paths() -> None:
+    """A C++ assertion's text (timestamp, source path, line) is named, not relayed."""
+    error = (
+        "[16:11:49] /project/cpp/grammar_functor.cc:3567: Check failed: (x.has_value()) is false:"
+    )
+    grammars = _Grammars(HeldCompiler(hold=False, error=error), timeout_s=5)
+    try:
+        bad = StructuredOutput("json", '{"type": "object"}', "response_format.json_schema.schema")
+        with pytest.raises(InvalidRequestError) as info:
+            grammars.compile(bad)
+        assert info.value.param == "response_format.json_schema.schema"
+        assert "/project" not in info.value.message
+        assert "grammar_functor" not in info.value.message
+        assert "internal check failed" in info.value.message
     finally:
         grammars.close()
 

@@ -91,6 +91,10 @@ def test_unknown_preset_and_backend_are_404(registry: AdapterRegistry) -> None:
     with pytest.raises(NotFoundError) as caught:
         _plan(registry, backend="nope", model="m")
     assert (caught.value.code, caught.value.param) == ("backend_not_found", "$.backend")
+    # the backend first: without a model it is still the unknown name that is named
+    with pytest.raises(NotFoundError) as caught:
+        _plan(registry, backend="nope")
+    assert (caught.value.code, caught.value.param) == ("backend_not_found", "$.backend")
 
 
 @pytest.mark.parametrize(
