@@ -85,7 +85,10 @@ SIZES: dict[tuple[type[Any], str], tuple[int, int]] = {
     (ChatCompletionRequest, "stop"): (0, 16),
 }
 #: string length limits
-MAX_LENGTH: dict[tuple[type[Any], str], int] = {(LoadRequest, "served_model_name"): 256}
+MAX_LENGTH: dict[tuple[type[Any], str], int] = {
+    (LoadRequest, "served_model_name"): 256,
+    (LoadRequest, "reasoning_parser"): 64,
+}
 
 _SCALARS = (
     st.none()
