@@ -21,6 +21,7 @@ from cattrs.gen import make_dict_unstructure_fn, override
 from schemas.converter import converter
 from schemas.errors import UnsupportedParameterError
 from schemas.openai import (
+    PromptLogprobs,
     StopField,
     StreamOptions,
     _check_seed,
@@ -160,7 +161,7 @@ class CompletionChoice:
     finish_reason: str | None
     stop_reason: str | int | None = None
     token_ids: list[int] | None = None
-    prompt_logprobs: list[dict[str, Any] | None] | None = None
+    prompt_logprobs: PromptLogprobs | None = None
     """Per prompt position null (the first) or {token id: {logprob, rank, decoded_token}}."""
     prompt_token_ids: list[int] | None = None
 

@@ -14,6 +14,7 @@ Must never: import the service or an adapter.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import attrs
@@ -23,6 +24,7 @@ from cattrs.gen import make_dict_unstructure_fn, override
 from schemas.converter import converter
 from schemas.errors import InvalidRequestError, UnsupportedParameterError
 from schemas.features import set_value
+from schemas.generation import PromptPosition
 from schemas.validators import FieldValueError, in_range, min_items
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -311,6 +313,32 @@ def check_min_tokens(min_tokens: int, max_tokens: int | None) -> None:
 
 
 @frozen
+class PromptLogprob:
+    """One token of a prompt position in vLLM's `prompt_logprobs` (a response field only)."""
+
+    logprob: float
+    rank: int | None
+    decoded_token: str
+
+
+#: vLLM's `prompt_logprobs`: per prompt position null (the first) or {token id: PromptLogprob}
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
+def prompt_logprobs_json(positions: Iterable[PromptPosition]) -> PromptLogprobs:
+    """The engine's prompt positions as vLLM sends them (logprobs floored at -9999 for JSON)."""
+    return [
+        None
+        if position is None
+        else {
+            str(token): PromptLogprob(max(lp, -9999.0), rank, text)
+            for token, lp, rank, text in position
+        }
+        for position in positions
+    ]
+
+
+@frozen
 class Usage:
     """Token counts of one request."""
 
@@ -378,7 +406,7 @@ class ChatCompletion:
     system_fingerprint: str | None = None
     prompt_token_ids: list[int] | None = None
     """vLLM's `return_token_ids`: the prompt's token ids (the key is sent only then)."""
-    prompt_logprobs: list[dict[str, Any] | None] | None = None
+    prompt_logprobs: PromptLogprobs | None = None
     """vLLM's `prompt_logprobs` (the key is sent only when asked for)."""
 
 

@@ -68,7 +68,7 @@ from schemas.generation import (
     PromptPosition,
     TokenDelta,
 )
-from schemas.openai import ChatMessageIn
+from schemas.openai import ChatMessageIn, prompt_logprobs_json
 from service.aio import shielded
 from service.context import RequestContext
 from service.errors import require_json_body
@@ -79,7 +79,6 @@ from service.serving import (
     parse_body,
     request_sampling,
 )
-from service.serving import _prompt_logprobs as _prompt_logprobs_json
 from service.sse import DONE, SSEStream, error_event
 
 COMPLETIONS_ROUTE = "/v1/completions"
@@ -452,7 +451,7 @@ class CompletionRun(Run):
                 output["text_offset"] = [o + shift for o in output["text_offset"]]
                 logprobs[i] = {key: [*lead[key], *output[key]] for key in lead}
         want_ids = self.want_ids
-        prompt_lps = _prompt_logprobs_json(self.positions) if self.positions is not None else None
+        prompt_lps = prompt_logprobs_json(self.positions) if self.positions is not None else None
         choices = [
             CompletionChoice(
                 index=i,

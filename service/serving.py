@@ -63,7 +63,6 @@ from schemas.generation import (
     ChatOptions,
     GenerationRequest,
     Message,
-    PromptPosition,
     Role,
     SamplingOptions,
     StructuredOutput,
@@ -79,9 +78,11 @@ from schemas.openai import (
     ChatMessageIn,
     Choice,
     ImagePart,
+    PromptLogprobs,
     TextPart,
     Usage,
     check_chat_request,
+    prompt_logprobs_json,
 )
 from schemas.sampling import fill_defaults
 from schemas.structured import from_request as structured_from_request
@@ -1029,7 +1030,7 @@ class Run:
         logprobs: list[list[dict[str, Any]]] = [[] for _ in range(n)]
         token_ids: list[list[int]] = [[] for _ in range(n)]
         prompt_ids: list[int] | None = None
-        prompt_lps: list[dict[str, Any] | None] | None = None
+        prompt_lps: PromptLogprobs | None = None
         frame = self.timer.frame
         agen = await self._start()
         try:
@@ -1047,7 +1048,7 @@ class Run:
                 if delta.prompt_token_ids is not None and prompt_ids is None:
                     prompt_ids = list(delta.prompt_token_ids)
                 if delta.prompt_logprobs is not None and prompt_lps is None:
-                    prompt_lps = _prompt_logprobs(delta.prompt_logprobs)
+                    prompt_lps = prompt_logprobs_json(delta.prompt_logprobs)
         finally:
             await shielded(agen.aclose())
         self._check_end()
@@ -1495,19 +1496,6 @@ async def _disconnected(receive: Receive) -> None:
         message = await receive()
         if message["type"] == "http.disconnect":
             return
-
-
-def _prompt_logprobs(positions: Iterable[PromptPosition]) -> list[dict[str, Any] | None]:
-    """The `prompt_logprobs` JSON as vLLM sends it: per position null or {id: logprob, ...}."""
-    return [
-        None
-        if position is None
-        else {
-            str(token): {"logprob": max(lp, -9999.0), "rank": rank, "decoded_token": text}
-            for token, lp, rank, text in position
-        }
-        for position in positions
-    ]
 
 
 def _logprobs(delta: TokenDelta) -> dict[str, Any]:
